@@ -1,0 +1,1 @@
+"""ONNX export of a whole ensemble (installed as ``freetickets_hub.export``)."""

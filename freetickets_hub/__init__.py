@@ -1,0 +1,41 @@
+"""FreeTickets Hub: sparse deep ensembles on timm, on the Hugging Face Hub and ONNX Runtime.
+
+``import freetickets_hub`` imports no torch: torch-backed names load on first access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "EnsembleModel": "freetickets_hub.ensemble",
+    "EnsembleOutput": "freetickets_hub.outputs",
+    "combine_member_logits": "freetickets_hub.outputs",
+    "EnsembleConfig": "freetickets_hub.config",
+    "EnsembleInfo": "freetickets_hub.config",
+    "CalibrationConfig": "freetickets_hub.config",
+    "Predictions": "freetickets_hub.predictions",
+    "preprocess": "freetickets_hub.preprocessing",
+}
+_ERRORS = ("ArtifactError", "ConfigError", "FreeTicketsError", "MissingDependencyError", "RecipeError")
+
+__all__ = ["__version__", *_LAZY, *_ERRORS]
+
+if TYPE_CHECKING:
+    from .config import CalibrationConfig, EnsembleConfig, EnsembleInfo
+    from .ensemble import EnsembleModel
+    from .errors import ArtifactError, ConfigError, FreeTicketsError, MissingDependencyError, RecipeError
+    from .outputs import EnsembleOutput, combine_member_logits
+    from .predictions import Predictions
+    from .preprocessing import preprocess
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ERRORS:
+        return getattr(importlib.import_module("freetickets_hub.errors"), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'freetickets_hub' has no attribute {name!r}")

@@ -1,0 +1,35 @@
+"""Errors raised by FreeTickets Hub.
+
+Each class also derives from the built-in type a caller would naturally catch, as huggingface_hub's
+errors do, so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ArtifactError",
+    "ConfigError",
+    "FreeTicketsError",
+    "MissingDependencyError",
+    "RecipeError",
+]
+
+
+class FreeTicketsError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(FreeTicketsError, ValueError):
+    """A ``config.json`` has a missing key, a wrong type or an impossible value."""
+
+
+class ArtifactError(FreeTicketsError, ValueError):
+    """A saved ensemble's weights do not match its config (missing, extra, mis-shaped or corrupt tensor)."""
+
+
+class RecipeError(FreeTicketsError, ValueError):
+    """A training recipe has an unknown key, a wrong type or an impossible value."""
+
+
+class MissingDependencyError(FreeTicketsError, ImportError):
+    """An optional dependency needed for the requested feature is not installed."""

@@ -1,0 +1,1 @@
+"""Model-card templates rendered when an ensemble is saved or pushed."""

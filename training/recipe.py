@@ -1,0 +1,196 @@
+"""Training recipes: one flat, strictly validated dataclass read from YAML, overridable with ``--set``.
+
+A recipe is written by a person, so unlike a downloaded ``config.json`` it tolerates nothing: an
+unknown key, a wrong type or an impossible value raises :class:`RecipeError` naming the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from freetickets_hub.errors import RecipeError
+
+from .sparsity import SparsityConfig
+
+__all__ = ["METHODS", "Recipe", "load_recipe", "parse_overrides"]
+
+METHODS = ("edst", "dst", "dense", "dense_ensemble", "static_sparse")
+
+
+@dataclass
+class Recipe:
+    """Everything a training run needs; each field can be overridden with ``--set key=value``."""
+
+    # what to train
+    method: str = "edst"  # edst | dst | dense | dense_ensemble | static_sparse
+    architecture: str = "cifar_wrn10_2"  # any timm model name
+    model_args: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+    num_members: int = 3  # M (dense: 1)
+    seed: int = 0
+
+    # data (any `datasets.load_dataset` source: Hub id or local folder)
+    dataset: str = "../shared/datasets/fashion_mnist"
+    dataset_config: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    image_column: str | None = None  # detected from the features when None
+    label_column: str | None = None
+    val_size: int = 5000  # carved from the train split with `seed`; used for ticket selection
+    max_train_samples: int | None = None  # cap after the validation split is carved
+    max_test_samples: int | None = None
+    augment: str = "pad_crop_flip"  # pad_crop_flip | crop | none
+    pad: int = 2  # padding of the random crop
+
+    # sparsity (see training/sparsity.py)
+    sparsity: float = 0.8
+    distribution: str = "erk"
+    growth: str = "gradient"
+    prune_rate: float = 0.5
+    prune_rate_schedule: str = "constant"
+    prune_rate_final: float = 0.005
+    update_interval: int = 1000
+    update_end: int | None = None
+    escape_rate: float = 0.8
+    escape_growth: str | None = None
+
+    # schedule: dst/dense/static_sparse members train `epochs` each, LR x0.1 at each milestone;
+    # edst explores for `explore_epochs` at `lr`, then M refinement phases of `refine_epochs`,
+    # each split evenly over `refine_lrs`
+    epochs: int = 10
+    lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of `epochs`
+    explore_epochs: int = 10
+    refine_epochs: int = 5
+    refine_lrs: list[float] = field(default_factory=lambda: [0.01, 0.001])
+    lr: float = 0.1
+    warmup_epochs: int = 0
+    ticket_selection: str = "last"  # last | best_val
+
+    # optimisation
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    grad_accum_steps: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    checkpoint_every: int | None = None  # steps between resumable checkpoints (phase ends always)
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        choices = {
+            "method": METHODS,
+            "distribution": ("erk", "uniform"),
+            "growth": ("gradient", "random"),
+            "prune_rate_schedule": ("constant", "cosine"),
+            "augment": ("pad_crop_flip", "crop", "none"),
+            "ticket_selection": ("last", "best_val"),
+            "mixed_precision": ("no", "bf16", "fp16"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise RecipeError(f"recipe key {key!r} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.escape_growth not in (None, "gradient", "random"):
+            raise RecipeError(f"recipe key 'escape_growth' must be gradient, random or null, got {self.escape_growth!r}")
+        for key in ("sparsity",):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise RecipeError(f"recipe key {key!r} must be in [0, 1), got {getattr(self, key)}")
+        for key in ("prune_rate", "prune_rate_final", "escape_rate"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise RecipeError(f"recipe key {key!r} must be in [0, 1], got {getattr(self, key)}")
+        positive = ("num_members", "update_interval", "batch_size", "eval_batch_size", "grad_accum_steps")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise RecipeError(f"recipe key {key!r} must be at least 1, got {getattr(self, key)}")
+        for key in ("epochs", "explore_epochs", "refine_epochs", "warmup_epochs", "val_size", "pad"):
+            if getattr(self, key) < 0:
+                raise RecipeError(f"recipe key {key!r} must not be negative, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise RecipeError(f"recipe key 'lr' must be positive, got {self.lr}")
+        if self.method == "dense" and self.num_members != 1:
+            raise RecipeError(f"method 'dense' trains one model; set num_members: 1 (got {self.num_members})")
+        if self.method == "edst" and self.refine_epochs < 1:
+            raise RecipeError("method 'edst' needs refine_epochs >= 1: each refinement phase yields one ticket")
+        if self.method != "edst" and self.epochs < 1:
+            raise RecipeError(f"method {self.method!r} needs epochs >= 1")
+        if not self.refine_lrs:
+            raise RecipeError("recipe key 'refine_lrs' must list at least one learning rate")
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.method in ("edst", "dst", "static_sparse")
+
+    def sparsity_config(self) -> SparsityConfig:
+        names = {f.name for f in fields(SparsityConfig)}
+        return SparsityConfig(**{k: v for k, v in asdict(self).items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as err:
+            raise RecipeError(f"recipe file {str(path)!r} does not exist") from err
+        except yaml.YAMLError as err:
+            raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise RecipeError(f"recipe {str(path)!r} must be a mapping of keys to values")
+        data = dict(loaded or {})
+    data.update(parse_overrides(overrides or []))
+    known = [f.name for f in fields(Recipe)]
+    for key in data:
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise RecipeError(f"unknown recipe key {key!r}{suggestion}")
+    return Recipe(**data)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["sparsity=0.9", "model_args={drop_rate: 0.1}"]`` -> typed values, parsed as YAML."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise RecipeError(f"--set {item!r}: the value is not valid YAML: {err}") from err
+    return out
+
+
+def _check_types(recipe: Recipe) -> None:
+    hints = typing.get_type_hints(Recipe)
+    for f in fields(recipe):
+        value = getattr(recipe, f.name)
+        allowed = _runtime_types(hints[f.name])
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            setattr(recipe, f.name, float(value))  # YAML's `1` where a float is expected
+            continue
+        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+            names = ", ".join(t.__name__ for t in allowed)
+            raise RecipeError(f"recipe key {f.name!r} must be of type {names}, got {value!r}")
+        if list in allowed and isinstance(value, list) and not all(isinstance(v, (int, float)) for v in value):
+            raise RecipeError(f"recipe key {f.name!r} must be a list of numbers, got {value!r}")
+
+
+def _runtime_types(hint: Any) -> tuple[type, ...]:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(t for arg in typing.get_args(hint) for t in _runtime_types(arg))
+    if hint is type(None):
+        return (type(None),)
+    return (origin or hint,)

@@ -1,0 +1,265 @@
+"""The sparse engine: which weights are maskable, how sparse each layer starts, how masks change.
+
+Prune and grow rules are pure functions on tensors; :class:`SparseEngine` applies them to a model
+every ``update_interval`` steps and keeps the masks, so its ``state_dict`` is part of every checkpoint.
+Random draws use a generator seeded from ``(seed, update index)``, so every DDP rank draws the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "SparseEngine",
+    "SparsityConfig",
+    "draw_masks",
+    "gradient_grow",
+    "layer_densities",
+    "magnitude_prune",
+    "maskable_weights",
+    "nonzero_counts",
+    "prune_rate_at",
+    "random_grow",
+]
+
+logger = logging.getLogger(__name__)
+
+_MASKABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_OPTIMIZER_BUFFERS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+@dataclass
+class SparsityConfig:
+    """How sparse the members are and how their masks evolve."""
+
+    sparsity: float = 0.8  # fraction of maskable weights that are zero
+    distribution: str = "erk"  # "erk" or "uniform"
+    growth: str = "gradient"  # "gradient" (RigL) or "random" (SET)
+    prune_rate: float = 0.5  # p: share of a layer's active weights dropped at each update
+    prune_rate_schedule: str = "constant"  # "constant" or "cosine" (restarted at each phase)
+    prune_rate_final: float = 0.005  # end of the cosine decay
+    update_interval: int = 1000  # ΔT, in optimizer steps
+    update_end: int | None = None  # no regular updates at or after this global step
+    escape_rate: float = 0.8  # q: share dropped and regrown by EDST's forced escape
+    escape_growth: str | None = None  # growth used by the escape; None means `growth`
+
+
+def maskable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every conv and linear weight, first conv and classifier included, by ``state_dict`` name."""
+    return {f"{name}.weight": module.weight for name, module in model.named_modules() if isinstance(module, _MASKABLE)}
+
+
+def layer_densities(shapes: Mapping[str, tuple[int, ...]], sparsity: float, distribution: str) -> dict[str, float]:
+    """Density of each layer so that the nonzeros add up to ``(1 - sparsity) * N``.
+
+    ``erk``: density ∝ (sum of dims) / (product of dims), one scale ε for all layers; a layer whose
+    density would exceed 1 becomes dense and ε is solved again until none does. ``uniform``: 1 - S.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if distribution == "uniform":
+        return {name: 1.0 - sparsity for name in shapes}
+    if distribution != "erk":
+        raise ValueError(f"distribution must be 'erk' or 'uniform', got {distribution!r}")
+    dense: set[str] = set()
+    while True:
+        budget = 0.0  # nonzeros left for the sparse layers
+        divisor = 0.0
+        raw: dict[str, float] = {}
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            budget += (1.0 - sparsity) * numel
+            if name in dense:
+                budget -= numel
+            else:
+                raw[name] = sum(shape) / numel
+                divisor += raw[name] * numel
+        epsilon = budget / divisor if divisor else 0.0
+        too_dense = {name for name, score in raw.items() if epsilon * score > 1.0}
+        if not too_dense:
+            break
+        dense |= too_dense
+    return {name: 1.0 if name in dense else epsilon * raw[name] for name in shapes}
+
+
+def nonzero_counts(shapes: Mapping[str, tuple[int, ...]], densities: Mapping[str, float]) -> dict[str, int]:
+    """Exact nonzero count of each layer (at least one weight per layer)."""
+    return {name: max(1, min(math.prod(shape), round(densities[name] * math.prod(shape)))) for name, shape in shapes.items()}
+
+
+def draw_masks(
+    shapes: Mapping[str, tuple[int, ...]], counts: Mapping[str, int], generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Random masks with exactly ``counts[name]`` set positions (random top-k)."""
+    masks = {}
+    for name, shape in shapes.items():
+        numel = math.prod(shape)
+        mask = torch.zeros(numel, dtype=torch.bool)
+        mask[torch.rand(numel, generator=generator).topk(counts[name]).indices] = True
+        masks[name] = mask.view(shape)
+    return masks
+
+
+def magnitude_prune(weight: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Copy of ``mask`` without the ``count`` active weights of smallest magnitude."""
+    score = weight.detach().abs().float().masked_fill(~mask, float("inf")).reshape(-1)
+    new_mask = mask.clone().reshape(-1)
+    new_mask[score.topk(count, largest=False).indices] = False
+    return new_mask.view_as(mask)
+
+
+def gradient_grow(grad: torch.Tensor, candidates: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` candidate positions with the largest dense-gradient magnitude (RigL)."""
+    score = grad.detach().abs().float().masked_fill(~candidates, -1.0).reshape(-1)
+    return _top_positions(score, count, candidates)
+
+
+def random_grow(candidates: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` candidate positions drawn uniformly at random (SET)."""
+    noise = torch.rand(candidates.numel(), generator=generator).to(candidates.device)
+    return _top_positions(noise.masked_fill(~candidates.reshape(-1), -1.0), count, candidates)
+
+
+def _top_positions(score: torch.Tensor, count: int, like: torch.Tensor) -> torch.Tensor:
+    grown = torch.zeros(like.numel(), dtype=torch.bool, device=like.device)
+    grown[score.topk(count).indices] = True
+    return grown.view_as(like)
+
+
+def prune_rate_at(config: SparsityConfig, step_in_phase: int, phase_steps: int) -> float:
+    """Prune rate p at a step of the current phase: constant, or cosine-decayed to the final rate."""
+    if config.prune_rate_schedule == "constant":
+        return config.prune_rate
+    if config.prune_rate_schedule != "cosine":
+        raise ValueError(f"prune_rate_schedule must be 'constant' or 'cosine', got {config.prune_rate_schedule!r}")
+    progress = min(1.0, step_in_phase / max(1, phase_steps))
+    final = config.prune_rate_final
+    return final + 0.5 * (config.prune_rate - final) * (1.0 + math.cos(math.pi * progress))
+
+
+class SparseEngine:
+    """Keeps a model's masks, applies them after every optimizer step and updates them every ΔT steps.
+
+    Args:
+        model: the (unwrapped) model whose conv/linear weights are masked.
+        optimizer: its optimizer; momentum/Adam moments of regrown weights are zeroed.
+        config: sparsity settings.
+        seed: seeds the initial masks and every random regrowth.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: SparsityConfig, *, seed: int) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.config = config
+        self.seed = seed
+        self.weights = maskable_weights(model)
+        shapes = {name: tuple(w.shape) for name, w in self.weights.items()}
+        self.densities = layer_densities(shapes, config.sparsity, config.distribution)
+        self.counts = nonzero_counts(shapes, self.densities)
+        sparse = {name: shape for name, shape in shapes.items() if self.counts[name] < math.prod(shape)}
+        device = next(iter(self.weights.values())).device
+        drawn = draw_masks(sparse, self.counts, torch.Generator().manual_seed(seed))
+        self.masks = {name: mask.to(device) for name, mask in drawn.items()}
+        self.num_updates = 0
+        self.phase_start = 0
+        self.phase_steps = 1
+        self.apply_masks()
+
+    def start_phase(self, start_step: int, num_steps: int) -> None:
+        """Restart the prune-rate schedule for a phase of ``num_steps`` steps starting at ``start_step``."""
+        self.phase_start, self.phase_steps = start_step, num_steps
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        for name, mask in self.masks.items():
+            self.weights[name].mul_(mask)
+
+    def step(self, global_step: int) -> dict[str, float] | None:
+        """Call after each ``optimizer.step()`` with the number of steps done so far (from 1).
+
+        Re-applies the masks and, every ``update_interval`` steps, prunes and regrows.
+        Returns the update's statistics when one happened.
+        """
+        self.apply_masks()
+        cfg = self.config
+        if global_step % cfg.update_interval or (cfg.update_end is not None and global_step >= cfg.update_end):
+            return None
+        rate = prune_rate_at(cfg, global_step - self.phase_start, self.phase_steps)
+        stats = self.update(rate, cfg.growth)
+        logger.info("step %d: mask update, prune rate %.4f, %d weights regrown", global_step, rate, stats["regrown"])
+        return stats
+
+    def escape(self) -> dict[str, float]:
+        """EDST's forced escape: drop q of each sparse layer's active weights and regrow as many."""
+        stats = self.update(self.config.escape_rate, self.config.escape_growth or self.config.growth)
+        logger.info("forced escape: q=%.2f, %d weights regrown", self.config.escape_rate, stats["regrown"])
+        return stats
+
+    @torch.no_grad()
+    def update(self, rate: float, growth: str) -> dict[str, float]:
+        """Magnitude-prune ``rate`` of each sparse layer's active weights and regrow the same count.
+
+        Regrowth picks among positions that were inactive before the update; regrown weights and
+        their optimizer state start at zero. Layers left dense by the distribution are untouched.
+        """
+        if growth not in ("gradient", "random"):
+            raise ValueError(f"growth must be 'gradient' or 'random', got {growth!r}")
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.num_updates + 1)
+        regrown_total = 0
+        for name, mask in self.masks.items():
+            weight = self.weights[name]
+            candidates = ~mask
+            count = min(int(rate * int(mask.sum())), int(candidates.sum()))
+            if count == 0:
+                continue
+            kept = magnitude_prune(weight, mask, count)
+            if growth == "gradient":
+                if weight.grad is None:
+                    raise RuntimeError(f"gradient growth needs {name}.grad; update masks before zero_grad()")
+                grown = gradient_grow(weight.grad, candidates, count)
+            else:
+                grown = random_grow(candidates, count, generator)
+            weight.mul_(kept)  # dropped weights -> 0; regrown ones were inactive, hence already 0
+            self._zero_optimizer_state(weight, kept)
+            self.masks[name] = kept | grown
+            regrown_total += count
+        self.num_updates += 1
+        return {"regrown": regrown_total, "density": self.density()}
+
+    def _zero_optimizer_state(self, weight: torch.Tensor, survivors: torch.Tensor) -> None:
+        state = self.optimizer.state.get(weight, {})
+        for key in _OPTIMIZER_BUFFERS:
+            buffer = state.get(key)
+            if isinstance(buffer, torch.Tensor) and buffer.shape == weight.shape:
+                buffer.mul_(survivors)
+
+    def density(self) -> float:
+        """Share of nonzero-able maskable weights, over all maskable weights."""
+        total = sum(w.numel() for w in self.weights.values())
+        active = sum(int(self.masks[n].sum()) if n in self.masks else w.numel() for n, w in self.weights.items())
+        return active / total
+
+    def state_dict(self) -> dict[str, object]:
+        return {
+            "masks": {name: mask.cpu() for name, mask in self.masks.items()},
+            "num_updates": self.num_updates,
+            "phase_start": self.phase_start,
+            "phase_steps": self.phase_steps,
+        }
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        masks = state["masks"]
+        assert isinstance(masks, Mapping)
+        if set(masks) != set(self.masks):
+            raise ValueError(f"mask names differ: checkpoint {sorted(masks)} vs model {sorted(self.masks)}")
+        self.masks = {name: masks[name].to(self.masks[name].device, torch.bool) for name in self.masks}
+        self.num_updates = int(state["num_updates"])  # type: ignore[arg-type]
+        self.phase_start = int(state["phase_start"])  # type: ignore[arg-type]
+        self.phase_steps = int(state["phase_steps"])  # type: ignore[arg-type]
+        self.apply_masks()
