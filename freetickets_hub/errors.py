@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "ArtifactError",
     "ConfigError",
+    "DatasetError",
     "FreeTicketsError",
     "MissingDependencyError",
     "RecipeError",
@@ -25,6 +26,10 @@ class ConfigError(FreeTicketsError, ValueError):
 
 class ArtifactError(FreeTicketsError, ValueError):
     """A saved ensemble's weights do not match its config (missing, extra, mis-shaped or corrupt tensor)."""
+
+
+class DatasetError(FreeTicketsError, ValueError):
+    """A dataset cannot be evaluated on: unknown split, empty split, foreign labels or unconvertible images."""
 
 
 class RecipeError(FreeTicketsError, ValueError):
