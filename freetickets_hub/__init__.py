@@ -25,12 +25,19 @@ _ERRORS = ("ArtifactError", "ConfigError", "FreeTicketsError", "MissingDependenc
 __all__ = ["__version__", *_LAZY, *_ERRORS]
 
 if TYPE_CHECKING:
-    from .config import CalibrationConfig, EnsembleConfig, EnsembleInfo
-    from .ensemble import EnsembleModel
-    from .errors import ArtifactError, ConfigError, FreeTicketsError, MissingDependencyError, RecipeError
-    from .outputs import EnsembleOutput, combine_member_logits
-    from .predictions import Predictions
-    from .preprocessing import preprocess
+    from .config import CalibrationConfig as CalibrationConfig
+    from .config import EnsembleConfig as EnsembleConfig
+    from .config import EnsembleInfo as EnsembleInfo
+    from .ensemble import EnsembleModel as EnsembleModel
+    from .errors import ArtifactError as ArtifactError
+    from .errors import ConfigError as ConfigError
+    from .errors import FreeTicketsError as FreeTicketsError
+    from .errors import MissingDependencyError as MissingDependencyError
+    from .errors import RecipeError as RecipeError
+    from .outputs import EnsembleOutput as EnsembleOutput
+    from .outputs import combine_member_logits as combine_member_logits
+    from .predictions import Predictions as Predictions
+    from .preprocessing import preprocess as preprocess
 
 
 def __getattr__(name: str) -> Any:

@@ -148,6 +148,6 @@ def _known(data: dict[str, Any], datacls: type, where: str) -> dict[str, Any]:
 
 
 def _check_type(name: str, value: Any, expected: type | tuple[type, ...]) -> None:
-    if isinstance(value, bool) and expected is not bool or not isinstance(value, expected):
+    if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
         names = expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
         raise ConfigError(f"{name} must be of type {names}, got {value!r}")

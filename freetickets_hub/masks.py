@@ -64,7 +64,9 @@ def encode_member(
         if name in masks:
             mask = masks[name].to("cpu", torch.bool)
             if mask.shape != tensor.shape:
-                raise ArtifactError(f"member {index}: mask of {name} has shape {tuple(mask.shape)}, weight has {tuple(tensor.shape)}")
+                raise ArtifactError(
+                    f"member {index}: mask of {name} has shape {tuple(mask.shape)}, weight has {tuple(tensor.shape)}"
+                )
             out[f"{prefix}{name}.mask"] = pack_mask(mask)
             out[f"{prefix}{name}.values"] = tensor.reshape(-1)[mask.reshape(-1)].to(VALUES_DTYPES[values_dtype])
         else:

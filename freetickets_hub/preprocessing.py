@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 __all__ = ["ImageInput", "load_images", "preprocess"]
 
-ImageInput = Union[Image.Image, np.ndarray, str, os.PathLike]
+ImageInput = Image.Image | np.ndarray | str | os.PathLike
 
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -45,7 +45,9 @@ def load_images(images: ImageInput | Sequence[ImageInput], channels: int) -> lis
                 )
             image = Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image)
         elif not isinstance(image, Image.Image):
-            raise TypeError(f"image {i}: expected a PIL image, a numpy array or a file path, got {type(image).__name__}")
+            raise TypeError(
+                f"image {i}: expected a PIL image, a numpy array or a file path, got {type(image).__name__}"
+            )
         out.append(image.convert("L" if channels == 1 else "RGB"))
     return out
 

@@ -36,7 +36,7 @@ def main() -> None:
     names = test.features[label_col].names
     print(f"\nReloaded {folder} with EnsembleModel.from_pretrained; predictions on {args.num_images} test images:")
     print(f"{'true':<12} {'predicted':<12} {'conf':>6} {'entropy':>8} {'MI':>8} {'disagree':>9}")
-    for row, pred in zip(sample, predictions.to_records()):
+    for row, pred in zip(sample, predictions.to_records(), strict=True):
         print(
             f"{names[row[label_col]]:<12} {pred['label']:<12} {pred['confidence']:>6.3f} {pred['entropy']:>8.4f} "
             f"{pred['mutual_information']:>8.4f} {pred['disagreement']:>9.2f}"

@@ -43,9 +43,19 @@ class Run:
 def plan_runs(recipe: Recipe) -> list[Run]:
     if recipe.method == "edst":
         refine_lrs = [(i / len(recipe.refine_lrs), lr) for i, lr in enumerate(recipe.refine_lrs)]
-        phases = [Phase("explore", recipe.explore_epochs, [(0.0, recipe.lr)], ticket=False, warmup_epochs=recipe.warmup_epochs)]
+        phases = [
+            Phase(
+                "explore", recipe.explore_epochs, [(0.0, recipe.lr)], ticket=False, warmup_epochs=recipe.warmup_epochs
+            )
+        ]
         phases += [
-            Phase(f"refine {i + 1}/{recipe.num_members}", recipe.refine_epochs, refine_lrs, ticket=True, escape_before=i > 0)
+            Phase(
+                f"refine {i + 1}/{recipe.num_members}",
+                recipe.refine_epochs,
+                refine_lrs,
+                ticket=True,
+                escape_before=i > 0,
+            )
             for i in range(recipe.num_members)
         ]
         if recipe.explore_epochs == 0:
@@ -53,6 +63,17 @@ def plan_runs(recipe: Recipe) -> list[Run]:
         return [Run(recipe.seed, phases)]
     lrs = [(0.0, recipe.lr)] + [(m, recipe.lr * 0.1 ** (i + 1)) for i, m in enumerate(sorted(recipe.lr_milestones))]
     return [
-        Run(recipe.seed + i, [Phase(f"member {i + 1}/{recipe.num_members}", recipe.epochs, lrs, ticket=True, warmup_epochs=recipe.warmup_epochs)])
+        Run(
+            recipe.seed + i,
+            [
+                Phase(
+                    f"member {i + 1}/{recipe.num_members}",
+                    recipe.epochs,
+                    lrs,
+                    ticket=True,
+                    warmup_epochs=recipe.warmup_epochs,
+                )
+            ],
+        )
         for i in range(recipe.num_members)
     ]

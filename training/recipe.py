@@ -98,7 +98,9 @@ class Recipe:
             if getattr(self, key) not in allowed:
                 raise RecipeError(f"recipe key {key!r} must be one of {allowed}, got {getattr(self, key)!r}")
         if self.escape_growth not in (None, "gradient", "random"):
-            raise RecipeError(f"recipe key 'escape_growth' must be gradient, random or null, got {self.escape_growth!r}")
+            raise RecipeError(
+                f"recipe key 'escape_growth' must be gradient, random or null, got {self.escape_growth!r}"
+            )
         for key in ("sparsity",):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise RecipeError(f"recipe key {key!r} must be in [0, 1), got {getattr(self, key)}")
@@ -180,7 +182,7 @@ def _check_types(recipe: Recipe) -> None:
         if float in allowed and isinstance(value, int) and not isinstance(value, bool):
             setattr(recipe, f.name, float(value))  # YAML's `1` where a float is expected
             continue
-        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
             names = ", ".join(t.__name__ for t in allowed)
             raise RecipeError(f"recipe key {f.name!r} must be of type {names}, got {value!r}")
         if list in allowed and isinstance(value, list) and not all(isinstance(v, (int, float)) for v in value):

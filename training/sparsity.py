@@ -90,7 +90,9 @@ def layer_densities(shapes: Mapping[str, tuple[int, ...]], sparsity: float, dist
 
 def nonzero_counts(shapes: Mapping[str, tuple[int, ...]], densities: Mapping[str, float]) -> dict[str, int]:
     """Exact nonzero count of each layer (at least one weight per layer)."""
-    return {name: max(1, min(math.prod(shape), round(densities[name] * math.prod(shape)))) for name, shape in shapes.items()}
+    return {
+        name: max(1, min(math.prod(shape), round(densities[name] * math.prod(shape)))) for name, shape in shapes.items()
+    }
 
 
 def draw_masks(
@@ -153,7 +155,9 @@ class SparseEngine:
         seed: seeds the initial masks and every random regrowth.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: SparsityConfig, *, seed: int) -> None:
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, config: SparsityConfig, *, seed: int
+    ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.config = config

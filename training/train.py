@@ -64,7 +64,8 @@ def train(recipe: Recipe, output_dir: str | Path, *, report_to: str | None = Non
         accelerator.init_trackers("freetickets", config=_flat_config(recipe))
     data = load_image_data(recipe)
     accelerator.print(
-        f"{recipe.method}: {recipe.architecture}, M={recipe.num_members}, sparsity {recipe.sparsity if recipe.is_sparse else 0.0}; "
+        f"{recipe.method}: {recipe.architecture}, M={recipe.num_members}, "
+        f"sparsity {recipe.sparsity if recipe.is_sparse else 0.0}; "
         f"{len(data.train)} train / {len(data.val) if data.val else 0} val / {len(data.test)} test images"
     )
     tickets: list[Ticket] = []
@@ -82,12 +83,18 @@ def train(recipe: Recipe, output_dir: str | Path, *, report_to: str | None = Non
     return summary
 
 
-def _train_run(recipe: Recipe, data: ImageData, phases: list[Phase], seed: int, accelerator: Accelerator) -> list[Ticket]:
+def _train_run(
+    recipe: Recipe, data: ImageData, phases: list[Phase], seed: int, accelerator: Accelerator
+) -> list[Ticket]:
     """Train one model through ``phases`` (a fresh init from ``seed``); returns its tickets."""
     set_seed(seed)
     model = _create_member(recipe, data)
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov, weight_decay=recipe.weight_decay
+        model.parameters(),
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        nesterov=recipe.nesterov,
+        weight_decay=recipe.weight_decay,
     )
     engine = None
     if recipe.is_sparse:
@@ -147,7 +154,9 @@ def _train_run(recipe: Recipe, data: ImageData, phases: list[Phase], seed: int, 
                     optimizer.zero_grad()
                 if accelerator.sync_gradients and step % 10 == 0:
                     density = engine.density() if engine is not None else 1.0
-                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4g}", phase=phase.name, density=f"{density:.3f}")
+                    bar.set_postfix(
+                        loss=f"{loss.item():.3f}", lr=f"{lr:.4g}", phase=phase.name, density=f"{density:.3f}"
+                    )
                     accelerator.log({"train/loss": loss.item(), "train/lr": lr, "train/density": density}, step=step)
             if phase.ticket and recipe.ticket_selection == "best_val" and data.val is not None:
                 val_acc = _accuracy(accelerator.unwrap_model(model), data.val, data, recipe.eval_batch_size)
@@ -155,7 +164,11 @@ def _train_run(recipe: Recipe, data: ImageData, phases: list[Phase], seed: int, 
                     best = _ticket(phase, accelerator.unwrap_model(model), engine, val_acc, step)
         if phase.ticket:
             if best is None:
-                val_acc = _accuracy(accelerator.unwrap_model(model), data.val, data, recipe.eval_batch_size) if data.val else None
+                val_acc = (
+                    _accuracy(accelerator.unwrap_model(model), data.val, data, recipe.eval_batch_size)
+                    if data.val
+                    else None
+                )
                 best = _ticket(phase, accelerator.unwrap_model(model), engine, val_acc, step)
             tickets.append(best)
             note = f", val accuracy {best.val_accuracy:.4f}" if best.val_accuracy is not None else ""
@@ -175,7 +188,9 @@ def _model_args(recipe: Recipe, data: ImageData) -> dict[str, Any]:
     return {"in_chans": data.input_size[0], **recipe.model_args}
 
 
-def _ticket(phase: Phase, model: torch.nn.Module, engine: SparseEngine | None, val_acc: float | None, step: int) -> Ticket:
+def _ticket(
+    phase: Phase, model: torch.nn.Module, engine: SparseEngine | None, val_acc: float | None, step: int
+) -> Ticket:
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     masks = {k: v.cpu().clone() for k, v in engine.masks.items()} if engine is not None else {}
     return Ticket(phase.name, state, masks, val_acc, step)
@@ -188,7 +203,10 @@ def split_logits(model: torch.nn.Module, split: ImageSplit, data: ImageData, bat
     model.eval()
     device = next(model.parameters()).device
     mean, std = torch.tensor(data.mean, device=device), torch.tensor(data.std, device=device)
-    out = [model(normalize(split.images[i : i + batch_size].to(device), mean, std)).float().cpu() for i in range(0, len(split), batch_size)]
+    out = [
+        model(normalize(split.images[i : i + batch_size].to(device), mean, std)).float().cpu()
+        for i in range(0, len(split), batch_size)
+    ]
     model.train(was_training)
     return torch.cat(out)
 
@@ -245,7 +263,10 @@ def _summarize(
         "test_split_description": f"{recipe.dataset} [{recipe.test_split}], {len(data.test)} images",
         "ece_bins": ECE_BINS,
         "tickets": [{"phase": t.phase, "step": t.step, "val_accuracy": t.val_accuracy} for t in tickets],
-        "sparsity": {"target": recipe.sparsity if recipe.is_sparse else 0.0, "realised": [_realised_sparsity(model, i) for i in range(len(tickets))]},
+        "sparsity": {
+            "target": recipe.sparsity if recipe.is_sparse else 0.0,
+            "realised": [_realised_sparsity(model, i) for i in range(len(tickets))],
+        },
         "wall_time_s": round(wall_time, 2),
     }
 

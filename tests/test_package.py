@@ -1,0 +1,58 @@
+"""Packaging: torch-free import, the package-dir mapping, timm registration, the console script."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import freetickets_hub
+import freetickets_hub.architectures
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_does_not_load_torch() -> None:
+    code = "import sys, freetickets_hub; assert 'torch' not in sys.modules; print(freetickets_hub.__version__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == freetickets_hub.__version__
+
+
+def test_stages_are_mapped_into_one_namespace() -> None:
+    import freetickets_hub.export
+    import freetickets_hub.model_cards
+    import freetickets_hub.training
+
+    assert Path(freetickets_hub.training.__file__).parent == ROOT / "training"
+    assert Path(freetickets_hub.export.__file__).parent == ROOT / "export"
+    assert Path(freetickets_hub.model_cards.__file__).parent == ROOT / "model_cards"
+
+
+def test_lazy_names_resolve() -> None:
+    assert freetickets_hub.EnsembleModel.__name__ == "EnsembleModel"
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        _ = freetickets_hub.Nope
+
+
+@pytest.mark.parametrize("name", ["cifar_wrn10_2", "cifar_wrn16_4"])
+def test_registered_architectures_build_for_28x28_grayscale(name: str) -> None:
+    assert name in timm.list_models("cifar_wrn*")
+    model = timm.create_model(name, num_classes=10, in_chans=1)
+    out = model(torch.randn(2, 1, 28, 28))
+    assert out.shape == (2, 10)
+    assert not torch.isnan(out).any(), "Output included NaNs"
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_console_script_is_installed() -> None:
+    script = shutil.which("freetickets", path=str(Path(sys.executable).parent))
+    assert script is not None
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, check=True)
+    assert "train" in result.stdout

@@ -1,0 +1,172 @@
+"""Sparse engine invariants: exact ERK counts, masks hold after steps, prune/grow and escape rules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+from freetickets_hub.training.sparsity import (
+    SparseEngine,
+    SparsityConfig,
+    layer_densities,
+    maskable_weights,
+    nonzero_counts,
+    prune_rate_at,
+)
+
+import freetickets_hub.architectures  # noqa: F401
+
+
+def _setup(
+    sparsity: float = 0.8, distribution: str = "erk", growth: str = "gradient", seed: int = 0, optim: str = "sgd"
+):
+    torch.manual_seed(seed)
+    model = timm.create_model("cifar_wrn10_2", num_classes=10, in_chans=1)
+    if optim == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    config = SparsityConfig(
+        sparsity=sparsity, distribution=distribution, growth=growth, update_interval=2, escape_rate=0.8
+    )
+    return model, optimizer, SparseEngine(model, optimizer, config, seed=seed)
+
+
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    x, y = torch.randn(8, 1, 12, 12), torch.randint(0, 10, (8,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+def test_maskable_weights_are_every_conv_and_linear_weight() -> None:
+    model = timm.create_model("cifar_wrn10_2", num_classes=10, in_chans=1)
+    names = set(maskable_weights(model))
+    assert "conv_stem.weight" in names and "fc.weight" in names  # first conv and classifier included
+    assert not any("bn" in n or n.endswith("bias") for n in names)
+    assert len(names) == sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+
+
+def test_erk_solves_total_budget_and_caps_dense_layers() -> None:
+    shapes = {"stem": (16, 1, 3, 3), "mid": (64, 64, 3, 3), "big": (128, 128, 3, 3), "fc": (10, 128)}
+    densities = layer_densities(shapes, 0.8, "erk")
+    total = sum(math.prod(s) for s in shapes.values())
+    nonzeros = sum(densities[n] * math.prod(s) for n, s in shapes.items())
+    assert nonzeros == pytest.approx(0.2 * total, rel=1e-9)
+    assert densities["stem"] == 1.0  # its ERK density would exceed 1: capped and the rest re-solved
+    assert all(0 < d <= 1 for d in densities.values())
+    # ERK: density proportional to (sum of dims)/(product of dims) among the sparse layers
+    ratio = densities["mid"] / densities["big"]
+    expected = (sum(shapes["mid"]) / math.prod(shapes["mid"])) / (sum(shapes["big"]) / math.prod(shapes["big"]))
+    assert ratio == pytest.approx(expected)
+
+
+def test_uniform_distribution_and_bad_values() -> None:
+    assert set(layer_densities({"a": (4, 4), "b": (8, 2)}, 0.75, "uniform").values()) == {0.25}
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        layer_densities({"a": (4, 4)}, 1.0, "erk")
+    with pytest.raises(ValueError, match="distribution"):
+        layer_densities({"a": (4, 4)}, 0.5, "erdos")
+
+
+@pytest.mark.parametrize("distribution", ["erk", "uniform"])
+def test_realised_counts_equal_target_and_dense_layers_stay_dense(distribution: str) -> None:
+    model, _, engine = _setup(distribution=distribution)
+    weights = maskable_weights(model)
+    shapes = {n: tuple(w.shape) for n, w in weights.items()}
+    counts = nonzero_counts(shapes, layer_densities(shapes, 0.8, distribution))
+    for name, weight in weights.items():
+        assert int(torch.count_nonzero(weight)) == counts[name], name
+        if counts[name] == weight.numel():
+            assert name not in engine.masks  # left dense, never masked
+        else:
+            assert int(engine.masks[name].sum()) == counts[name]
+    total = sum(w.numel() for w in weights.values())
+    assert 1 - sum(counts.values()) / total == pytest.approx(0.8, abs=1e-3)
+    if distribution == "erk":
+        assert "conv_stem.weight" not in engine.masks  # ERK makes the tiny first conv dense
+
+
+@pytest.mark.parametrize("growth", ["gradient", "random"])
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+def test_masks_hold_through_steps_and_updates(growth: str, optim: str) -> None:
+    model, optimizer, engine = _setup(growth=growth, optim=optim)
+    counts = {n: int(m.sum()) for n, m in engine.masks.items()}
+    for step in range(1, 7):
+        before = {n: m.clone() for n, m in engine.masks.items()}
+        _train_step(model, optimizer)
+        stats = engine.step(step)
+        optimizer.zero_grad()
+        for name, mask in engine.masks.items():
+            weight = engine.weights[name]
+            assert not weight[~mask].any(), f"{name}: masked weight nonzero after step {step}"
+            assert int(mask.sum()) == counts[name], f"{name}: nonzero count changed"
+            grown = mask & ~before[name]
+            if stats is not None:
+                assert not (grown & before[name]).any()  # regrown positions were inactive before
+                assert (weight[grown] == 0).all()  # regrown weights start at zero
+                state = optimizer.state[weight]
+                for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+                    if key in state:
+                        assert (state[key][grown] == 0).all(), f"{key} of regrown weights not zeroed"
+        assert (stats is not None) == (step % 2 == 0)
+    assert engine.num_updates == 3
+
+
+def test_update_actually_moves_the_mask_by_p() -> None:
+    model, optimizer, engine = _setup()
+    _train_step(model, optimizer)
+    before = {n: m.clone() for n, m in engine.masks.items()}
+    engine.update(0.5, "gradient")
+    for name, mask in engine.masks.items():
+        active = int(before[name].sum())
+        moved = int((mask & ~before[name]).sum())
+        assert moved == min(int(0.5 * active), int((~before[name]).sum()))
+
+
+def test_gradient_growth_picks_largest_gradients() -> None:
+    model, optimizer, engine = _setup()
+    _train_step(model, optimizer)
+    name = "stages.1.0.conv1.weight"
+    before = engine.masks[name].clone()
+    grad = engine.weights[name].grad.abs()
+    engine.update(0.3, "gradient")
+    grown = engine.masks[name] & ~before
+    candidates = grad[~before]
+    threshold = candidates.sort(descending=True).values[int(grown.sum()) - 1]
+    assert (grad[grown] >= threshold).all()
+
+
+def test_escape_changes_about_q_of_active_positions() -> None:
+    model, optimizer, engine = _setup()
+    _train_step(model, optimizer)
+    before = {n: m.clone() for n, m in engine.masks.items()}
+    engine.escape()
+    for name, mask in engine.masks.items():
+        active = int(before[name].sum())
+        changed = int((mask & ~before[name]).sum()) / active
+        possible = min(0.8, int((~before[name]).sum()) / active)
+        assert changed == pytest.approx(possible, abs=1.0 / active + 1e-9), name
+        assert int(mask.sum()) == active
+
+
+def test_random_draws_are_seeded_and_state_round_trips() -> None:
+    _, _, first = _setup(growth="random", seed=3)
+    _, _, second = _setup(growth="random", seed=3)
+    _, _, other = _setup(growth="random", seed=4)
+    assert all(torch.equal(first.masks[n], second.masks[n]) for n in first.masks)
+    assert any(not torch.equal(first.masks[n], other.masks[n]) for n in first.masks)
+    first.update(0.5, "random")
+    second.update(0.5, "random")
+    assert all(torch.equal(first.masks[n], second.masks[n]) for n in first.masks)
+    second.load_state_dict(other.state_dict())
+    assert all(torch.equal(second.masks[n], other.masks[n]) for n in other.masks)
+
+
+def test_prune_rate_schedules() -> None:
+    cfg = SparsityConfig(prune_rate=0.5, prune_rate_schedule="cosine", prune_rate_final=0.005)
+    assert prune_rate_at(cfg, 0, 100) == pytest.approx(0.5)
+    assert prune_rate_at(cfg, 50, 100) == pytest.approx((0.5 + 0.005) / 2)
+    assert prune_rate_at(cfg, 100, 100) == pytest.approx(0.005)
+    assert prune_rate_at(SparsityConfig(prune_rate=0.3), 77, 100) == 0.3

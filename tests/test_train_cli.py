@@ -1,0 +1,146 @@
+"""`freetickets train` end to end on a tiny synthetic dataset: Hub-ready folder, summary, reload."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from freetickets_hub.training.sparsity import maskable_weights
+
+from freetickets_hub.cli import main
+from freetickets_hub.ensemble import EnsembleModel
+
+from .conftest import SHARED_FMNIST
+
+TINY = ["max_train_samples=60", "val_size=24", "batch_size=16", "eval_batch_size=64", "update_interval=2"]
+
+
+def _train(out: Path, dataset: Path, *overrides: str) -> dict:
+    args = [
+        "train",
+        "--recipe",
+        "training/recipes/fmnist_tiny_edst.yaml",
+        "--output-dir",
+        str(out),
+        "--set",
+        f"dataset={dataset}",
+    ]
+    for item in (*TINY, *overrides):
+        args += ["--set", item]
+    assert main(args) == 0
+    return json.loads((out / "train_summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def edst_run(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("edst")
+    return out, _train(out, tiny_dataset, "explore_epochs=2", "refine_epochs=1")
+
+
+def test_edst_writes_a_hub_ready_folder(edst_run: tuple[Path, dict]) -> None:
+    out, summary = edst_run
+    assert {"config.json", "model.safetensors", "README.md", "train_summary.json"} <= {p.name for p in out.iterdir()}
+    config = json.loads((out / "config.json").read_text())
+    assert config["ensemble"]["method"] == "edst" and config["ensemble"]["num_members"] == 3
+    assert config["pretrained_cfg"]["input_size"] == [1, 12, 12]
+    assert config["label_names"] == ["circle", "square", "cross"]
+    assert set(summary["test"]) == {"ensemble", "member_0", "member_1", "member_2"}
+    for metrics in summary["test"].values():
+        assert all(math.isfinite(metrics[k]) for k in ("accuracy", "nll", "ece", "brier"))
+    assert [t["phase"] for t in summary["tickets"]] == ["refine 1/3", "refine 2/3", "refine 3/3"]
+    assert summary["recipe"]["method"] == "edst" and summary["wall_time_s"] > 0
+    assert summary["num_images"] == {"train": 60, "val": 24, "test": 48}
+
+
+def test_tickets_differ_and_keep_target_sparsity(edst_run: tuple[Path, dict]) -> None:
+    out, summary = edst_run
+    model = EnsembleModel.from_pretrained(out)
+    for index in range(3):
+        weights = maskable_weights(model.members[index])
+        masks = model.masks[index]
+        for name, weight in weights.items():
+            if name in masks:
+                assert not weight[~masks[name]].any()
+        assert summary["sparsity"]["realised"][index] == pytest.approx(0.8, abs=2e-3)
+    shared = [n for n in model.masks[0]]
+    assert shared
+    for a, b in ((0, 1), (1, 2), (0, 2)):
+        same = sum(int((model.masks[a][n] & model.masks[b][n]).sum()) for n in shared)
+        total = sum(int(model.masks[a][n].sum()) for n in shared)
+        assert same < 0.9 * total, f"tickets {a} and {b} share {same / total:.0%} of their masks"
+
+
+def test_save_load_round_trip_is_bit_identical(edst_run: tuple[Path, dict], tmp_path: Path) -> None:
+    out, _ = edst_run
+    model = EnsembleModel.from_pretrained(out)
+    x = torch.randn(5, 1, 12, 12)
+    model.save_pretrained(tmp_path / "again")
+    again = EnsembleModel.from_pretrained(tmp_path / "again")
+    first, second = model(x), again(x)
+    for name in ("logits", "probs", "member_probs", "entropy", "mutual_information", "disagreement"):
+        assert torch.equal(getattr(first, name), getattr(second, name)), name
+    for a, b in zip(model.members, again.members, strict=True):
+        for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+            assert ka == kb and torch.equal(va, vb), ka
+
+
+@pytest.mark.parametrize("method", ["dst", "static_sparse", "dense_ensemble"])
+def test_other_methods_train(tmp_path: Path, tiny_dataset: Path, method: str) -> None:
+    summary = _train(tmp_path, tiny_dataset, f"method={method}", "num_members=2", "epochs=1")
+    assert set(summary["test"]) == {"ensemble", "member_0", "member_1"}
+    expected = 0.0 if method == "dense_ensemble" else 0.8
+    assert summary["sparsity"]["realised"][0] == pytest.approx(expected, abs=2e-3)
+
+
+def test_cli_reports_recipe_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "train",
+            "--recipe",
+            "training/recipes/fmnist_tiny_edst.yaml",
+            "--output-dir",
+            str(tmp_path),
+            "--set",
+            "sparsty=0.9",
+        ]
+    )
+    assert code == 2
+    assert "unknown recipe key 'sparsty'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_module_entry_point_is_the_same_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "freetickets_hub.cli", "train", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "--recipe" in result.stdout and "--set" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_FMNIST.is_dir(), reason="needs ../shared/datasets/fashion_mnist")
+def test_tiny_recipe_on_real_fashion_mnist(tmp_path: Path) -> None:
+    out = tmp_path / "tiny"
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                "training/recipes/fmnist_tiny_edst.yaml",
+                "--output-dir",
+                str(out),
+                "--set",
+                f"dataset={SHARED_FMNIST}",
+            ]
+        )
+        == 0
+    )
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["wall_time_s"] < 120
+    assert summary["test"]["ensemble"]["accuracy"] > 0.6
+    model = EnsembleModel.from_pretrained(out)
+    assert model.num_members == 3
