@@ -1,0 +1,38 @@
+"""Evaluation of an ensemble on any image dataset: quality, calibration, OOD, corruptions, diversity.
+
+Needs the ``train`` extra (accelerate, datasets) and matplotlib for plots. Launch it on several
+processes with ``accelerate launch -m freetickets_hub.cli evaluate ...``; the numbers are the same.
+"""
+
+from __future__ import annotations
+
+from .corruptions import CORRUPTIONS, SEVERITIES, CorruptionTransform, corrupt
+from .data import BUILTIN_SOURCES, EvalSplit, load_eval_split
+from .diversity import mask_distance, prediction_diversity
+from .inference import Inference, create_accelerator, run_inference
+from .plots import PLOT_NAMES, write_plots
+from .report import EVAL_RESULTS_NAME, format_results, write_results
+from .suite import CONVENTIONS, OOD_SCORES, evaluate
+
+__all__ = [
+    "BUILTIN_SOURCES",
+    "CONVENTIONS",
+    "CORRUPTIONS",
+    "EVAL_RESULTS_NAME",
+    "OOD_SCORES",
+    "PLOT_NAMES",
+    "SEVERITIES",
+    "CorruptionTransform",
+    "EvalSplit",
+    "Inference",
+    "corrupt",
+    "create_accelerator",
+    "evaluate",
+    "format_results",
+    "load_eval_split",
+    "mask_distance",
+    "prediction_diversity",
+    "run_inference",
+    "write_plots",
+    "write_results",
+]

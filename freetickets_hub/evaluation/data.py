@@ -1,0 +1,238 @@
+"""Evaluation images from any ``datasets`` source, or a built-in one, as uint8 tensors at the model's size.
+
+Images are converted to the model's channel count (any PIL mode converts to grayscale or RGB; an
+array with 2 or more than 4 channels does not) and brought to its input size with the same resize
+and centre crop that :func:`~freetickets_hub.preprocessing.preprocess` applies, so the numbers match
+what ``EnsembleModel.predict`` would do. Labels are mapped onto the model's ``label_names``.
+
+Built-in sources (no download): ``sklearn:digits``, scikit-learn's 1,797 8×8 handwritten digits
+(values 0..16 scaled to 0..255), a handy out-of-distribution set for small grayscale models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import EnsembleConfig
+from ..errors import ConfigError, DatasetError, MissingDependencyError
+from ..preprocessing import preprocess
+
+__all__ = ["BUILTIN_SOURCES", "EvalSplit", "load_eval_split"]
+
+_CHUNK = 1024  # images resized per call, to bound the float32 working memory
+
+
+@dataclass
+class EvalSplit:
+    """One split of images ready for the model, with labels as the model's class indices."""
+
+    source: str  # as the user named it: a Hub id, a folder or a built-in name
+    split: str
+    images: torch.Tensor  # (N, C, H, W) uint8 at the model's input size
+    labels: torch.Tensor | None  # (N,) int64 model class indices; None for an unlabelled OOD set
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def description(self) -> str:
+        return f"{self.source}:{self.split} ({len(self)} images)"
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise MissingDependencyError("the built-in dataset 'sklearn:digits' needs scikit-learn") from err
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8), values 0..16
+    return images, digits.target.astype(np.int64), [str(d) for d in range(10)]
+
+
+BUILTIN_SOURCES: dict[str, Callable[[], tuple[np.ndarray, np.ndarray, list[str]]]] = {"sklearn:digits": _load_digits}
+
+
+def load_eval_split(
+    source: str,
+    config: EnsembleConfig,
+    *,
+    split: str = "test",
+    dataset_config: str | None = None,
+    max_samples: int | None = None,
+    require_labels: bool = True,
+    seed: int = 0,
+) -> EvalSplit:
+    """Load one split of ``source`` for the model described by ``config``.
+
+    Args:
+        source: a ``datasets.load_dataset`` path (Hub id or folder) or a name in ``BUILTIN_SOURCES``.
+        config: the model's config (channels, input size, label names).
+        split: a split name, with ``datasets`` slicing if wanted (``"train[:5000]"``).
+        dataset_config: the ``datasets`` configuration name, if the source has several.
+        max_samples: keep a seeded random subset of this many images (order preserved).
+        require_labels: check and map labels (off for out-of-distribution sets, whose labels are ignored).
+        seed: seed of the ``max_samples`` subset.
+
+    Raises:
+        DatasetError: unknown source or split, empty split, labels that differ from the model's, or
+            images that cannot be converted to the model's channel count.
+    """
+    if max_samples is not None and max_samples < 1:
+        raise DatasetError(f"max_samples must be at least 1, got {max_samples}")
+    if source in BUILTIN_SOURCES:
+        if split != "test":
+            raise DatasetError(f"built-in dataset {source!r} has only the split 'test', got {split!r}")
+        images, labels, names = BUILTIN_SOURCES[source]()
+        keep = _subset(len(images), max_samples, seed)
+        pixels = _fit_arrays(images[keep], config, f"{source}:{split}")
+        label_ids = _map_labels(torch.from_numpy(labels[keep]), names, config, source) if require_labels else None
+        return EvalSplit(source, split, pixels, label_ids)
+    ds = _load_dataset(source, split, dataset_config)
+    if len(ds) == 0:
+        raise DatasetError(f"dataset {source!r} split {split!r} is empty")
+    ds = ds.select(_subset(len(ds), max_samples, seed))
+    image_col, label_col = _columns(ds, source, require_labels)
+    pixels = _decode(ds, image_col, config, f"{source}:{split}")
+    labels = None
+    if require_labels:
+        assert label_col is not None  # _columns raised otherwise
+        names = ds.features[label_col].names
+        labels = _map_labels(torch.as_tensor(np.asarray(ds[label_col][:]), dtype=torch.long), names, config, source)
+    return EvalSplit(source, split, pixels, labels)
+
+
+def _load_dataset(source: str, split: str, dataset_config: str | None) -> Any:
+    try:
+        import datasets
+    except ImportError as err:
+        raise MissingDependencyError(
+            "evaluating on a dataset needs `datasets`: pip install 'freetickets-hub[train]'"
+        ) from err
+    try:
+        ds = datasets.load_dataset(source, dataset_config, split=split)
+    except (FileNotFoundError, ValueError) as err:  # unknown source / "Unknown split ..." / bad slice
+        if "corresponds to no data" in str(err):  # how datasets reports an empty split or slice
+            raise DatasetError(f"dataset {source!r} split {split!r} is empty") from err
+        raise DatasetError(f"cannot load split {split!r} of dataset {source!r}: {err}") from err
+    if not isinstance(ds, datasets.Dataset):
+        raise DatasetError(f"dataset {source!r} split {split!r} is not a plain (map-style) dataset")
+    return ds
+
+
+def _subset(size: int, max_samples: int | None, seed: int) -> np.ndarray:
+    """Indices of a seeded random subset (sorted, so the source order is kept), or all of them."""
+    if max_samples is None or max_samples >= size:
+        return np.arange(size)
+    return np.sort(np.random.default_rng(seed).choice(size, max_samples, replace=False))
+
+
+def _columns(ds: Any, source: str, require_labels: bool) -> tuple[str, str | None]:
+    import datasets
+
+    features = ds.features
+    image_types = (datasets.Image, datasets.Array2D, datasets.Array3D)
+    image_col = next((k for k, v in features.items() if isinstance(v, image_types)), None)
+    label_col = next((k for k, v in features.items() if isinstance(v, datasets.ClassLabel)), None)
+    if image_col is None:
+        raise DatasetError(
+            f"dataset {source!r} has no image column (an Image or Array feature); columns: {dict(features)}"
+        )
+    if require_labels and label_col is None:
+        raise DatasetError(
+            f"dataset {source!r} has no ClassLabel column; columns: {dict(features)}. Cast the label column, "
+            "e.g. ds.cast_column('label', ClassLabel(names=[...]))"
+        )
+    return image_col, label_col
+
+
+def _decode(ds: Any, image_col: str, config: EnsembleConfig, where: str) -> torch.Tensor:
+    import datasets
+
+    feature = ds.features[image_col]
+    if isinstance(feature, datasets.Image):
+        target = _pil_mode(config, where)
+        ds = ds.cast_column(image_col, datasets.Image(mode=target))  # PIL converts any mode to L / RGB
+        array = ds.with_format("numpy")[image_col][:]
+        if array.dtype == object or not _is_model_sized(array, config):  # mixed sizes, or not yet resized
+            return _fit_images(list(ds[image_col][:]), config)
+        return _channels_first(array)
+    array = np.asarray(ds.with_format("numpy")[image_col][:])
+    if feature.dtype == "uint8":  # the numpy formatter widens uint8 arrays to int64
+        array = array.astype(np.uint8)
+    return _fit_arrays(array, config, where)
+
+
+def _pil_mode(config: EnsembleConfig, where: str) -> str:
+    if "input_size" not in config.pretrained_cfg:
+        raise ConfigError("the model's config has no pretrained_cfg.input_size, so its input is unknown")
+    channels = config.pretrained_cfg["input_size"][0]
+    if channels not in (1, 3):
+        raise DatasetError(
+            f"{where}: the model takes {channels}-channel input; only 1- or 3-channel models can be evaluated"
+        )
+    return "L" if channels == 1 else "RGB"
+
+
+def _fit_arrays(images: np.ndarray, config: EnsembleConfig, where: str) -> torch.Tensor:
+    """uint8 ``(N, H, W)`` or channels-last ``(N, H, W, C)`` arrays -> the model's channels and size."""
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise DatasetError(f"{where}: expected uint8 images of shape (N, H, W[, C]), got {images.dtype} {images.shape}")
+    channels = 1 if images.ndim == 3 else images.shape[-1]
+    wanted = _pil_mode(config, where)
+    if channels not in (1, 3, 4):
+        raise DatasetError(
+            f"{where}: images have {channels} channels, which cannot be converted to the model's "
+            f"{'grayscale' if wanted == 'L' else 'RGB'} input (only 1-, 3- and 4-channel images can)"
+        )
+    if images.ndim == 4 and channels == 1:
+        images = images[..., 0]
+    if (1 if images.ndim == 3 else channels) == len(wanted) and _is_model_sized(images, config):
+        return _channels_first(images)
+    from PIL import Image
+
+    return _fit_images([Image.fromarray(image) for image in images], config)
+
+
+def _is_model_sized(array: np.ndarray, config: EnsembleConfig) -> bool:
+    """True when images already have the input size and the eval transform would not touch them."""
+    _, height, width = config.pretrained_cfg["input_size"]
+    crop_pct = float(config.pretrained_cfg.get("crop_pct") or 1.0)
+    return tuple(array.shape[1:3]) == (height, width) and int(min(height, width) / crop_pct) == min(height, width)
+
+
+def _fit_images(images: list[Any], config: EnsembleConfig) -> torch.Tensor:
+    """Resize and crop PIL images exactly as ``preprocess`` does, but stay in uint8 (no normalisation)."""
+    channels = config.pretrained_cfg["input_size"][0]
+    identity = {**config.pretrained_cfg, "mean": [0.0] * channels, "std": [1.0] * channels}
+    chunks = [preprocess(images[i : i + _CHUNK], identity) for i in range(0, len(images), _CHUNK)]
+    # preprocess gives uint8 / 255 in float32, which maps back to the same uint8 exactly
+    return torch.from_numpy(np.round(np.concatenate(chunks) * 255.0).astype(np.uint8))
+
+
+def _channels_first(array: np.ndarray) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.unsqueeze(1) if tensor.dim() == 3 else tensor.permute(0, 3, 1, 2).contiguous()
+
+
+def _map_labels(labels: torch.Tensor, names: list[str], config: EnsembleConfig, source: str) -> torch.Tensor:
+    """Dataset class indices -> model class indices, by label name; the two label sets must be equal."""
+    model_names = config.label_names
+    if model_names is None:
+        if len(names) != config.num_classes:
+            raise DatasetError(
+                f"dataset {source!r} has {len(names)} classes, the model {config.num_classes} (and no label_names)"
+            )
+        return labels
+    if sorted(names) != sorted(model_names):
+        missing, extra = sorted(set(model_names) - set(names)), sorted(set(names) - set(model_names))
+        raise DatasetError(
+            f"dataset {source!r} has labels {names}, the model has {model_names} "
+            f"(the dataset lacks {missing}, and has {extra} that the model does not know)"
+        )
+    lookup = torch.tensor([model_names.index(name) for name in names], dtype=torch.long)
+    return lookup[labels]

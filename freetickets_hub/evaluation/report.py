@@ -1,0 +1,74 @@
+"""Evaluation results as a printed table and as JSON files written atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..files import write_text_atomic
+
+__all__ = ["EVAL_RESULTS_NAME", "format_results", "write_results"]
+
+EVAL_RESULTS_NAME = "eval_results.json"  # beside config.json; the model card reads it
+
+
+def write_results(results: dict[str, Any], path: str | Path) -> None:
+    """Write ``results`` as sorted, indented JSON; a reader never sees half a file."""
+    write_text_atomic(path, json.dumps(results, sort_keys=True, indent=2) + "\n")
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """Fixed-width tables of everything :func:`~freetickets_hub.evaluation.evaluate` measured."""
+    lines = [
+        f"{results['dataset']} [{results['split']}], {results['num_images']} images; "
+        f"temperature {results['temperature']:.4f}; ECE over {results['ece_bins']} equal-width bins",
+        f"{'model':<10} {'accuracy':>9} {'NLL':>8} {'Brier':>8} {'ECE':>8}",
+    ]
+    rows = [(f"member {m['member']}", m) for m in results["members"]] + [("ensemble", results["ensemble"])]
+    lines += [
+        f"{name:<10} {m['accuracy']:>9.4f} {m['nll']:>8.4f} {m['brier']:>8.4f} {m['ece']:>8.4f}" for name, m in rows
+    ]
+    selective = results["selective"]
+    lines.append(
+        f"selective prediction (max probability): AURC {selective['aurc']:.4f} (oracle {selective['aurc_optimal']:.4f})"
+    )
+    if results.get("ood"):
+        lines += [
+            "",
+            f"OOD detection (in-distribution = positive)  {'score':<19} {'AUROC':>7} {'AUPR':>7} {'FPR@95%TPR':>11}",
+        ]
+        for name, ood in results["ood"].items():
+            for score in ("msp", "entropy", "mutual_information"):
+                m = ood[score]
+                label = f"{name} ({ood['num_images']} images)"
+                lines.append(
+                    f"{label:<43} {score:<19} {m['auroc']:>7.4f} {m['aupr']:>7.4f} {m['fpr_at_95_tpr']:>11.4f}"
+                )
+    if results.get("corruptions"):
+        corruptions = results["corruptions"]
+        lines += ["", f"corruptions (ensemble, mean over severities 1-5)  {'accuracy':>9} {'NLL':>8} {'ECE':>8}"]
+        named = [*corruptions["per_corruption"].items(), ("mean of all", corruptions)]
+        lines += [
+            f"{name:<49} {c['mean']['accuracy']:>9.4f} {c['mean']['nll']:>8.4f} {c['mean']['ece']:>8.4f}"
+            for name, c in named
+        ]
+    diversity = results["diversity"]
+    lines += [
+        "",
+        f"diversity: pairwise disagreement {diversity['disagreement']['mean']:.4f}, "
+        f"pairwise KL {diversity['kl']['mean']:.4f} nats",
+    ]
+    masks = diversity.get("mask_distance")
+    if masks:
+        overall = masks["overall"]
+        lines.append(
+            f"mask distance over {len(masks['layers'])} sparse layers: Jaccard {overall['jaccard']['mean']:.4f}, "
+            f"Hamming {overall['hamming']['mean']:.4f}"
+        )
+    runtime = results["runtime"]
+    lines.append(
+        f"ran on {runtime['num_processes']} process(es) ({runtime['device']}), images per process "
+        f"{runtime['images_per_process']}, {runtime['seconds']:.1f} s"
+    )
+    return "\n".join(lines)
