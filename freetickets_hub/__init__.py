@@ -19,6 +19,7 @@ _LAZY = {
     "CalibrationConfig": "freetickets_hub.config",
     "Predictions": "freetickets_hub.predictions",
     "preprocess": "freetickets_hub.preprocessing",
+    "OnnxEnsemble": "freetickets_hub.runtime",
 }
 _ERRORS = ("ArtifactError", "ConfigError", "FreeTicketsError", "MissingDependencyError", "RecipeError")
 

@@ -37,6 +37,19 @@ def format_summary_table(summary: dict) -> str:
     return "\n".join(rows)
 
 
+def _export_onnx(args: argparse.Namespace) -> int:
+    from freetickets_hub.export.onnx import export_onnx
+
+    try:
+        report = export_onnx(args.model, args.output, opset=args.opset, fp16=args.fp16, images=args.images)
+    except ValueError as err:  # a bad --opset, a missing --output or an unreadable --images file
+        print(f"freetickets export onnx: error: {err}", file=sys.stderr)
+        return 2
+    print(report.to_json(), end="")
+    print(f"wrote {args.output or args.model}/{report.graph}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freetickets", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log mask updates and phase switches")
@@ -48,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     p.add_argument("--report-to", default=None, help="accelerate tracker, e.g. tensorboard (optional)")
     p.set_defaults(func=_train)
+
+    p = verbs.add_parser("export", help="export an ensemble for other runtimes")
+    formats = p.add_subparsers(dest="format", required=True)
+    p = formats.add_parser("onnx", help="write MODEL/onnx/model.onnx (one graph) and check it against PyTorch")
+    p.add_argument("model", help="a saved ensemble folder or a Hub repo id")
+    p.add_argument("--output", default=None, help="folder to write onnx/ to (default: MODEL, when a folder)")
+    p.add_argument("--opset", type=int, default=20, help="ONNX opset, 18 or newer (default: 20)")
+    p.add_argument("--fp16", action="store_true", help="float16 members (input and outputs stay float32)")
+    p.add_argument("--images", nargs="+", default=None, metavar="FILE", help="check images (default: synthetic)")
+    p.set_defaults(func=_export_onnx)
     return parser
 
 

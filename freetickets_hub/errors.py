@@ -38,3 +38,7 @@ class RecipeError(FreeTicketsError, ValueError):
 
 class MissingDependencyError(FreeTicketsError, ImportError):
     """An optional dependency needed for the requested feature is not installed."""
+
+
+class ExportError(FreeTicketsError, RuntimeError):
+    """An exported graph failed its checks (ONNX checker, its interface, or agreement with PyTorch)."""

@@ -1,0 +1,106 @@
+"""The whole ensemble as one traceable module, written to one ONNX graph by torch's dynamo exporter.
+
+The members run in the ``nn.ModuleList`` loop of ``EnsembleModel.member_logits``: both torch
+exporters keep the batch axis dynamic for it, while a ``torch.func.vmap`` ensemble fails (legacy
+exporter) or gets its batch size fixed (dynamo), and is no faster. Masked weights are already zero
+in the members' weights, so the graph needs no mask operations.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from freetickets_hub.ensemble import EnsembleModel
+from freetickets_hub.errors import ExportError
+from freetickets_hub.outputs import OUTPUT_NAMES, combine_member_logits
+from freetickets_hub.runtime import METADATA_NUM_MEMBERS, METADATA_TEMPERATURE
+
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "EnsembleGraph", "check_opset", "export_graph"]
+
+DEFAULT_OPSET = 20
+MIN_OPSET = 18  # the dynamo exporter's lowest; it silently raises lower requests to 18
+_TRACE_BATCH = 2  # batch sizes 0 and 1 are specialised by torch.export; tracing with 2 keeps the axis dynamic
+
+
+class EnsembleGraph(nn.Module):
+    """``EnsembleModel`` returning the DESIGN.md outputs as a tuple in ``OUTPUT_NAMES`` order.
+
+    The calibration temperature becomes a constant of the graph and the aggregation is
+    :func:`~freetickets_hub.outputs.combine_member_logits`, the code the torch engine runs.
+
+    Args:
+        model: the ensemble (left unchanged).
+        fp16: run the members in float16; ``pixel_values`` and every output stay float32.
+    """
+
+    def __init__(self, model: EnsembleModel, *, fp16: bool = False) -> None:
+        super().__init__()
+        self.ensemble = copy.deepcopy(model).half() if fp16 else model
+        self.compute_dtype = torch.float16 if fp16 else torch.float32
+        self.temperature = model.temperature
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        member_logits = self.ensemble.member_logits(pixel_values.to(self.compute_dtype))  # (M, B, K)
+        return combine_member_logits(member_logits, self.temperature).to_tuple()
+
+
+def check_opset(opset: int) -> None:
+    """Raise a ValueError unless ``opset`` is one the exporter and the installed onnx both support."""
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise ValueError(f"opset must be between {MIN_OPSET} (the torch exporter's lowest) and {newest}, got {opset}")
+
+
+def export_graph(
+    model: EnsembleModel,
+    path: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    fp16: bool = False,
+    external_data: bool = False,
+) -> None:
+    """Write ``model`` as one ONNX graph with input ``pixel_values`` (dynamic batch) and ``OUTPUT_NAMES``.
+
+    Args:
+        model: the ensemble; its ``pretrained_cfg["input_size"]`` gives ``(C, H, W)``.
+        path: the graph file; external weights, if any, go beside it as ``<name>.data``.
+        opset: the ONNX opset.
+        fp16: members in float16 (input and outputs stay float32).
+        external_data: always write the weights to ``<name>.data``; torch does so anyway above 1.5 GiB
+            (below protobuf's 2 GiB limit).
+
+    Raises:
+        ValueError: an unsupported opset or a config without ``input_size``.
+        ExportError: the exporter failed.
+    """
+    check_opset(opset)
+    input_size = model.config.pretrained_cfg.get("input_size")
+    if not input_size or len(input_size) != 3:
+        raise ValueError(f"config.pretrained_cfg['input_size'] must be [C, H, W] to export, got {input_size!r}")
+    device = next(model.parameters()).device
+    example = torch.randn(_TRACE_BATCH, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
+    was_training = model.training
+    model.eval()  # an inference graph: BatchNorm uses running statistics, dropout is off
+    try:
+        program = torch.onnx.export(
+            EnsembleGraph(model, fp16=fp16).eval(),
+            (example,),
+            input_names=["pixel_values"],
+            output_names=list(OUTPUT_NAMES),
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}},
+            verbose=False,
+        )
+    except torch.onnx.OnnxExporterError as err:
+        raise ExportError(f"torch.onnx could not export {model.config.architecture!r}: {err}") from err
+    finally:
+        model.train(was_training)
+    program.model.metadata_props[METADATA_TEMPERATURE] = repr(float(model.temperature))
+    program.model.metadata_props[METADATA_NUM_MEMBERS] = str(model.num_members)
+    program.save(str(path), external_data=external_data)

@@ -1,0 +1,165 @@
+"""``export_onnx``: write an ensemble as ``onnx/model.onnx`` and keep it only if it matches PyTorch.
+
+The graph is written to a temporary folder beside its destination, checked (``onnx.checker``, its
+interface, ONNX Runtime vs PyTorch on several batch sizes), and only then moved into place, so a
+failed export leaves the folder as it was. The check's result goes to ``onnx/export_report.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
+import torch
+
+from freetickets_hub.config import EnsembleConfig
+from freetickets_hub.ensemble import EnsembleModel
+from freetickets_hub.errors import ExportError
+from freetickets_hub.files import write_text_atomic
+from freetickets_hub.hub import CONFIG_NAME, ONNX_NAME
+from freetickets_hub.preprocessing import ImageInput
+from freetickets_hub.runtime import ONNX_DATA_NAME, OnnxEnsemble, has_onnxruntime
+
+from .graph import DEFAULT_OPSET, check_opset, export_graph
+from .verify import GATED_OUTPUTS, check_interface, compare_with_torch, synthetic_images
+
+__all__ = ["BATCH_SIZES", "FP16_TOLERANCE", "FP32_TOLERANCE", "REPORT_NAME", "ExportReport", "export_onnx"]
+
+REPORT_NAME = "onnx/export_report.json"
+FP32_TOLERANCE = 1e-5  # max |ORT - PyTorch| of the gated outputs (probabilities and entropies, nats)
+FP16_TOLERANCE = 1e-2  # float16 members against the float32 PyTorch ensemble
+BATCH_SIZES = (1, 3, 8)
+
+
+@dataclass
+class ExportReport:
+    """What was exported and how closely ONNX Runtime reproduces PyTorch (``onnx/export_report.json``)."""
+
+    graph: str  # path of the graph inside the output folder
+    external_data: bool  # weights in onnx/model.onnx.data beside the graph
+    opset: int
+    fp16: bool
+    temperature: float  # the calibration temperature baked into the graph
+    num_members: int
+    batch_sizes: list[int]  # ORT and PyTorch were compared at each
+    check_images: str  # what the comparison ran on
+    tolerance: float  # bound on max_abs_diff of every gated output
+    gated_outputs: list[str]
+    max_abs_diff: dict[str, float]  # per output, over all batch sizes
+    versions: dict[str, str]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, indent=2) + "\n"
+
+
+def export_onnx(
+    model: EnsembleModel | str | os.PathLike[str],
+    output_dir: str | os.PathLike[str] | None = None,
+    *,
+    opset: int = DEFAULT_OPSET,
+    fp16: bool = False,
+    external_data: bool = False,
+    images: Sequence[ImageInput] | None = None,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+) -> ExportReport:
+    """Export ``model`` to ``<output_dir>/onnx/model.onnx``, verify it, and write its report.
+
+    Args:
+        model: an ``EnsembleModel``, or a folder / Hub repo id to load one from.
+        output_dir: where ``onnx/`` goes (and ``config.json`` when the folder lacks one); default:
+            the model's folder when ``model`` is one.
+        opset: ONNX opset (18 or newer).
+        fp16: float16 members, checked against the float32 PyTorch ensemble with ``FP16_TOLERANCE``.
+        external_data: write the weights to ``onnx/model.onnx.data`` even below 1.5 GiB.
+        images: check images (default: synthetic photo-like scenes).
+        batch_sizes: batch sizes ONNX Runtime is compared with PyTorch at.
+
+    Raises:
+        ValueError: no ``output_dir`` for an in-memory model or a Hub repo, or a bad opset.
+        ExportError: export failed, the graph is malformed, or ONNX Runtime disagrees with PyTorch.
+    """
+    check_opset(opset)
+    has_onnxruntime(necessary=True)  # the check runs the graph; onnxruntime or onnxruntime-gpu will do
+    import onnxruntime
+
+    if output_dir is None:
+        if isinstance(model, EnsembleModel) or not os.path.isdir(model):
+            where = "an in-memory model" if isinstance(model, EnsembleModel) else repr(str(model))
+            raise ValueError(f"output_dir (--output) is required to export {where}: it is not a local folder")
+        output_dir = model
+    if not isinstance(model, EnsembleModel):
+        model = EnsembleModel.from_pretrained(model)
+    output_dir = Path(output_dir)
+    write_config = _needs_config(output_dir, model.config)
+    destination = output_dir / ONNX_NAME
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=".export-"))
+    try:
+        graph = staging / destination.name
+        export_graph(model, graph, opset=opset, fp16=fp16, external_data=external_data)
+        check_interface(graph)
+        engine = OnnxEnsemble(graph, model.config, providers=["CPUExecutionProvider"])
+        source = "synthetic photo-like scenes" if images is None else f"{len(images)} given images"
+        images = images if images is not None else synthetic_images(model.config.pretrained_cfg, max(batch_sizes))
+        diffs = compare_with_torch(model, engine, images, batch_sizes)
+        tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
+        failed = {name: diffs[name] for name in GATED_OUTPUTS if not diffs[name] <= tolerance}
+        if failed:
+            raise ExportError(
+                f"ONNX Runtime disagrees with PyTorch beyond the tolerance {tolerance:g} "
+                f"(max |diff| {failed}, batch sizes {list(batch_sizes)}); nothing was written"
+            )
+        if write_config:
+            write_text_atomic(output_dir / CONFIG_NAME, model.config.to_json())
+        has_data = (staging / Path(ONNX_DATA_NAME).name).is_file()
+        _move_into_place(staging, destination, has_data)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            destination.parent.rmdir()  # only when empty: the onnx/ folder this failed export created
+    report = ExportReport(
+        graph=ONNX_NAME,
+        external_data=has_data,
+        opset=opset,
+        fp16=fp16,
+        temperature=model.temperature,
+        num_members=model.num_members,
+        batch_sizes=list(batch_sizes),
+        check_images=source,
+        tolerance=tolerance,
+        gated_outputs=list(GATED_OUTPUTS),
+        max_abs_diff=diffs,
+        versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+    )
+    write_text_atomic(output_dir / REPORT_NAME, report.to_json())
+    return report
+
+
+def _needs_config(output_dir: Path, config: EnsembleConfig) -> bool:
+    """Whether ``config.json`` must be written; refuse a folder holding a different ensemble's config."""
+    path = output_dir / CONFIG_NAME
+    if not path.is_file():
+        return True
+    if EnsembleConfig.from_json_file(str(path)).to_dict() != config.to_dict():
+        raise ExportError(
+            f"{path} describes a different ensemble than the one being exported (e.g. another temperature); "
+            "save the model there first or choose another output folder"
+        )
+    return False
+
+
+def _move_into_place(staging: Path, destination: Path, has_data: bool) -> None:
+    """Data first, then the graph, each by an atomic rename: a reader never sees a graph without its data."""
+    data = destination.parent / Path(ONNX_DATA_NAME).name
+    if has_data:
+        os.replace(staging / data.name, data)
+    os.replace(staging / destination.name, destination)
+    if not has_data:
+        data.unlink(missing_ok=True)  # the previous export's weights, no longer referred to

@@ -1,0 +1,282 @@
+"""``OnnxEnsemble``: run an exported ensemble graph with ONNX Runtime, without PyTorch.
+
+Serving needs only onnxruntime, numpy and PIL: this module never imports torch, and it imports
+onnxruntime when an engine is built, so ``import freetickets_hub.runtime`` works without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import mmap
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import EnsembleConfig
+from .errors import ArtifactError, MissingDependencyError
+from .hub import CONFIG_NAME, ONNX_NAME, resolve_file
+from .predictions import Predictions
+from .preprocessing import ImageInput, preprocess
+
+__all__ = [
+    "DEFAULT_PROVIDERS",
+    "METADATA_NUM_MEMBERS",
+    "METADATA_TEMPERATURE",
+    "ONNX_DATA_NAME",
+    "OnnxEnsemble",
+    "has_onnxruntime",
+]
+
+logger = logging.getLogger(__name__)
+
+ONNX_DATA_NAME = ONNX_NAME + ".data"  # the external weights of a graph over 1.5 GiB (torch's threshold)
+DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+# model metadata written by the exporter, checked against config.json so a stale graph is caught
+METADATA_TEMPERATURE = "freetickets.temperature"
+METADATA_NUM_MEMBERS = "freetickets.num_members"
+_PREDICT_OUTPUTS = ("probs", "entropy", "expected_entropy", "mutual_information", "disagreement")
+_INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_INSTALL_HINT = "pip install 'freetickets-hub[onnx]' (CPU) or 'freetickets-hub[gpu]' (CUDA)"
+_GPU_HINT = "install onnxruntime-gpu with pip install 'freetickets-hub[gpu]' on a machine with CUDA"
+
+ProviderSpec = str | tuple[str, dict[str, Any]]
+
+
+def has_onnxruntime(necessary: bool = False) -> bool:
+    """Whether onnxruntime can be imported; with ``necessary=True`` raise a helpful error instead of False.
+
+    Raises:
+        MissingDependencyError: ``necessary`` is set and onnxruntime is not installed.
+    """
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as err:
+        if necessary:
+            raise MissingDependencyError(f"OnnxEnsemble needs onnxruntime: {_INSTALL_HINT}") from err
+        return False
+    return True
+
+
+class OnnxEnsemble:
+    """An exported ensemble (``onnx/model.onnx``) on ONNX Runtime, with the outputs of ``EnsembleModel``.
+
+    Args:
+        graph_path: the exported graph; its external data, if any, must sit beside it.
+        config: the ensemble's config (preprocessing, label names, temperature to check against).
+        providers: ONNX Runtime execution providers, names or ``(name, options)`` pairs, in order of
+            preference. ``None``: TensorRT, CUDA, CPU, keeping those this onnxruntime offers.
+        allow_cpu_fallback: run on CPU when an explicitly requested GPU provider is not usable,
+            instead of raising.
+        session_options: an ``onnxruntime.SessionOptions`` (threads, optimisation level...).
+
+    Raises:
+        MissingDependencyError: onnxruntime is missing, or a requested provider is not active.
+        ArtifactError: the graph cannot be loaded or does not match ``config``.
+
+    Example:
+        >>> engine = OnnxEnsemble.from_pretrained("runs/tiny")  # doctest: +SKIP
+        >>> engine.predict(images).labels  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        graph_path: str | os.PathLike[str],
+        config: EnsembleConfig,
+        *,
+        providers: Sequence[ProviderSpec] | None = None,
+        allow_cpu_fallback: bool = False,
+        session_options: Any = None,
+    ) -> None:
+        has_onnxruntime(necessary=True)
+        import onnxruntime as ort
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+        self.config = config
+        chosen, requested_gpu = _select_providers(ort.get_available_providers(), providers, allow_cpu_fallback)
+        try:
+            self._session = ort.InferenceSession(str(graph_path), sess_options=session_options, providers=chosen)
+        except (ort_state.Fail, ort_state.InvalidGraph, ort_state.InvalidProtobuf, ort_state.NoSuchFile) as err:
+            raise ArtifactError(f"ONNX Runtime cannot load {graph_path}: {err}") from err
+        active = self._session.get_providers()
+        inactive = [name for name in requested_gpu if name not in active]
+        if inactive:
+            message = f"requested execution provider(s) {inactive} are not active in the session (active: {active})"
+            if not allow_cpu_fallback:
+                raise MissingDependencyError(
+                    f"{message}; check the CUDA/TensorRT libraries, or pass allow_cpu_fallback=True to run on CPU"
+                )
+            logger.warning("%s; falling back as allowed", message)
+        self._input = self._session.get_inputs()[0]
+        self.output_names = [out.name for out in self._session.get_outputs()]
+        self._check_graph(graph_path)
+        # IO binding keeps outputs on the device until one copy back, instead of ORT's own staging
+        self._io_device = "cuda" if active[0] in _GPU_PROVIDERS else None
+        options = self._session.get_provider_options().get(active[0], {})
+        self._device_id = int(options.get("device_id", 0))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_or_dir: str | os.PathLike[str],
+        *,
+        providers: Sequence[ProviderSpec] | None = None,
+        allow_cpu_fallback: bool = False,
+        session_options: Any = None,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        force_download: bool = False,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+    ) -> OnnxEnsemble:
+        """Load from a local folder or a Hub repo, fetching only ``config.json`` and the graph files.
+
+        The graph's external data file (``onnx/model.onnx.data``) is fetched only when the graph
+        refers to it. Other arguments are those of :class:`OnnxEnsemble` and ``hf_hub_download``.
+        """
+        download: dict[str, Any] = dict(revision=revision, cache_dir=cache_dir, force_download=force_download)
+        download.update(token=token, local_files_only=local_files_only)
+        config = EnsembleConfig.from_json_file(str(resolve_file(repo_or_dir, CONFIG_NAME, **download)))
+        graph = resolve_file(repo_or_dir, ONNX_NAME, **download)
+        if _refers_to_external_data(graph):
+            resolve_file(repo_or_dir, ONNX_DATA_NAME, **download)  # lands beside the graph, where ORT looks
+        return cls(
+            graph, config, providers=providers, allow_cpu_fallback=allow_cpu_fallback, session_options=session_options
+        )
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers active in the session, in order of preference."""
+        return self._session.get_providers()
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` that ``pixel_values`` must have."""
+        return tuple(self._input.shape[1:])
+
+    def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the ensemble on preprocessed ``pixel_values`` ``(B, C, H, W)``.
+
+        Returns:
+            The DESIGN.md outputs by name: ``logits``, ``probs``, ``member_probs`` ``(M, B, K)``,
+            ``entropy``, ``expected_entropy``, ``mutual_information``, ``disagreement``.
+
+        Raises:
+            TypeError: ``pixel_values`` is not a numpy array.
+            ValueError: wrong dtype, rank, channels, height/width, an empty batch, or NaN/inf values.
+        """
+        pixel_values = np.ascontiguousarray(self._check_pixels(pixel_values))
+        if self._io_device is None:
+            outputs = self._session.run(self.output_names, {self._input.name: pixel_values})
+            return dict(zip(self.output_names, outputs, strict=True))
+        binding = self._session.io_binding()
+        binding.bind_cpu_input(self._input.name, pixel_values)
+        for name in self.output_names:
+            binding.bind_output(name, self._io_device, self._device_id)
+        self._session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], *, batch_size: int = 64) -> Predictions:
+        """Classify PIL images, uint8 arrays or image files, with uncertainty, as ``EnsembleModel.predict``."""
+        pixels = preprocess(images, self.config.pretrained_cfg).astype(_INPUT_DTYPES[self._input.type])
+        chunks: dict[str, list[np.ndarray]] = {key: [] for key in _PREDICT_OUTPUTS}
+        for start in range(0, len(pixels), batch_size):
+            out = self(pixels[start : start + batch_size])
+            for key in _PREDICT_OUTPUTS:
+                chunks[key].append(out[key])
+        merged = {key: np.concatenate(parts) for key, parts in chunks.items()}
+        return Predictions.from_outputs(merged, self.config.label_names)
+
+    def _check_graph(self, graph_path: str | os.PathLike[str]) -> None:
+        """The graph must have one image input, the outputs ``predict`` reads and the config's temperature."""
+        shape = self._input.shape
+        if len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]) or self._input.type not in _INPUT_DTYPES:
+            raise ArtifactError(f"{graph_path}: expected a float input (B, C, H, W), got {self._input.type} {shape}")
+        input_size = tuple(self.config.pretrained_cfg.get("input_size", shape[1:]))
+        if tuple(shape[1:]) != input_size:
+            raise ArtifactError(f"{graph_path} takes input (C, H, W) {tuple(shape[1:])}, config.json says {input_size}")
+        missing = [name for name in _PREDICT_OUTPUTS if name not in self.output_names]
+        if missing:
+            raise ArtifactError(f"{graph_path} lacks the outputs {missing} (has {self.output_names}); re-export it")
+        metadata = self._session.get_modelmeta().custom_metadata_map
+        if METADATA_TEMPERATURE not in metadata:
+            logger.warning("%s has no %s metadata: cannot check its temperature", graph_path, METADATA_TEMPERATURE)
+            return
+        graph_temperature = float(metadata[METADATA_TEMPERATURE])
+        if not math.isclose(graph_temperature, self.config.ensemble.temperature, rel_tol=1e-6):
+            raise ArtifactError(
+                f"{graph_path} was exported with temperature {graph_temperature}, but config.json has "
+                f"{self.config.ensemble.temperature}; re-run `freetickets export onnx` after calibrating"
+            )
+        members = int(metadata.get(METADATA_NUM_MEMBERS, self.config.ensemble.num_members))
+        if members != self.config.ensemble.num_members:
+            raise ArtifactError(
+                f"{graph_path} holds {members} members, config.json {self.config.ensemble.num_members}; re-export it"
+            )
+
+    def _check_pixels(self, pixel_values: Any) -> np.ndarray:
+        if not isinstance(pixel_values, np.ndarray):
+            raise TypeError(f"pixel_values must be a numpy array, got {type(pixel_values).__name__}")
+        dtype = _INPUT_DTYPES[self._input.type]
+        channels, height, width = self.input_shape
+        expected = f"(B, {channels}, {height}, {width})"
+        if pixel_values.dtype != dtype:
+            raise ValueError(
+                f"pixel_values must be {np.dtype(dtype).name}, got {pixel_values.dtype}; "
+                f"convert with pixel_values.astype(np.{np.dtype(dtype).name})"
+            )
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must have 4 dimensions {expected}, got shape {pixel_values.shape}")
+        if pixel_values.shape[1] != channels:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[1]} channels, expected {channels} (shape {pixel_values.shape}, "
+                f"expected {expected}); OnnxEnsemble.predict preprocesses images for you"
+            )
+        if pixel_values.shape[2:] != (height, width):
+            raise ValueError(
+                f"pixel_values has height x width {pixel_values.shape[2]}x{pixel_values.shape[3]}, expected "
+                f"{height}x{width} (shape {pixel_values.shape}, expected {expected}); predict() resizes images for you"
+            )
+        if pixel_values.shape[0] == 0:
+            raise ValueError(f"pixel_values has an empty batch (shape {pixel_values.shape})")
+        bad = int(pixel_values.size - np.count_nonzero(np.isfinite(pixel_values)))
+        if bad:
+            raise ValueError(f"pixel_values contains {bad} NaN or infinite value(s)")
+        return pixel_values
+
+
+def _select_providers(
+    available: Sequence[str], providers: Sequence[ProviderSpec] | None, allow_cpu_fallback: bool
+) -> tuple[list[ProviderSpec], list[str]]:
+    """Providers to ask ONNX Runtime for, and the GPU providers the caller explicitly requested."""
+    if providers is None:  # nothing requested explicitly: the best this onnxruntime offers
+        return [name for name in DEFAULT_PROVIDERS if name in available], []
+    if isinstance(providers, str):
+        raise TypeError(f"providers must be a list of provider names, got the string {providers!r}")
+    names = [p if isinstance(p, str) else p[0] for p in providers]
+    missing = [name for name in names if name not in available]
+    if missing and not allow_cpu_fallback:
+        raise MissingDependencyError(
+            f"execution provider(s) {missing} are not available in this onnxruntime (available: {list(available)}); "
+            f"{_GPU_HINT}, or pass allow_cpu_fallback=True to run on CPU"
+        )
+    if missing:
+        logger.warning("execution provider(s) %s are not available; falling back to CPU as allowed", missing)
+    chosen = [p for p, name in zip(providers, names, strict=True) if name in available]
+    if allow_cpu_fallback and "CPUExecutionProvider" not in names:
+        chosen.append("CPUExecutionProvider")
+    return chosen, [name for name in names if name != "CPUExecutionProvider"]
+
+
+def _refers_to_external_data(graph: Path) -> bool:
+    """Whether the graph's tensors point into ``model.onnx.data`` (their ``location`` entry, protobuf-encoded)."""
+    location = b"model.onnx.data"
+    entry = b"\x0a\x08location\x12" + bytes([len(location)]) + location  # StringStringEntryProto(key, value)
+    if graph.stat().st_size == 0:
+        return False
+    with open(graph, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return data.find(entry) != -1
