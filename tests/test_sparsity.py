@@ -170,3 +170,13 @@ def test_prune_rate_schedules() -> None:
     assert prune_rate_at(cfg, 50, 100) == pytest.approx((0.5 + 0.005) / 2)
     assert prune_rate_at(cfg, 100, 100) == pytest.approx(0.005)
     assert prune_rate_at(SparsityConfig(prune_rate=0.3), 77, 100) == 0.3
+
+
+def test_no_update_on_the_last_step_of_a_phase() -> None:
+    model, optimizer, engine = _setup()
+    engine.start_phase(0, 4)
+    _train_step(model, optimizer)
+    assert engine.step(2) is not None
+    assert engine.step(4) is None  # regrown weights would leave the phase at zero
+    engine.start_phase(4, 4)
+    assert engine.step(6) is not None

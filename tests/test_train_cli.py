@@ -140,7 +140,6 @@ def test_tiny_recipe_on_real_fashion_mnist(tmp_path: Path) -> None:
         == 0
     )
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["wall_time_s"] < 120
     assert summary["test"]["ensemble"]["accuracy"] > 0.6
     model = EnsembleModel.from_pretrained(out)
     assert model.num_members == 3

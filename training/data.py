@@ -47,7 +47,10 @@ class ImageData:
 
 def load_image_data(recipe: Recipe) -> ImageData:
     """Load the recipe's dataset, carve a seeded validation split from train, apply the sample caps."""
-    splits = load_dataset(recipe.dataset, recipe.dataset_config)
+    try:
+        splits = load_dataset(recipe.dataset, recipe.dataset_config)
+    except (FileNotFoundError, ValueError, ConnectionError) as err:  # includes datasets' DatasetNotFoundError
+        raise RecipeError(f"cannot load dataset {recipe.dataset!r}: {err}") from err
     for name in (recipe.train_split, recipe.test_split):
         if name not in splits:
             raise RecipeError(f"dataset {recipe.dataset!r} has no split {name!r}; it has {sorted(splits)}")

@@ -172,7 +172,7 @@ class SparseEngine:
         self.masks = {name: mask.to(device) for name, mask in drawn.items()}
         self.num_updates = 0
         self.phase_start = 0
-        self.phase_steps = 1
+        self.phase_steps = 1 << 62  # no phase end until start_phase() says otherwise
         self.apply_masks()
 
     def start_phase(self, start_step: int, num_steps: int) -> None:
@@ -187,13 +187,16 @@ class SparseEngine:
     def step(self, global_step: int) -> dict[str, float] | None:
         """Call after each ``optimizer.step()`` with the number of steps done so far (from 1).
 
-        Re-applies the masks and, every ``update_interval`` steps, prunes and regrows.
+        Re-applies the masks and, every ``update_interval`` steps (except on the last step of a
+        phase), prunes and regrows.
         Returns the update's statistics when one happened.
         """
         self.apply_masks()
         cfg = self.config
         if global_step % cfg.update_interval or (cfg.update_end is not None and global_step >= cfg.update_end):
             return None
+        if global_step >= self.phase_start + self.phase_steps:
+            return None  # the phase's last step: regrown weights would leave it untrained, at zero
         rate = prune_rate_at(cfg, global_step - self.phase_start, self.phase_steps)
         stats = self.update(rate, cfg.growth)
         logger.info("step %d: mask update, prune rate %.4f, %d weights regrown", global_step, rate, stats["regrown"])

@@ -1,23 +1,23 @@
 """One visible training loop for every method (EDST, DST, dense, dense ensemble, static sparse).
 
 ``train(recipe, output_dir)`` trains the members, evaluates them on the test split (reporting
-only), and writes ``output_dir`` as a Hub-ready folder plus ``train_summary.json``.
+only), and writes ``output_dir`` as a Hub-ready folder plus ``train_summary.json``. It checkpoints
+every ``checkpoint_every`` steps and at each phase end; ``resume=True`` continues from the latest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
@@ -29,29 +29,37 @@ from freetickets_hub.metrics import ECE_BINS, classification_metrics
 from freetickets_hub.model_card import SUMMARY_NAME
 from freetickets_hub.outputs import combine_member_logits
 
+from .checkpoint import Progress, Ticket, latest_checkpoint, load_checkpoint, load_engine_state, save_checkpoint
+from .costs import layer_flops
 from .data import ImageData, ImageSplit, augment_batch, load_image_data, normalize
-from .phases import Phase, plan_runs
+from .phases import Phase, Run, plan_runs
 from .recipe import Recipe
 from .sparsity import SparseEngine, maskable_weights
 
-__all__ = ["Ticket", "train"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["train"]
 
 
-@dataclass
-class Ticket:
-    """One ensemble member as it left its phase."""
+def train(
+    recipe: Recipe,
+    output_dir: str | Path,
+    *,
+    resume: bool = False,
+    max_steps: int | None = None,
+    report_to: str | None = None,
+) -> dict[str, Any]:
+    """Train ``recipe`` and write the ensemble to ``output_dir``.
 
-    phase: str
-    state_dict: dict[str, torch.Tensor]
-    masks: dict[str, torch.Tensor]
-    val_accuracy: float | None
-    step: int
+    Args:
+        recipe: what to train.
+        output_dir: the Hub-ready folder to write (checkpoints go to ``output_dir/checkpoints``).
+        resume: continue from the latest checkpoint in ``output_dir``.
+        max_steps: stop after this many optimizer steps of the whole job, with a checkpoint, as if
+            interrupted (continue later with ``resume=True``).
+        report_to: an accelerate tracker name, e.g. "tensorboard".
 
-
-def train(recipe: Recipe, output_dir: str | Path, *, report_to: str | None = None) -> dict[str, Any]:
-    """Train ``recipe`` and write the ensemble to ``output_dir``; returns the summary dict."""
+    Returns:
+        The summary written to ``train_summary.json`` (empty on other processes or when stopped early).
+    """
     output_dir = Path(output_dir)
     started = time.perf_counter()
     accelerator = Accelerator(
@@ -59,22 +67,34 @@ def train(recipe: Recipe, output_dir: str | Path, *, report_to: str | None = Non
         gradient_accumulation_steps=recipe.grad_accum_steps,
         log_with=report_to,
         project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     if report_to:
         accelerator.init_trackers("freetickets", config=_flat_config(recipe))
     data = load_image_data(recipe)
     accelerator.print(
         f"{recipe.method}: {recipe.architecture}, M={recipe.num_members}, "
-        f"sparsity {recipe.sparsity if recipe.is_sparse else 0.0}; "
+        f"sparsity {recipe.sparsity if recipe.is_sparse else 0.0}; {accelerator.num_processes} process(es); "
         f"{len(data.train)} train / {len(data.val) if data.val else 0} val / {len(data.test)} test images"
     )
-    tickets: list[Ticket] = []
-    for run in plan_runs(recipe):
-        tickets += _train_run(recipe, data, run.phases, run.seed, accelerator)
+    checkpoint = latest_checkpoint(output_dir) if resume else None
+    progress, tickets, best = Progress(), [], None
+    if checkpoint is not None:
+        progress, tickets, best = load_checkpoint(checkpoint)
+        accelerator.print(f"resuming from {checkpoint} (step {progress.total_steps})")
+    elif resume:
+        accelerator.print(f"no checkpoint in {output_dir / 'checkpoints'}: starting from scratch")
+    runs = plan_runs(recipe)
+    loop = _Loop(recipe, data, accelerator, output_dir, progress, tickets, best, max_steps)
+    for index in range(progress.run, len(runs)):
+        if not loop.run(runs[index], index, checkpoint if index == progress.run else None):
+            accelerator.print(f"stopped after {progress.total_steps} steps; continue with --resume")
+            accelerator.end_training()
+            return {}
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
-        model = _build_ensemble(recipe, data, tickets)
-        summary = _summarize(recipe, data, model, tickets, time.perf_counter() - started, accelerator.device)
+        model = _build_ensemble(recipe, data, loop.tickets)
+        summary = _summarize(recipe, data, model, loop, time.perf_counter() - started)
         output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output_dir / SUMMARY_NAME, json.dumps(summary, indent=2, sort_keys=True) + "\n")
         model.save_pretrained(output_dir)
@@ -83,105 +103,208 @@ def train(recipe: Recipe, output_dir: str | Path, *, report_to: str | None = Non
     return summary
 
 
-def _train_run(
-    recipe: Recipe, data: ImageData, phases: list[Phase], seed: int, accelerator: Accelerator
-) -> list[Ticket]:
-    """Train one model through ``phases`` (a fresh init from ``seed``); returns its tickets."""
-    set_seed(seed)
-    model = _create_member(recipe, data)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=recipe.lr,
-        momentum=recipe.momentum,
-        nesterov=recipe.nesterov,
-        weight_decay=recipe.weight_decay,
-    )
-    engine = None
-    if recipe.is_sparse:
-        config = recipe.sparsity_config()
-        if recipe.method == "static_sparse":
-            config.update_end = 0  # masks never change
-        engine = SparseEngine(model, optimizer, config, seed=seed)
-    loader = DataLoader(
-        TensorDataset(data.train.images, data.train.labels),
-        batch_size=recipe.batch_size,
-        shuffle=True,
-        drop_last=len(data.train) >= recipe.batch_size,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    mean = torch.tensor(data.mean, device=accelerator.device)
-    std = torch.tensor(data.std, device=accelerator.device)
-    steps_per_epoch = math.ceil(len(loader) / recipe.grad_accum_steps)
-    total = sum(p.epochs for p in phases) * steps_per_epoch
-    bar = tqdm(total=total, desc=f"seed {seed}", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    step, tickets = 0, []
-    for phase in phases:
-        if phase.escape_before and engine is not None:
-            # gradient growth needs a fresh dense gradient: one forward/backward, no optimizer step
-            images, labels = next(iter(loader))
-            loss = torch.nn.functional.cross_entropy(model(normalize(images, mean, std)), labels)
-            accelerator.backward(loss)
-            stats = engine.escape()
-            optimizer.zero_grad()
-            accelerator.print(f"[{phase.name}] forced escape: {stats['regrown']} weights regrown, LR reset")
-        phase_steps = phase.epochs * steps_per_epoch
+class _Loop:
+    """The state one job carries across runs: accelerator, data, progress and the tickets so far."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        data: ImageData,
+        accelerator: Accelerator,
+        output_dir: Path,
+        progress: Progress,
+        tickets: list[Ticket],
+        best: Ticket | None,
+        max_steps: int | None,
+    ) -> None:
+        self.recipe, self.data, self.accelerator, self.output_dir = recipe, data, accelerator, output_dir
+        self.progress, self.tickets, self.best, self.max_steps = progress, tickets, best, max_steps
+        self.batches_per_epoch = 0
+        self.mask_hashes: list[str] = []
+        self.densities: dict[str, float] = {}
+
+    def run(self, run: Run, index: int, checkpoint: Path | None) -> bool:
+        """Train one model through its phases; False when ``max_steps`` stopped it."""
+        recipe, data, accelerator, progress = self.recipe, self.data, self.accelerator, self.progress
+        if checkpoint is None:
+            progress.run, progress.phase, progress.epoch, progress.batch, progress.step = index, 0, 0, 0, 0
+            progress.escaped = False
+        set_seed(run.seed)
+        model = timm.create_model(
+            recipe.architecture, pretrained=False, num_classes=len(data.label_names), **_model_args(recipe, data)
+        )
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=recipe.lr,
+            momentum=recipe.momentum,
+            nesterov=recipe.nesterov,
+            weight_decay=recipe.weight_decay,
+        )
+        engine = None
+        if recipe.is_sparse:
+            config = recipe.sparsity_config()
+            if recipe.method == "static_sparse":
+                config.update_end = 0  # masks never change
+            engine = SparseEngine(model, optimizer, config, seed=run.seed)
+            self.densities = {n: engine.counts[n] / w.numel() for n, w in engine.weights.items()}
+        loader = DataLoader(
+            TensorDataset(data.train.images, data.train.labels),
+            batch_size=recipe.batch_size,
+            shuffle=True,
+            drop_last=len(data.train) >= recipe.batch_size * accelerator.num_processes,
+        )
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        if checkpoint is not None:
+            accelerator.load_state(str(checkpoint))
+            if engine is not None:
+                load_engine_state(checkpoint, engine)
+        self.batches_per_epoch = len(loader)
+        mean = torch.tensor(data.mean, device=accelerator.device)
+        std = torch.tensor(data.std, device=accelerator.device)
+        steps_per_epoch = math.ceil(len(loader) / recipe.grad_accum_steps)
+        bar = tqdm(
+            total=sum(p.epochs for p in run.phases) * steps_per_epoch,
+            initial=progress.step,
+            desc=f"run {index + 1} (seed {run.seed})",
+            disable=not accelerator.is_local_main_process,
+            dynamic_ncols=True,
+        )
+        for phase_index in range(progress.phase, len(run.phases)):
+            phase = run.phases[phase_index]
+            phase_steps = phase.epochs * steps_per_epoch
+            phase_start = progress.step - progress.epoch * steps_per_epoch - progress.batch // recipe.grad_accum_steps
+            if progress.epoch == 0 and progress.batch == 0:
+                bar.write(f"[{phase.name}] {phase.epochs} epochs, LR {[lr for _, lr in phase.lrs]}")
+                if phase.escape_before and engine is not None and not progress.escaped:
+                    self._escape(model, optimizer, engine, mean, std, phase, bar)
+                if engine is not None:
+                    engine.start_phase(progress.step, phase_steps)
+            while progress.epoch < phase.epochs:
+                model.train()
+                loader.set_epoch(phase_index * 100_000 + progress.epoch)  # a new, reproducible order
+                batches = accelerator.skip_first_batches(loader, progress.batch) if progress.batch else loader
+                for images, labels in batches:
+                    lr = phase.lr_at((progress.step - phase_start) / phase_steps, progress.epoch)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    with accelerator.accumulate(model):
+                        augment_rng = torch.Generator().manual_seed(
+                            run.seed * 1_000_003
+                            + progress.total_steps * 101
+                            + progress.batch * 11
+                            + accelerator.process_index
+                        )
+                        images = augment_batch(images, recipe.augment, recipe.pad, augment_rng)
+                        logits = model(normalize(images, mean, std))
+                        loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
+                        accelerator.backward(loss)
+                        optimizer.step()
+                        if accelerator.sync_gradients:
+                            self._after_step(engine, phase, bar, loss.item(), lr)
+                        optimizer.zero_grad()
+                    progress.batch += 1
+                    if accelerator.sync_gradients and self._should_stop():
+                        save_checkpoint(accelerator, self.output_dir, progress, engine, self.tickets, self.best)
+                        bar.close()
+                        accelerator.free_memory()
+                        return False
+                    if (
+                        accelerator.sync_gradients
+                        and recipe.checkpoint_every
+                        and not progress.total_steps % recipe.checkpoint_every
+                    ):
+                        save_checkpoint(accelerator, self.output_dir, progress, engine, self.tickets, self.best)
+                progress.epoch += 1
+                progress.batch = 0
+                if phase.ticket and recipe.ticket_selection == "best_val" and data.val is not None:
+                    unwrapped = accelerator.unwrap_model(model)
+                    val_acc = _accuracy(unwrapped, data.val, data, recipe.eval_batch_size)
+                    if self.best is None or val_acc > (self.best.val_accuracy or 0.0):
+                        self.best = _ticket(phase, unwrapped, engine, val_acc, progress.step)
+            if phase.ticket:
+                self._take_ticket(phase, accelerator.unwrap_model(model), engine, bar)
+            progress.phase, progress.epoch, progress.batch, progress.escaped = phase_index + 1, 0, 0, False
+            save_checkpoint(accelerator, self.output_dir, progress, engine, self.tickets, self.best)
         if engine is not None:
-            engine.start_phase(step, phase_steps)
-        accelerator.print(f"[{phase.name}] {phase.epochs} epochs, LR {[lr for _, lr in phase.lrs]}")
-        phase_start, best = step, None
-        for _ in range(phase.epochs):
-            model.train()
-            augment_rng = torch.Generator().manual_seed(seed * 100_003 + step * 7 + accelerator.process_index)
-            for images, labels in loader:
-                progress = (step - phase_start) / max(1, phase_steps)
-                lr = phase.lr_at(progress, (step - phase_start) / steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with accelerator.accumulate(model):
-                    images = augment_batch(images, recipe.augment, recipe.pad, augment_rng)
-                    logits = model(normalize(images, mean, std))
-                    loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    if accelerator.sync_gradients:
-                        step += 1
-                        bar.update(1)
-                        if engine is not None:
-                            update = engine.step(step)
-                            if update is not None and accelerator.is_main_process:
-                                logger.info("[%s] step %d mask update: %d regrown", phase.name, step, update["regrown"])
-                    optimizer.zero_grad()
-                if accelerator.sync_gradients and step % 10 == 0:
-                    density = engine.density() if engine is not None else 1.0
-                    bar.set_postfix(
-                        loss=f"{loss.item():.3f}", lr=f"{lr:.4g}", phase=phase.name, density=f"{density:.3f}"
-                    )
-                    accelerator.log({"train/loss": loss.item(), "train/lr": lr, "train/density": density}, step=step)
-            if phase.ticket and recipe.ticket_selection == "best_val" and data.val is not None:
-                val_acc = _accuracy(accelerator.unwrap_model(model), data.val, data, recipe.eval_batch_size)
-                if best is None or val_acc > best.val_accuracy:
-                    best = _ticket(phase, accelerator.unwrap_model(model), engine, val_acc, step)
-        if phase.ticket:
-            if best is None:
-                val_acc = (
-                    _accuracy(accelerator.unwrap_model(model), data.val, data, recipe.eval_batch_size)
-                    if data.val
-                    else None
+            self.mask_hashes = gather_object([_mask_hash(engine)])
+        bar.close()
+        accelerator.free_memory()
+        return True
+
+    def _after_step(self, engine: SparseEngine | None, phase: Phase, bar: tqdm, loss: float, lr: float) -> None:
+        progress, recipe = self.progress, self.recipe
+        progress.step += 1
+        progress.total_steps += 1
+        progress.images += recipe.batch_size * recipe.grad_accum_steps * self.accelerator.num_processes
+        bar.update(1)
+        density = 1.0
+        if engine is not None:
+            update = engine.step(progress.step)
+            density = engine.density()
+            if update is not None:
+                progress.dense_gradients += engine.config.growth == "gradient"
+                self._check_masks_agree(engine)
+                bar.write(
+                    f"[{phase.name}] step {progress.step}: mask update, {update['regrown']} weights pruned and regrown"
                 )
-                best = _ticket(phase, accelerator.unwrap_model(model), engine, val_acc, step)
-            tickets.append(best)
-            note = f", val accuracy {best.val_accuracy:.4f}" if best.val_accuracy is not None else ""
-            accelerator.print(f"[{phase.name}] ticket {len(tickets)} saved at step {best.step}{note}")
-    bar.close()
-    accelerator.free_memory()
-    return tickets
+        if progress.step % 10 == 0:
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", phase=phase.name, density=f"{density:.3f}")
+            self.accelerator.log(
+                {"train/loss": loss, "train/lr": lr, "train/density": density}, step=progress.total_steps
+            )
+
+    def _should_stop(self) -> bool:
+        return self.max_steps is not None and self.progress.total_steps >= self.max_steps
+
+    def _escape(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        engine: SparseEngine,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        phase: Phase,
+        bar: tqdm,
+    ) -> None:
+        """EDST's forced escape, with a fresh dense gradient (one batch, no optimizer step) for gradient growth."""
+        growth = engine.config.escape_growth or engine.config.growth
+        if growth == "gradient":
+            images = self.data.train.images[: self.recipe.batch_size].to(self.accelerator.device)
+            labels = self.data.train.labels[: self.recipe.batch_size].to(self.accelerator.device)
+            self.accelerator.backward(torch.nn.functional.cross_entropy(model(normalize(images, mean, std)), labels))
+            self.progress.dense_gradients += 1
+        stats = engine.escape()
+        optimizer.zero_grad()
+        self._check_masks_agree(engine)
+        self.progress.escaped = True
+        bar.write(f"[{phase.name}] forced escape: {stats['regrown']} weights pruned and regrown, LR reset")
+
+    def _take_ticket(self, phase: Phase, model: torch.nn.Module, engine: SparseEngine | None, bar: tqdm) -> None:
+        ticket = self.best
+        if ticket is None:
+            val = self.data.val
+            val_acc = _accuracy(model, val, self.data, self.recipe.eval_batch_size) if val is not None else None
+            ticket = _ticket(phase, model, engine, val_acc, self.progress.step)
+        self.tickets.append(ticket)
+        self.best = None
+        note = f", val accuracy {ticket.val_accuracy:.4f}" if ticket.val_accuracy is not None else ""
+        bar.write(f"[{phase.name}] ticket {len(self.tickets)} saved (step {ticket.step}{note})")
+
+    def _check_masks_agree(self, engine: SparseEngine) -> None:
+        """Every process must hold the same masks after an update; anything else is a bug."""
+        if self.accelerator.num_processes == 1:
+            return
+        hashes = gather_object([_mask_hash(engine)])
+        if len(set(hashes)) != 1:
+            raise RuntimeError(f"masks diverged across processes at step {self.progress.step}: {hashes}")
 
 
-def _create_member(recipe: Recipe, data: ImageData) -> torch.nn.Module:
-    return timm.create_model(
-        recipe.architecture, pretrained=False, num_classes=len(data.label_names), **_model_args(recipe, data)
-    )
+def _mask_hash(engine: SparseEngine) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(engine.masks):
+        digest.update(name.encode())
+        digest.update(engine.masks[name].cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _model_args(recipe: Recipe, data: ImageData) -> dict[str, Any]:
@@ -242,18 +365,17 @@ def _build_ensemble(recipe: Recipe, data: ImageData, tickets: list[Ticket]) -> E
     return model
 
 
-def _summarize(
-    recipe: Recipe, data: ImageData, model: EnsembleModel, tickets: list[Ticket], wall_time: float, device: torch.device
-) -> dict[str, Any]:
-    """Test metrics of each member and of the ensemble, realised sparsity and wall time."""
+def _summarize(recipe: Recipe, data: ImageData, model: EnsembleModel, loop: _Loop, wall_time: float) -> dict[str, Any]:
+    """Test metrics of each member and of the ensemble, sparsity, costs and wall time."""
+    device = loop.accelerator.device
     model.to(device)
     member_logits = torch.stack([split_logits(m, data.test, data, recipe.eval_batch_size) for m in model.members])
+    model.cpu()
     ensemble = combine_member_logits(member_logits, model.temperature)
     test = {"ensemble": classification_metrics(ensemble.probs, data.test.labels)}
     for index, logits in enumerate(member_logits):
         test[f"member_{index}"] = classification_metrics(torch.softmax(logits, -1), data.test.labels)
     test["ensemble"]["disagreement"] = ensemble.disagreement.mean().item()
-    model.cpu()
     return {
         "recipe": recipe.to_dict(),
         "method": recipe.method,
@@ -262,12 +384,45 @@ def _summarize(
         "test": test,
         "test_split_description": f"{recipe.dataset} [{recipe.test_split}], {len(data.test)} images",
         "ece_bins": ECE_BINS,
-        "tickets": [{"phase": t.phase, "step": t.step, "val_accuracy": t.val_accuracy} for t in tickets],
+        "tickets": [{"phase": t.phase, "step": t.step, "val_accuracy": t.val_accuracy} for t in loop.tickets],
         "sparsity": {
             "target": recipe.sparsity if recipe.is_sparse else 0.0,
-            "realised": [_realised_sparsity(model, i) for i in range(len(tickets))],
+            "realised": [_realised_sparsity(model, i) for i in range(model.num_members)],
         },
+        "costs": _costs(model, data, loop),
+        "distributed": {
+            "num_processes": loop.accelerator.num_processes,
+            "batches_per_epoch_per_process": loop.batches_per_epoch,
+            "mask_hashes_by_process": loop.mask_hashes,
+        },
+        "total_steps": loop.progress.total_steps,
         "wall_time_s": round(wall_time, 2),
+    }
+
+
+def _costs(model: EnsembleModel, data: ImageData, loop: _Loop) -> dict[str, float]:
+    """FLOPs (RigL convention) and parameter counts, relative to the dense model of the same recipe."""
+    flops = layer_flops(model.members[0], data.input_size)
+    f_dense = flops.dense
+    f_sparse = flops.sparse(loop.densities)
+    images = loop.progress.images
+    dense_gradient_images = loop.progress.dense_gradients * loop.recipe.batch_size * loop.accelerator.num_processes
+    training = 3 * f_sparse * images + (f_dense - f_sparse) * dense_gradient_images
+    member_flops = [flops.sparse({n: m.float().mean().item() for n, m in masks.items()}) for masks in model.masks]
+    total_params = sum(p.numel() for p in model.members[0].parameters())
+    nonzero = [sum(int(torch.count_nonzero(p)) for p in m.parameters()) for m in model.members]
+    return {
+        "training_flops": training,
+        "training_flops_dense_same_steps": 3 * f_dense * images,
+        "training_flops_ratio_vs_dense_same_steps": training / (3 * f_dense * images) if images else 0.0,
+        "train_images_processed": images,
+        "inference_flops_dense_member": f_dense,
+        "inference_flops_member": member_flops[0],
+        "inference_flops_ensemble": sum(member_flops),
+        "inference_flops_ensemble_vs_dense_member": sum(member_flops) / f_dense,
+        "params_total_per_member": total_params,
+        "params_nonzero_per_member": nonzero,
+        "params_nonzero_ensemble_vs_dense_member": sum(nonzero) / total_params,
     }
 
 
