@@ -45,8 +45,9 @@ class TemperatureFit:
 def ensemble_nll(member_logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:
     """NLL of the mean of the members' ``softmax(logits / temperature)``; logits are ``(M, N, K)``."""
     log_probs = torch.log_softmax(member_logits.double() / temperature, dim=-1)  # (M, N, K)
-    mean_log_probs = torch.logsumexp(log_probs, dim=0) - math.log(member_logits.shape[0])  # (N, K)
-    return -mean_log_probs.gather(1, labels.view(-1, 1)).mean().item()
+    index = labels.view(1, -1, 1).expand(len(log_probs), -1, 1)
+    picked = log_probs.gather(2, index).squeeze(2).T.contiguous()  # (N, M) log p_m(label)
+    return -(torch.logsumexp(picked, dim=1) - math.log(len(log_probs))).mean().item()
 
 
 def fit_temperature(

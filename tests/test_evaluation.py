@@ -32,27 +32,29 @@ LABELS = ["circle", "square", "cross"]
 
 
 def save_tiny_ensemble(
-    folder: Path, *, labels: list[str] = LABELS, size: int = 12, in_chans: int = 1, head_scale: float = 30.0
+    folder: Path, *, labels: list[str] = LABELS, num_members: int = 3, size: int = 12, logit_spread: float = 2.0
 ) -> EnsembleModel:
-    """Three random sparse (80 %) members; a scaled-up head makes their predictions vary with the input."""
+    """Random sparse (80 %) grayscale members whose head is scaled so that logits vary with the input."""
     torch.manual_seed(0)
     config = EnsembleConfig(
         "cifar_wrn10_2",
         len(labels),
-        model_args={"in_chans": in_chans},
+        model_args={"in_chans": 1},
         label_names=labels,
-        pretrained_cfg={"input_size": [in_chans, size, size], "mean": [0.5] * in_chans, "std": [0.25] * in_chans},
-        ensemble={"num_members": 3, "sparsity": 0.8},
+        pretrained_cfg={"input_size": [1, size, size], "mean": [0.5], "std": [0.25]},
+        ensemble={"num_members": num_members, "sparsity": 0.8},
     )
     model = EnsembleModel(config)
+    probe = torch.randn(64, 1, size, size)
     for index, member in enumerate(model.members):
         state = {name: tensor.clone() for name, tensor in member.state_dict().items()}
-        masks = {}
-        for name, tensor in state.items():
-            if name.endswith("weight") and tensor.dim() > 1:
-                masks[name] = torch.rand(tensor.shape) < 0.2
-                state[name] = tensor * masks[name] * (head_scale if name == "fc.weight" else 1.0)
-        model.load_member(index, state, masks)
+        masks = {
+            name: torch.rand(t.shape) < 0.2 for name, t in state.items() if name.endswith("weight") and t.dim() > 1
+        }
+        model.load_member(index, {name: t * masks[name] if name in masks else t for name, t in state.items()}, masks)
+        with torch.no_grad():  # random sparse features are tiny: scale the head to a useful logit spread
+            logits = member(probe)
+            member.fc.weight *= logit_spread / (logits - logits.mean(0)).std()
     model.save_pretrained(folder)
     return model
 
