@@ -50,6 +50,94 @@ def _export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    import os
+
+    from freetickets_hub import EnsembleModel
+    from freetickets_hub.calibration import fit_temperature
+    from freetickets_hub.errors import DatasetError
+    from freetickets_hub.evaluation import create_accelerator, load_eval_split, run_inference
+    from freetickets_hub.files import write_text_atomic
+    from freetickets_hub.hub import CONFIG_NAME
+
+    if "test" in args.split.lower() and not args.force:
+        raise DatasetError(
+            f"refusing to fit on split {args.split!r}: it looks like a test split (fit on held-out data, "
+            "e.g. --split validation or --split 'train[:5000]'; --force overrides)"
+        )
+    local = os.path.isdir(args.model)
+    if not local and args.output is None:
+        raise FreeTicketsError(
+            f"{args.model!r} is not a local folder; pass --output DIR to save the calibrated ensemble"
+        )
+    model = EnsembleModel.from_pretrained(args.model)
+    data = load_eval_split(
+        args.dataset, model.config, split=args.split, dataset_config=args.dataset_config, max_samples=args.max_samples
+    )
+    accelerator = create_accelerator()
+    logits = run_inference(model, data.images, accelerator, batch_size=args.batch_size, desc="calibrate").member_logits
+    fit = fit_temperature(logits, data.labels, previous_temperature=model.temperature)
+    if not accelerator.is_main_process:
+        return 0
+    print(f"temperature {fit.previous_temperature:.4f} -> {fit.temperature:.4f} fitted on {data.description}")
+    print(f"{'':<7} {'NLL':>8} {'ECE':>8}")
+    print(f"{'before':<7} {fit.nll_before:>8.4f} {fit.ece_before:>8.4f}")
+    print(f"{'after':<7} {fit.nll_after:>8.4f} {fit.ece_after:>8.4f}")
+    if fit.degenerate:
+        print(f"freetickets calibrate: error: degenerate fit, temperature not stored: {fit.reason}", file=sys.stderr)
+        return 3
+    model.set_temperature(fit.temperature, fit_on=f"{args.dataset}:{args.split} ({len(data)} images)")
+    if args.output is None:  # only config.json changes in the model folder
+        write_text_atomic(os.path.join(args.model, CONFIG_NAME), model.config.to_json())
+        print(f"wrote {os.path.join(args.model, CONFIG_NAME)}")
+    else:
+        model.save_pretrained(args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import os
+
+    from freetickets_hub import EnsembleModel
+    from freetickets_hub.evaluation import (
+        CORRUPTIONS,
+        EVAL_RESULTS_NAME,
+        create_accelerator,
+        evaluate,
+        format_results,
+        load_eval_split,
+        write_plots,
+        write_results,
+    )
+
+    corruptions = [] if args.corruptions is None else (args.corruptions or list(CORRUPTIONS))
+    model = EnsembleModel.from_pretrained(args.model)
+    data = load_eval_split(
+        args.dataset, model.config, split=args.split, dataset_config=args.dataset_config, max_samples=args.max_samples
+    )
+    ood = [
+        load_eval_split(name, model.config, require_labels=False, max_samples=args.max_samples)
+        for name in args.ood_dataset
+    ]
+    accelerator = create_accelerator()
+    results = evaluate(
+        model, data, ood=ood, corruptions=corruptions, accelerator=accelerator, batch_size=args.batch_size
+    )
+    if not accelerator.is_main_process:
+        return 0
+    print(format_results(results))
+    written = [args.output] if args.output else []
+    if os.path.isdir(args.model):  # the model card reads it from there
+        written.append(os.path.join(args.model, EVAL_RESULTS_NAME))
+    for path in written:
+        write_results(results, path)
+    if args.plots:
+        written += [str(path) for path in write_plots(results, args.plots)]
+    print(f"wrote {', '.join(written)}" if written else "no files written (MODEL is a Hub id; pass --output)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freetickets", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log mask updates and phase switches")
@@ -71,6 +159,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="float16 members (input and outputs stay float32)")
     p.add_argument("--images", nargs="+", default=None, metavar="FILE", help="check images (default: synthetic)")
     p.set_defaults(func=_export_onnx)
+
+    p = verbs.add_parser("calibrate", help="fit the temperature on a held-out split and store it in config.json")
+    p.add_argument("model", help="a saved ensemble folder or a Hub repo id")
+    p.add_argument("--dataset", required=True, help="datasets source (Hub id or folder)")
+    p.add_argument("--split", required=True, help="held-out split, slicing allowed: validation, 'train[:5000]'")
+    p.add_argument("--dataset-config", default=None, help="datasets configuration name, if the source has several")
+    p.add_argument("--max-samples", type=int, default=None, help="fit on a seeded random subset of N images")
+    p.add_argument("--force", action="store_true", help="allow a split whose name contains 'test'")
+    p.add_argument("--output", default=None, help="save the calibrated ensemble here (required for a Hub id)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass and process")
+    p.set_defaults(func=_calibrate)
+
+    p = verbs.add_parser("evaluate", help="quality, calibration, OOD, selective prediction, corruptions, diversity")
+    p.add_argument("model", help="a saved ensemble folder or a Hub repo id")
+    p.add_argument("--dataset", required=True, help="datasets source (Hub id or folder)")
+    p.add_argument("--split", default="test", help="split to evaluate on (default: test)")
+    p.add_argument("--dataset-config", default=None, help="datasets configuration name, if the source has several")
+    p.add_argument(
+        "--ood-dataset", action="append", default=[], metavar="DS",
+        help="out-of-distribution set, its 'test' split (repeatable); built-in: sklearn:digits",
+    )  # fmt: skip
+    p.add_argument(
+        "--corruptions", nargs="*", default=None, metavar="NAME",
+        help="corruption robustness at severities 1-5, of all corruptions or of the NAMEs given",
+    )  # fmt: skip
+    p.add_argument("--output", default=None, help="also write the results JSON here")
+    p.add_argument("--plots", default=None, metavar="DIR", help="write reliability/disagreement/risk-coverage PNGs")
+    p.add_argument("--max-samples", type=int, default=None, help="a seeded random subset of N images of each set")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass and process")
+    p.set_defaults(func=_evaluate)
     return parser
 
 
