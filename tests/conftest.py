@@ -35,13 +35,20 @@ def _images(count: int, size: int, rng: np.random.Generator) -> tuple[list[np.nd
     return images, labels
 
 
-def write_image_dataset(root: Path, *, train: int = 96, test: int = 48, size: int = 12, seed: int = 0) -> Path:
-    """Write ``root/data/{train,test}-00000-of-00001.parquet`` that ``datasets.load_dataset(root)`` reads."""
+def write_image_dataset(
+    root: Path, *, train: int = 96, test: int = 48, size: int = 12, seed: int = 0, rgb_mixed_sizes: bool = False
+) -> Path:
+    """Write ``root/data/{train,test}-00000-of-00001.parquet`` that ``datasets.load_dataset(root)`` reads.
+
+    ``rgb_mixed_sizes`` makes RGB images whose sizes differ (ImageNet-style data).
+    """
     rng = np.random.default_rng(seed)
     features = Features({"image": Image(), "label": ClassLabel(names=LABELS)})
     (root / "data").mkdir(parents=True, exist_ok=True)
     for split, count in (("train", train), ("test", test)):
         images, labels = _images(count, size, rng)
+        if rgb_mixed_sizes:
+            images = [np.stack([im, im[::-1], im.T], -1).repeat(1 + i % 2, axis=0) for i, im in enumerate(images)]
         ds = Dataset.from_dict({"image": images, "label": labels}, features=features)
         ds.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
     return root

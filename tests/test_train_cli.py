@@ -8,14 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from freetickets_hub.training.data import load_image_data
+from freetickets_hub.training.recipe import load_recipe
 from freetickets_hub.training.sparsity import maskable_weights
 
 from freetickets_hub.cli import main
 from freetickets_hub.ensemble import EnsembleModel
+from freetickets_hub.errors import RecipeError
 
-from .conftest import SHARED_FMNIST
+from .conftest import SHARED_FMNIST, write_image_dataset
 
 TINY = ["max_train_samples=60", "val_size=24", "batch_size=16", "eval_batch_size=64", "update_interval=2"]
 
@@ -95,6 +99,27 @@ def test_other_methods_train(tmp_path: Path, tiny_dataset: Path, method: str) ->
     assert set(summary["test"]) == {"ensemble", "member_0", "member_1"}
     expected = 0.0 if method == "dense_ensemble" else 0.8
     assert summary["sparsity"]["realised"][0] == pytest.approx(expected, abs=2e-3)
+
+
+def test_timm_pipeline_streams_rgb_images_of_mixed_sizes(tmp_path: Path) -> None:
+    dataset = write_image_dataset(tmp_path / "rgb", train=48, test=12, rgb_mixed_sizes=True)
+    out = tmp_path / "out"
+    summary = _train(
+        out, dataset, "augment=timm", "image_size=16", "num_members=2", "explore_epochs=1", "refine_epochs=1"
+    )
+    assert summary["num_images"] == {"train": 24, "val": 24, "test": 12}
+    config = json.loads((out / "config.json").read_text())
+    cfg = config["pretrained_cfg"]
+    assert cfg["input_size"] == [3, 16, 16] and cfg["crop_pct"] == 0.875
+    assert config["model_args"]["in_chans"] == 3
+    model = EnsembleModel.from_pretrained(out)
+    assert model.predict(np.zeros((30, 20, 3), dtype=np.uint8)).probs.shape == (1, 3)
+
+
+def test_mixed_sizes_need_the_timm_pipeline(tmp_path: Path) -> None:
+    dataset = write_image_dataset(tmp_path / "rgb", train=12, test=6, rgb_mixed_sizes=True)
+    with pytest.raises(RecipeError, match="different sizes: use `augment: timm`"):
+        load_image_data(load_recipe(None, [f"dataset={dataset}", "val_size=0"]))
 
 
 def test_cli_reports_recipe_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

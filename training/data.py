@@ -1,22 +1,27 @@
-"""Image-classification data from any ``datasets`` source, held as uint8 tensors for fast CPU training.
+"""Image-classification data from any ``datasets`` source, in one of two forms.
 
-Images are decoded once into a ``(N, C, H, W)`` uint8 tensor; augmentation and normalisation run on
-whole batches, on the training device, which is far cheaper than per-image PIL transforms on 2 cores.
+Small images (``augment: pad_crop_flip | crop | none``) are decoded once into a ``(N, C, H, W)`` uint8
+tensor; augmentation and normalisation run on whole batches on the training device, far cheaper than
+per-image PIL transforms on 2 cores. ImageNet-style data (``augment: timm``) stays a ``datasets``
+table decoded per image through timm's ``create_transform`` in DataLoader workers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, Image, load_dataset
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torch.utils.data import DataLoader, TensorDataset
 
 from freetickets_hub.errors import RecipeError
 
 from .recipe import Recipe
 
-__all__ = ["ImageData", "ImageSplit", "augment_batch", "load_image_data", "normalize"]
+__all__ = ["ImageData", "ImageSplit", "Split", "StreamedSplit", "augment_batch", "load_image_data", "normalize"]
 
 
 @dataclass
@@ -32,17 +37,94 @@ class ImageSplit:
 
 
 @dataclass
+class StreamedSplit:
+    """A ``datasets`` table decoded and transformed image by image (too large to hold in memory)."""
+
+    table: Dataset
+    image_col: str
+    mode: str  # PIL mode the model wants: "L" or "RGB"
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def head(self, count: int | None) -> StreamedSplit:
+        if count is None or count >= len(self):
+            return self
+        return StreamedSplit(self.table.select(range(count)), self.image_col, self.mode, self.labels[:count])
+
+    def subset(self, indices: torch.Tensor) -> StreamedSplit:
+        return StreamedSplit(self.table.select(indices.tolist()), self.image_col, self.mode, self.labels[indices])
+
+
+class _Transformed(torch.utils.data.Dataset):
+    """``(transform(image), label)`` pairs of a streamed split."""
+
+    def __init__(self, split: StreamedSplit, transform: Callable) -> None:
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.split.table[index][self.split.image_col].convert(self.split.mode)
+        return self.transform(image), self.split.labels[index]
+
+
+Split = ImageSplit | StreamedSplit
+
+
+@dataclass
 class ImageData:
-    train: ImageSplit
-    val: ImageSplit | None
-    test: ImageSplit
+    train: Split
+    val: Split | None
+    test: Split
     label_names: list[str]
-    mean: tuple[float, ...]  # per channel, in [0, 1] units, measured on the training images
+    input_size: tuple[int, int, int]  # (C, H, W) the model sees
+    mean: tuple[float, ...]  # per channel, in [0, 1] units
     std: tuple[float, ...]
+    crop_pct: float = 1.0  # evaluation resize/crop, stored in the model's pretrained_cfg
+    interpolation: str = "bilinear"
+    train_transform: Callable | None = None  # streamed data only: timm's training transform
 
     @property
-    def input_size(self) -> tuple[int, int, int]:
-        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+    def streamed(self) -> bool:
+        return self.train_transform is not None
+
+    def training_set(self) -> torch.utils.data.Dataset:
+        if isinstance(self.train, StreamedSplit):
+            return _Transformed(self.train, self.train_transform)
+        return TensorDataset(self.train.images, self.train.labels)
+
+    def prepare_batch(self, images: torch.Tensor, augment: str, pad: int, generator: torch.Generator) -> torch.Tensor:
+        """A training batch as the model's float input (streamed batches arrive ready)."""
+        if self.streamed:
+            return images
+        return self._normalize(augment_batch(images, augment, pad, generator))
+
+    def eval_batches(self, split: Split, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+        """Evaluation inputs of a whole split, in order, on ``device``."""
+        if isinstance(split, ImageSplit):
+            for start in range(0, len(split), batch_size):
+                yield self._normalize(split.images[start : start + batch_size].to(device))
+            return
+        loader = DataLoader(_Transformed(split, self.eval_transform()), batch_size=batch_size, num_workers=0)
+        for images, _ in loader:
+            yield images.to(device)
+
+    def eval_transform(self) -> Callable:
+        return create_transform(
+            self.input_size,
+            is_training=False,
+            mean=self.mean,
+            std=self.std,
+            crop_pct=self.crop_pct,
+            interpolation=self.interpolation,
+        )
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        device = images.device
+        return normalize(images, torch.tensor(self.mean, device=device), torch.tensor(self.std, device=device))
 
 
 def load_image_data(recipe: Recipe) -> ImageData:
@@ -59,24 +141,53 @@ def load_image_data(recipe: Recipe) -> ImageData:
     label_names = train_ds.features[label_col].names
     if test_ds.features[label_col] != train_ds.features[label_col]:
         raise RecipeError(f"splits {recipe.train_split!r} and {recipe.test_split!r} have different label sets")
-    mode = _image_mode(train_ds, image_col)
-    train = _to_tensors(train_ds, image_col, label_col, mode)
-    test = _to_tensors(test_ds, image_col, label_col, mode).head(recipe.max_test_samples)
-    if len(train) == 0 or len(test) == 0:
+    if len(train_ds) == 0 or len(test_ds) == 0:
         raise RecipeError(f"dataset {recipe.dataset!r}: the train or test split is empty")
+    mode = _image_mode(train_ds, image_col)
+    if recipe.augment == "timm":
+        train: Split = StreamedSplit(train_ds, image_col, mode, torch.tensor(train_ds[label_col]))
+        test: Split = StreamedSplit(test_ds, image_col, mode, torch.tensor(test_ds[label_col]))
+    else:
+        train = _to_tensors(train_ds, image_col, label_col, mode)
+        test = _to_tensors(test_ds, image_col, label_col, mode)
+    test = test.head(recipe.max_test_samples)
     val = None
     if recipe.val_size:
         if recipe.val_size >= len(train):
             raise RecipeError(f"val_size {recipe.val_size} leaves no training images (train has {len(train)})")
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(recipe.seed))
-        val_idx, train_idx = order[: recipe.val_size], order[recipe.val_size :]
-        val = ImageSplit(train.images[val_idx], train.labels[val_idx])
-        train = ImageSplit(train.images[train_idx], train.labels[train_idx])
+        val, train = _subset(train, order[: recipe.val_size]), _subset(train, order[recipe.val_size :])
     train = train.head(recipe.max_train_samples)
+    if isinstance(train, StreamedSplit):
+        return _streamed_data(recipe, train, val, test, list(label_names), mode)
     pixels = train.images.float().div_(255)
     mean = tuple(pixels.mean(dim=(0, 2, 3)).tolist())
     std = tuple(pixels.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
-    return ImageData(train, val, test, list(label_names), mean, std)
+    return ImageData(train, val, test, list(label_names), tuple(train.images.shape[1:]), mean, std)
+
+
+def _subset(split: Split, indices: torch.Tensor) -> Split:
+    if isinstance(split, StreamedSplit):
+        return split.subset(indices)
+    return ImageSplit(split.images[indices], split.labels[indices])
+
+
+def _streamed_data(
+    recipe: Recipe, train: StreamedSplit, val: Split | None, test: Split, label_names: list[str], mode: str
+) -> ImageData:
+    """timm's ImageNet-style pipeline: random-resized crop, flip, optional auto-augment; timm's mean/std."""
+    if recipe.image_size is None:
+        raise RecipeError("augment 'timm' needs `image_size` (e.g. 224) in the recipe")
+    channels = 1 if mode == "L" else 3
+    input_size = (channels, recipe.image_size, recipe.image_size)
+    mean = IMAGENET_DEFAULT_MEAN if channels == 3 else (0.5,)
+    std = IMAGENET_DEFAULT_STD if channels == 3 else (0.5,)
+    transform = create_transform(
+        input_size, is_training=True, auto_augment=recipe.auto_augment, mean=mean, std=std, interpolation="bilinear"
+    )
+    return ImageData(
+        train, val, test, label_names, input_size, tuple(mean), tuple(std), 0.875, "bilinear", train_transform=transform
+    )
 
 
 def _columns(ds: Dataset, recipe: Recipe) -> tuple[str, str]:
@@ -100,8 +211,8 @@ def _to_tensors(ds: Dataset, image_col: str, label_col: str, mode: str) -> Image
     batch = ds[:]
     images = batch[image_col]
     if images.dtype == object:
-        raise RecipeError(f"images in column {image_col!r} have different sizes; resize them to one size first")
-    images = torch.from_numpy(np.ascontiguousarray(images))
+        raise RecipeError(f"images in column {image_col!r} have different sizes: use `augment: timm` with `image_size`")
+    images = torch.from_numpy(np.ascontiguousarray(images))  # (N, H, W) or (N, H, W, C)
     images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2).contiguous()
     return ImageSplit(images, torch.from_numpy(batch[label_col]).long())
 

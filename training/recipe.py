@@ -45,8 +45,11 @@ class Recipe:
     val_size: int = 5000  # carved from the train split with `seed`; used for ticket selection
     max_train_samples: int | None = None  # cap after the validation split is carved
     max_test_samples: int | None = None
-    augment: str = "pad_crop_flip"  # pad_crop_flip | crop | none
+    augment: str = "pad_crop_flip"  # pad_crop_flip | crop | none (in-memory) | timm (ImageNet-style, streamed)
     pad: int = 2  # padding of the random crop
+    image_size: int | None = None  # augment "timm": the square input size, e.g. 224
+    auto_augment: str | None = None  # augment "timm": timm auto-augment policy, e.g. "rand-m9-mstd0.5"
+    num_workers: int = 0  # DataLoader workers (augment "timm" decodes images in them)
 
     # sparsity (see training/sparsity.py)
     sparsity: float = 0.8
@@ -90,7 +93,7 @@ class Recipe:
             "distribution": ("erk", "uniform"),
             "growth": ("gradient", "random"),
             "prune_rate_schedule": ("constant", "cosine"),
-            "augment": ("pad_crop_flip", "crop", "none"),
+            "augment": ("pad_crop_flip", "crop", "none", "timm"),
             "ticket_selection": ("last", "best_val"),
             "mixed_precision": ("no", "bf16", "fp16"),
         }
@@ -111,7 +114,7 @@ class Recipe:
         for key in positive:
             if getattr(self, key) < 1:
                 raise RecipeError(f"recipe key {key!r} must be at least 1, got {getattr(self, key)}")
-        for key in ("epochs", "explore_epochs", "refine_epochs", "warmup_epochs", "val_size", "pad"):
+        for key in ("epochs", "explore_epochs", "refine_epochs", "warmup_epochs", "val_size", "pad", "num_workers"):
             if getattr(self, key) < 0:
                 raise RecipeError(f"recipe key {key!r} must not be negative, got {getattr(self, key)}")
         if self.lr <= 0:

@@ -18,7 +18,7 @@ import timm
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from freetickets_hub import architectures as _architectures  # noqa: F401  (registers WRNs)
@@ -31,7 +31,7 @@ from freetickets_hub.outputs import combine_member_logits
 
 from .checkpoint import Progress, Ticket, latest_checkpoint, load_checkpoint, load_engine_state, save_checkpoint
 from .costs import layer_flops
-from .data import ImageData, ImageSplit, augment_batch, load_image_data, normalize
+from .data import ImageData, Split, load_image_data
 from .phases import Phase, Run, plan_runs
 from .recipe import Recipe
 from .sparsity import SparseEngine, maskable_weights
@@ -148,10 +148,11 @@ class _Loop:
             engine = SparseEngine(model, optimizer, config, seed=run.seed)
             self.densities = {n: engine.counts[n] / w.numel() for n, w in engine.weights.items()}
         loader = DataLoader(
-            TensorDataset(data.train.images, data.train.labels),
+            data.training_set(),
             batch_size=recipe.batch_size,
             shuffle=True,
             drop_last=len(data.train) >= recipe.batch_size * accelerator.num_processes,
+            num_workers=recipe.num_workers,
         )
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
         if checkpoint is not None:
@@ -159,8 +160,6 @@ class _Loop:
             if engine is not None:
                 load_engine_state(checkpoint, engine)
         self.batches_per_epoch = len(loader)
-        mean = torch.tensor(data.mean, device=accelerator.device)
-        std = torch.tensor(data.std, device=accelerator.device)
         steps_per_epoch = math.ceil(len(loader) / recipe.grad_accum_steps)
         bar = tqdm(
             total=sum(p.epochs for p in run.phases) * steps_per_epoch,
@@ -176,7 +175,7 @@ class _Loop:
             if progress.epoch == 0 and progress.batch == 0:
                 bar.write(f"[{phase.name}] {phase.epochs} epochs, LR {[lr for _, lr in phase.lrs]}")
                 if phase.escape_before and engine is not None and not progress.escaped:
-                    self._escape(model, optimizer, engine, mean, std, phase, bar)
+                    self._escape(model, optimizer, engine, phase, bar)
                 if engine is not None:
                     engine.start_phase(progress.step, phase_steps)
             while progress.epoch < phase.epochs:
@@ -194,8 +193,7 @@ class _Loop:
                             + progress.batch * 11
                             + accelerator.process_index
                         )
-                        images = augment_batch(images, recipe.augment, recipe.pad, augment_rng)
-                        logits = model(normalize(images, mean, std))
+                        logits = model(data.prepare_batch(images, recipe.augment, recipe.pad, augment_rng))
                         loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
                         accelerator.backward(loss)
                         optimizer.step()
@@ -261,17 +259,16 @@ class _Loop:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         engine: SparseEngine,
-        mean: torch.Tensor,
-        std: torch.Tensor,
         phase: Phase,
         bar: tqdm,
     ) -> None:
         """EDST's forced escape, with a fresh dense gradient (one batch, no optimizer step) for gradient growth."""
         growth = engine.config.escape_growth or engine.config.growth
         if growth == "gradient":
-            images = self.data.train.images[: self.recipe.batch_size].to(self.accelerator.device)
-            labels = self.data.train.labels[: self.recipe.batch_size].to(self.accelerator.device)
-            self.accelerator.backward(torch.nn.functional.cross_entropy(model(normalize(images, mean, std)), labels))
+            device, count = self.accelerator.device, self.recipe.batch_size
+            images = next(self.data.eval_batches(self.data.train, count, device))  # the same batch on every process
+            labels = self.data.train.labels[:count].to(device)
+            self.accelerator.backward(torch.nn.functional.cross_entropy(model(images), labels))
             self.progress.dense_gradients += 1
         stats = engine.escape()
         optimizer.zero_grad()
@@ -320,21 +317,17 @@ def _ticket(
 
 
 @torch.inference_mode()
-def split_logits(model: torch.nn.Module, split: ImageSplit, data: ImageData, batch_size: int) -> torch.Tensor:
+def split_logits(model: torch.nn.Module, split: Split, data: ImageData, batch_size: int) -> torch.Tensor:
     """Logits of ``model`` on a whole split, ``(N, K)``, in evaluation mode."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    mean, std = torch.tensor(data.mean, device=device), torch.tensor(data.std, device=device)
-    out = [
-        model(normalize(split.images[i : i + batch_size].to(device), mean, std)).float().cpu()
-        for i in range(0, len(split), batch_size)
-    ]
+    out = [model(images).float().cpu() for images in data.eval_batches(split, batch_size, device)]
     model.train(was_training)
     return torch.cat(out)
 
 
-def _accuracy(model: torch.nn.Module, split: ImageSplit, data: ImageData, batch_size: int) -> float:
+def _accuracy(model: torch.nn.Module, split: Split, data: ImageData, batch_size: int) -> float:
     return (split_logits(model, split, data, batch_size).argmax(1) == split.labels).float().mean().item()
 
 
@@ -348,8 +341,8 @@ def _build_ensemble(recipe: Recipe, data: ImageData, tickets: list[Ticket]) -> E
             "input_size": list(data.input_size),
             "mean": list(data.mean),
             "std": list(data.std),
-            "crop_pct": 1.0,
-            "interpolation": "bilinear",
+            "crop_pct": data.crop_pct,
+            "interpolation": data.interpolation,
             "num_classes": len(data.label_names),
         },
         ensemble=EnsembleInfo(
