@@ -83,7 +83,14 @@ def export_onnx(
 
     Raises:
         ValueError: no ``output_dir`` for an in-memory model or a Hub repo, or a bad opset.
-        ExportError: export failed, the graph is malformed, or ONNX Runtime disagrees with PyTorch.
+        MissingDependencyError: onnxruntime (or onnxruntime-gpu) is not installed.
+        ExportError: export failed, the graph is malformed, ONNX Runtime disagrees with PyTorch, or
+            ``output_dir`` holds another ensemble's ``config.json``.
+
+    Example:
+        >>> report = export_onnx("runs/tiny")  # doctest: +SKIP
+        >>> report.max_abs_diff["probs"] <= report.tolerance  # doctest: +SKIP
+        True
     """
     check_opset(opset)
     has_onnxruntime(necessary=True)  # the check runs the graph; onnxruntime or onnxruntime-gpu will do

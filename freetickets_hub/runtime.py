@@ -97,13 +97,13 @@ class OnnxEnsemble:
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
         self.config = config
-        chosen, requested_gpu = _select_providers(ort.get_available_providers(), providers, allow_cpu_fallback)
+        chosen, requested = _select_providers(ort.get_available_providers(), providers, allow_cpu_fallback)
         try:
             self._session = ort.InferenceSession(str(graph_path), sess_options=session_options, providers=chosen)
         except (ort_state.Fail, ort_state.InvalidGraph, ort_state.InvalidProtobuf, ort_state.NoSuchFile) as err:
             raise ArtifactError(f"ONNX Runtime cannot load {graph_path}: {err}") from err
         active = self._session.get_providers()
-        inactive = [name for name in requested_gpu if name not in active]
+        inactive = [name for name in requested if name not in active]  # ORT drops a provider that fails to start
         if inactive:
             message = f"requested execution provider(s) {inactive} are not active in the session (active: {active})"
             if not allow_cpu_fallback:
@@ -114,7 +114,8 @@ class OnnxEnsemble:
         self._input = self._session.get_inputs()[0]
         self.output_names = [out.name for out in self._session.get_outputs()]
         self._check_graph(graph_path)
-        # IO binding keeps outputs on the device until one copy back, instead of ORT's own staging
+        # on a GPU the input and outputs are bound explicitly (IO binding): ORT allocates the outputs on
+        # the device and they are copied back once, after the run
         self._io_device = "cuda" if active[0] in _GPU_PROVIDERS else None
         options = self._session.get_provider_options().get(active[0], {})
         self._device_id = int(options.get("device_id", 0))
@@ -252,7 +253,7 @@ class OnnxEnsemble:
 def _select_providers(
     available: Sequence[str], providers: Sequence[ProviderSpec] | None, allow_cpu_fallback: bool
 ) -> tuple[list[ProviderSpec], list[str]]:
-    """Providers to ask ONNX Runtime for, and the GPU providers the caller explicitly requested."""
+    """Providers to ask ONNX Runtime for, and those of them besides CPU the caller explicitly requested."""
     if providers is None:  # nothing requested explicitly: the best this onnxruntime offers
         return [name for name in DEFAULT_PROVIDERS if name in available], []
     if isinstance(providers, str):
@@ -269,7 +270,7 @@ def _select_providers(
     chosen = [p for p, name in zip(providers, names, strict=True) if name in available]
     if allow_cpu_fallback and "CPUExecutionProvider" not in names:
         chosen.append("CPUExecutionProvider")
-    return chosen, [name for name in names if name != "CPUExecutionProvider"]
+    return chosen, [name for name in names if name in available and name != "CPUExecutionProvider"]
 
 
 def _refers_to_external_data(graph: Path) -> bool:
