@@ -112,6 +112,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
 
     corruptions = [] if args.corruptions is None else (args.corruptions or list(CORRUPTIONS))
+    unknown = sorted(set(corruptions) - set(CORRUPTIONS))
+    if unknown:
+        raise FreeTicketsError(f"unknown corruptions {unknown}; choose from {sorted(CORRUPTIONS)}")
     model = EnsembleModel.from_pretrained(args.model)
     data = load_eval_split(
         args.dataset, model.config, split=args.split, dataset_config=args.dataset_config, max_samples=args.max_samples
