@@ -250,6 +250,7 @@ def test_bad_inputs_give_clear_errors(tiny, tmp_path):
     with pytest.raises(DatasetError, match="5 channels, which cannot be converted"):
         load_eval_split(str(five), model.config)
     assert main(["evaluate", str(tiny[0]), "--dataset", str(foreign)]) == 2
+    assert main(["evaluate", str(tiny[0]), "--dataset", str(foreign), "--corruptions", "fog"]) == 2
 
 
 def test_convertible_images_are_converted(tiny, tmp_path):

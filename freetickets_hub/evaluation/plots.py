@@ -6,7 +6,6 @@ and the Agg canvas, so no display or global pyplot state is involved.
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any
 
@@ -49,17 +48,22 @@ def _reliability(ax: Any, results: dict[str, Any]) -> None:
     bins = results["reliability"]
     edges = bins["edges"]
     width = edges[1] - edges[0]
-    centers = [(lo + hi) / 2 for lo, hi in itertools.pairwise(edges)]
     filled = [i for i, count in enumerate(bins["count"]) if count]
-    ax.bar([centers[i] for i in filled], [bins["accuracy"][i] for i in filled], width=width, color="tab:blue",
-           edgecolor="black", linewidth=0.5, label="accuracy")  # fmt: skip
-    gaps = [bins["confidence"][i] - bins["accuracy"][i] for i in filled]
-    ax.bar([centers[i] for i in filled], gaps, bottom=[bins["accuracy"][i] for i in filled], width=width,
-           color="tab:red", alpha=0.35, edgecolor="tab:red", linewidth=0.5, label="gap to confidence")  # fmt: skip
+    centers = [(edges[i] + edges[i + 1]) / 2 for i in filled]
+    accuracy = [bins["accuracy"][i] for i in filled]
+    confidence = [bins["confidence"][i] for i in filled]
+    ax.bar(centers, accuracy, width=width, color="tab:blue", edgecolor="black", linewidth=0.5, label="accuracy")
+    low = [min(a, c) for a, c in zip(accuracy, confidence, strict=True)]
+    gap = [abs(a - c) for a, c in zip(accuracy, confidence, strict=True)]
+    ax.bar(centers, gap, bottom=low, width=width, facecolor="none", edgecolor="tab:red", hatch="///", linewidth=0.5,
+           label="gap to mean confidence")  # fmt: skip
     ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=1)
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (max probability)", ylabel="accuracy")
     ece = results["ensemble"]["ece"]
-    ax.set_title(f"Reliability, ensemble (T={results['temperature']:.2f})\nECE {ece:.4f}, {results['ece_bins']} bins")
+    ax.set_title(
+        f"Reliability, ensemble (T={results['temperature']:.2f}, {results['num_images']} images)\n"
+        f"ECE {ece:.4f} over {results['ece_bins']} equal-width bins"
+    )
     ax.legend(loc="upper left", fontsize="small")
 
 
@@ -87,6 +91,9 @@ def _risk_coverage(ax: Any, results: dict[str, Any]) -> None:
     ax.plot(
         selective["coverage"], selective["risk"], color="tab:blue", label=f"ensemble (AURC {selective['aurc']:.4f})"
     )
+    error = selective["risk"][-1]  # at full coverage: the error rate; an oracle accepts the right ones first
+    oracle = [max(0.0, (c - (1 - error)) / c) for c in selective["coverage"]]
+    ax.plot(selective["coverage"], oracle, "--", color="gray", label=f"oracle (AURC {selective['aurc_optimal']:.4f})")
     ax.set(xlim=(0, 1), ylim=(0, None), xlabel="coverage", ylabel="risk (error rate of accepted)")
     ax.set_title("Risk–coverage (accept by max probability)")
     ax.grid(alpha=0.3)
