@@ -101,6 +101,23 @@ def test_other_methods_train(tmp_path: Path, tiny_dataset: Path, method: str) ->
     assert summary["sparsity"]["realised"][0] == pytest.approx(expected, abs=2e-3)
 
 
+def test_gradient_accumulation_and_bf16(tmp_path: Path, tiny_dataset: Path) -> None:
+    plain = _train(tmp_path / "plain", tiny_dataset, "num_members=1", "explore_epochs=1", "refine_epochs=1")
+    # accelerate's state is per process: a different mixed precision needs a fresh process
+    args = [sys.executable, "-m", "freetickets_hub.cli", "train", "--recipe", "training/recipes/fmnist_tiny_edst.yaml"]
+    args += ["--output-dir", str(tmp_path / "accum")]
+    for item in (f"dataset={tiny_dataset}", *TINY, "num_members=1", "explore_epochs=1", "refine_epochs=1"):
+        args += ["--set", item]
+    args += ["--set", "grad_accum_steps=2", "--set", "mixed_precision=bf16"]
+    subprocess.run(args, check=True, capture_output=True)
+    summary = json.loads((tmp_path / "accum" / "train_summary.json").read_text())
+    assert summary["recipe"]["mixed_precision"] == "bf16"
+    epochs, batches = 2, plain["total_steps"] // 2  # 3 batches per epoch
+    assert summary["total_steps"] == epochs * math.ceil(batches / 2)  # a step per 2 batches, and at epoch end
+    assert summary["sparsity"]["realised"][0] == pytest.approx(0.8, abs=2e-3)
+    assert math.isfinite(summary["test"]["ensemble"]["nll"])
+
+
 def test_timm_pipeline_streams_rgb_images_of_mixed_sizes(tmp_path: Path) -> None:
     dataset = write_image_dataset(tmp_path / "rgb", train=48, test=12, rgb_mixed_sizes=True)
     out = tmp_path / "out"
