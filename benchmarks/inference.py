@@ -158,7 +158,7 @@ def main() -> int:
             "member graph (ORT)": lambda x=batch: member_session.run(None, {"pixel_values": x}),
         }
         probe = time_rounds(engines, rounds=1, warmup=2, sync=sync)
-        rounds = max(5, min(500, int(args.seconds / max(sum(probe.values()), 1e-6))))
+        rounds = max(7, min(500, int(args.seconds / max(sum(probe.values()), 1e-6))))
         seconds = time_rounds(engines, rounds=rounds, warmup=3, sync=sync)
         naive = seconds["naive loop (torch)"]
         print(f"\nbatch {batch_size} ({rounds} rounds, median)")

@@ -28,7 +28,7 @@ from freetickets_hub.preprocessing import ImageInput
 from freetickets_hub.runtime import ONNX_DATA_NAME, OnnxEnsemble, has_onnxruntime
 
 from .graph import DEFAULT_OPSET, check_opset, export_graph
-from .verify import GATED_OUTPUTS, check_interface, compare_with_torch, synthetic_images
+from .verify import GATED_OUTPUTS, check_interface, check_pixels, compare_with_torch
 
 __all__ = ["BATCH_SIZES", "FP16_TOLERANCE", "FP32_TOLERANCE", "REPORT_NAME", "ExportReport", "export_onnx"]
 
@@ -105,6 +105,8 @@ def export_onnx(
         model = EnsembleModel.from_pretrained(model)
     output_dir = Path(output_dir)
     write_config = _needs_config(output_dir, model.config)
+    pixels = check_pixels(images, model.config.pretrained_cfg, max(batch_sizes))  # bad images fail before export
+    source = "synthetic photo-like scenes" if images is None else f"{len(images)} given images"
     destination = output_dir / ONNX_NAME
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=".export-"))
@@ -113,9 +115,7 @@ def export_onnx(
         export_graph(model, graph, opset=opset, fp16=fp16, external_data=external_data)
         check_interface(graph)
         engine = OnnxEnsemble(graph, model.config, providers=["CPUExecutionProvider"])
-        source = "synthetic photo-like scenes" if images is None else f"{len(images)} given images"
-        images = images if images is not None else synthetic_images(model.config.pretrained_cfg, max(batch_sizes))
-        diffs = compare_with_torch(model, engine, images, batch_sizes)
+        diffs = compare_with_torch(model, engine, pixels, batch_sizes)
         tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
         failed = {name: diffs[name] for name in GATED_OUTPUTS if not diffs[name] <= tolerance}
         if failed:

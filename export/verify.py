@@ -19,7 +19,7 @@ from freetickets_hub.outputs import OUTPUT_NAMES
 from freetickets_hub.preprocessing import ImageInput, preprocess
 from freetickets_hub.runtime import OnnxEnsemble
 
-__all__ = ["GATED_OUTPUTS", "check_interface", "compare_with_torch", "synthetic_images"]
+__all__ = ["GATED_OUTPUTS", "check_interface", "check_pixels", "compare_with_torch", "synthetic_images"]
 
 # outputs held to the tolerance; `logits` (log-probabilities, whose absolute error grows as p -> 0) is
 # covered through `probs`, and `disagreement` is discrete (a member's near-tie may flip): both reported only
@@ -83,19 +83,26 @@ def synthetic_images(pretrained_cfg: dict[str, Any], count: int, *, seed: int = 
     return images
 
 
+def check_pixels(images: Sequence[ImageInput] | None, pretrained_cfg: dict[str, Any], count: int) -> np.ndarray:
+    """``count`` preprocessed check images: ``images`` cycled when too few, or synthetic scenes."""
+    if images is None:
+        images = synthetic_images(pretrained_cfg, count)
+    images = list(images)
+    if not images:
+        raise ValueError("no check images given")
+    return preprocess([images[i % len(images)] for i in range(count)], pretrained_cfg)
+
+
 def compare_with_torch(
-    model: EnsembleModel, engine: OnnxEnsemble, images: Sequence[ImageInput], batch_sizes: Sequence[int]
+    model: EnsembleModel, engine: OnnxEnsemble, pixels: np.ndarray, batch_sizes: Sequence[int]
 ) -> dict[str, float]:
     """Largest absolute difference of each output between ``engine`` and ``model`` over ``batch_sizes``.
 
-    The first ``b`` of ``images`` (cycled when too few) make the batch of size ``b``.
+    The batch of size ``b`` is ``pixels[:b]``.
 
     Raises:
         ExportError: an output of the graph has a different shape than PyTorch's.
     """
-    images = list(images)
-    needed = max(batch_sizes)
-    pixels = preprocess([images[i % len(images)] for i in range(needed)], model.config.pretrained_cfg)
     device = next(model.parameters()).device
     diffs = dict.fromkeys(OUTPUT_NAMES, 0.0)
     was_training = model.training

@@ -42,7 +42,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
     try:
         report = export_onnx(args.model, args.output, opset=args.opset, fp16=args.fp16, images=args.images)
-    except ValueError as err:  # a bad --opset, a missing --output or an unreadable --images file
+    except (ValueError, OSError) as err:  # a bad --opset, a missing --output or an unreadable --images file
         print(f"freetickets export onnx: error: {err}", file=sys.stderr)
         return 2
     print(report.to_json(), end="")
