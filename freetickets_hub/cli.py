@@ -42,7 +42,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
     try:
         report = export_onnx(args.model, args.output, opset=args.opset, fp16=args.fp16, images=args.images)
-    except (ValueError, OSError) as err:  # a bad --opset, a missing --output or an unreadable --images file
+    except ValueError as err:  # a bad --opset, a missing --output or an unreadable --images file
         print(f"freetickets export onnx: error: {err}", file=sys.stderr)
         return 2
     print(report.to_json(), end="")
@@ -141,6 +141,43 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from freetickets_hub import EnsembleModel
+
+    model = EnsembleModel.from_pretrained(args.model)  # validates the folder strictly before anything leaves
+    try:
+        commit = model.push_to_hub(
+            args.repo_id,
+            private=args.private or None,
+            revision=args.revision,
+            commit_message=args.commit_message,
+            create_pr=args.create_pr,
+            token=args.token,
+            extras_from=args.model,
+        )
+    except HfHubHTTPError as err:
+        print(f"freetickets push: error: the Hub refused the upload: {err}", file=sys.stderr)
+        return 2
+    print(f"pushed {args.model} to {args.repo_id}: {commit.pr_url or commit.commit_url}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from freetickets_hub import EnsembleModel
+    from freetickets_hub.merge import merge_ensembles
+
+    models = [EnsembleModel.from_pretrained(run) for run in args.runs]
+    merged = merge_ensembles(models, names=args.runs)
+    merged.save_pretrained(args.output)
+    print(
+        f"merged {len(models)} runs into {merged.num_members} members "
+        f"(method {merged.config.ensemble.method}, sparsity {merged.config.ensemble.sparsity}); wrote {args.output}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freetickets", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log mask updates and phase switches")
@@ -192,6 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=None, help="a seeded random subset of N images of each set")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass and process")
     p.set_defaults(func=_evaluate)
+
+    p = verbs.add_parser("push", help="upload a saved ensemble folder to the Hub as one commit")
+    p.add_argument("model", metavar="MODEL_DIR", help="a saved ensemble folder (checked by loading it first)")
+    p.add_argument("repo_id", metavar="REPO_ID", help="Hub repo, e.g. me/my-ensemble (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", default=None, help="branch to commit to (default: main)")
+    p.add_argument("--commit-message", default="Upload FreeTickets ensemble", help="the commit's summary")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--token", default=None, help="Hub token (default: the saved login or HF_TOKEN)")
+    p.set_defaults(func=_push)
+
+    p = verbs.add_parser("merge", help="combine members of separate runs (same architecture) into one ensemble")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="saved ensemble folders or Hub repo ids, two or more")
+    p.add_argument("--output", required=True, help="folder to write the merged ensemble to")
+    p.set_defaults(func=_merge)
     return parser
 
 

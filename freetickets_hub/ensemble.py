@@ -2,24 +2,45 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
+import shutil
+import tempfile
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import timm
 import torch
-from huggingface_hub import ModelCard, PyTorchModelHubMixin
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from huggingface_hub import CommitInfo, ModelCard, PyTorchModelHubMixin
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from . import __version__
 from . import architectures as _architectures  # noqa: F401  (registers the CIFAR-style WRNs with timm)
 from .config import CalibrationConfig, EnsembleConfig
 from .errors import ArtifactError, ConfigError
 from .files import atomic_path, write_text_atomic
-from .hub import CONFIG_NAME, LIBRARY_NAME, WEIGHTS_NAME, resolve_file
-from .masks import decode_member, encode_member
+from .hub import (
+    ASSETS_DIR,
+    CONFIG_NAME,
+    EVAL_RESULTS_NAME,
+    HANDLER_NAME,
+    LIBRARY_NAME,
+    ONNX_DIR,
+    PICKLE_SUFFIXES,
+    README_NAME,
+    REQUIREMENTS_NAME,
+    SUMMARY_NAME,
+    WEIGHTS_NAME,
+    push_folder,
+    resolve_file,
+)
+from .masks import VALUES_DTYPES, decode_member, encode_member
 from .model_card import render_model_card
 from .outputs import EnsembleOutput, combine_member_logits
 from .predictions import Predictions
@@ -28,6 +49,8 @@ from .preprocessing import ImageInput, preprocess
 __all__ = ["EnsembleModel"]
 
 logger = logging.getLogger(__name__)
+
+_DTYPE_NAMES = {dtype: name for name, dtype in VALUES_DTYPES.items()}
 
 
 class EnsembleModel(
@@ -41,6 +64,8 @@ class EnsembleModel(
 
     Args:
         config: architecture, labels, preprocessing and the ``ensemble`` block (see DESIGN.md).
+        independent_init: give each member its own random init; False copies the first member's
+            (faster when every weight is loaded right after, as ``from_pretrained`` does).
 
     Example:
         >>> from freetickets_hub import EnsembleConfig, EnsembleModel
@@ -51,20 +76,37 @@ class EnsembleModel(
         torch.Size([4, 10])
     """
 
-    def __init__(self, config: EnsembleConfig | dict) -> None:
+    def __init__(self, config: EnsembleConfig | dict, *, independent_init: bool = True) -> None:
         super().__init__()
         self.config = config if isinstance(config, EnsembleConfig) else EnsembleConfig.from_dict(config)
         try:
-            self.members = nn.ModuleList(
-                timm.create_model(
-                    self.config.architecture, pretrained=False, num_classes=self.config.num_classes, **self.config.model_args
-                )
-                for _ in range(self.config.ensemble.num_members)
+            first = timm.create_model(
+                self.config.architecture,
+                pretrained=False,
+                num_classes=self.config.num_classes,
+                **self.config.model_args,
             )
-        except RuntimeError as err:  # timm: "Unknown model (...)"
+        except (RuntimeError, TypeError) as err:  # timm: "Unknown model (...)"; a bad model_args key
             raise ConfigError(f"cannot build architecture {self.config.architecture!r}: {err}") from err
+        # copying one member costs a memory copy; a fresh random init costs a model build
+        others = (
+            timm.create_model(
+                self.config.architecture,
+                pretrained=False,
+                num_classes=self.config.num_classes,
+                **self.config.model_args,
+            )
+            if independent_init
+            else copy.deepcopy(first)
+            for _ in range(self.config.ensemble.num_members - 1)
+        )
+        self.members = nn.ModuleList([first, *others])
         # masks[i][name]: which entries of member i's weight `name` may be nonzero; dense layers have none
         self.masks: list[dict[str, torch.Tensor]] = [{} for _ in self.members]
+        # the folder this ensemble was loaded from (a local folder or a Hub cache snapshot), if any
+        self.source_dir: Path | None = None
+        # dtype of the stored sparse values; saving keeps it unless told otherwise
+        self.values_dtype = "float32"
         self.eval()
 
     @property
@@ -85,7 +127,9 @@ class EnsembleModel(
         for name, mask in masks.items():
             weight = state_dict[name]
             if mask.shape != weight.shape:
-                raise ArtifactError(f"member {index}: mask of {name} has shape {tuple(mask.shape)}, weight {tuple(weight.shape)}")
+                raise ArtifactError(
+                    f"member {index}: mask of {name} has shape {tuple(mask.shape)}, weight {tuple(weight.shape)}"
+                )
             if torch.count_nonzero(weight.detach().cpu()[~mask.cpu().bool()]):
                 raise ArtifactError(f"member {index}: {name} has nonzero weights outside its mask")
         self.masks[index] = {name: mask.detach().cpu().bool() for name, mask in masks.items()}
@@ -113,31 +157,144 @@ class EnsembleModel(
         merged = {key: np.concatenate(parts) for key, parts in chunks.items()}
         return Predictions.from_outputs(merged, self.config.label_names)
 
+    def export_member(self, index: int, save_directory: str | Path) -> Path:
+        """Write member ``index`` as a plain dense timm folder (see :func:`freetickets_hub.merge.export_member`)."""
+        from .merge import export_member
+
+        return export_member(self, index, save_directory)
+
     # ----- saving -----------------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str | Path, *, values_dtype: str = "float32", **kwargs) -> str | None:  # type: ignore[override]
-        """Write ``config.json``, ``model.safetensors`` and the model card ``README.md`` to a folder.
+    def save_pretrained(  # type: ignore[override]
+        self,
+        save_directory: str | Path,
+        *,
+        values_dtype: str | None = None,
+        extras_from: str | Path | None = None,
+        repo_id: str | None = None,
+        push_to_hub: bool = False,
+        **push_to_hub_kwargs: Any,
+    ) -> CommitInfo | None:
+        """Write the Hub artifact to a folder, each file atomically.
+
+        Writes ``config.json``, ``model.safetensors``, ``handler.py`` + ``requirements.txt`` (Inference
+        Endpoints) and the model card ``README.md``. The folder's companions (``onnx/``, ``assets/``,
+        ``train_summary.json``, ``eval_results.json``) are copied from ``extras_from``, or else from
+        :attr:`source_dir` when the ensemble is unchanged since it was loaded (they would describe
+        other weights otherwise, so they are left out with a warning).
 
         Args:
             save_directory: the folder (created if needed).
-            values_dtype: dtype of the stored sparse values: "float32", "float16" or "bfloat16".
-        """
-        self._values_dtype = values_dtype
-        return super().save_pretrained(save_directory, **kwargs)
+            values_dtype: dtype of the stored sparse values: "float32", "float16" or "bfloat16";
+                default: the dtype the ensemble was loaded with (float32 for a new one).
+            extras_from: folder whose companions to copy whatever changed.
+            repo_id: the Hub repo named in the model card's usage snippet (and pushed to).
+            push_to_hub: also push to ``repo_id`` (default: the folder's name), as ``push_to_hub`` does.
+            push_to_hub_kwargs: forwarded to :meth:`push_to_hub`.
 
-    def _save_pretrained(self, save_directory: Path) -> None:
-        values_dtype = getattr(self, "_values_dtype", "float32")
+        Returns:
+            The commit when pushed, else None.
+        """
+        save_directory = Path(save_directory)
+        values_dtype = values_dtype or self.values_dtype
+        tensors = self._encode(values_dtype)
+        config = json.loads(self.config.to_json())
+        extras = self._extras_source(save_directory, extras_from, tensors, config)
+        with atomic_path(save_directory / WEIGHTS_NAME) as tmp:
+            save_file(
+                tensors, str(tmp), metadata={"format": "pt", "library": LIBRARY_NAME, "values_dtype": values_dtype}
+            )
+        write_text_atomic(save_directory / CONFIG_NAME, self.config.to_json())
+        if extras is not None:
+            for name in _companion_files(extras):
+                with atomic_path(save_directory / name) as tmp:
+                    shutil.copyfile(extras / name, tmp)
+        handler = resources.files("freetickets_hub").joinpath("endpoint_handler.py").read_text(encoding="utf-8")
+        write_text_atomic(save_directory / HANDLER_NAME, handler)
+        write_text_atomic(save_directory / REQUIREMENTS_NAME, f"freetickets-hub[torch]>={__version__}\n")
+        card = render_model_card(self, save_directory, repo_id=repo_id)
+        write_text_atomic(save_directory / README_NAME, str(card))
+        if push_to_hub:
+            return self.push_to_hub(repo_id or save_directory.name, **push_to_hub_kwargs)
+        return None
+
+    def push_to_hub(  # type: ignore[override]
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload FreeTickets ensemble",
+        create_pr: bool = False,
+        token: str | None = None,
+        values_dtype: str | None = None,
+        extras_from: str | Path | None = None,
+    ) -> CommitInfo:
+        """Save to a temporary folder and upload it to ``repo_id`` as one commit (created if needed).
+
+        Only the artifact's files travel (config, safetensors weights, card, handler, requirements,
+        and the companions :meth:`save_pretrained` copies): never pickles or training checkpoints.
+
+        Args:
+            repo_id: ``org/name`` on the Hub.
+            private: visibility of a newly created repo.
+            revision: branch to commit to (created when missing); default ``main``.
+            commit_message: the commit's summary.
+            create_pr: open a pull request instead of committing to the branch.
+            token: Hub token; default: the locally saved one.
+            values_dtype: as in :meth:`save_pretrained`.
+            extras_from: as in :meth:`save_pretrained`.
+        """
+        with tempfile.TemporaryDirectory(prefix="freetickets-push-") as tmp:
+            self.save_pretrained(tmp, values_dtype=values_dtype, extras_from=extras_from, repo_id=repo_id)
+            return push_folder(
+                tmp,
+                repo_id,
+                private=private,
+                revision=revision,
+                commit_message=commit_message,
+                create_pr=create_pr,
+                token=token,
+            )
+
+    def generate_model_card(self, *args: Any, save_directory: Path | None = None, **kwargs: Any) -> ModelCard:
+        return render_model_card(self, save_directory, repo_id=kwargs.get("repo_id"))
+
+    def _encode(self, values_dtype: str) -> dict[str, torch.Tensor]:
+        """The safetensors dict: every conv/linear weight (>= 2-D float), sparse or left dense by the
+        sparsity distribution, is stored in ``values_dtype``; biases and norm tensors keep their dtype."""
+        if values_dtype not in VALUES_DTYPES:
+            raise ValueError(f"values_dtype must be one of {sorted(VALUES_DTYPES)}, got {values_dtype!r}")
+        dtype = VALUES_DTYPES[values_dtype]
         tensors: dict[str, torch.Tensor] = {}
         for index, member in enumerate(self.members):
-            tensors.update(encode_member(index, member.state_dict(), self.masks[index], values_dtype=values_dtype))
-        metadata = {"format": "pt", "library": LIBRARY_NAME, "values_dtype": values_dtype}
-        with atomic_path(save_directory / WEIGHTS_NAME) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
-        write_text_atomic(save_directory / CONFIG_NAME, self.config.to_json())
-        write_text_atomic(save_directory / "README.md", str(self.generate_model_card(save_directory=save_directory)))
+            state = {
+                name: t.to(dtype) if t.is_floating_point() and t.dim() >= 2 else t
+                for name, t in member.state_dict().items()
+            }
+            tensors.update(encode_member(index, state, self.masks[index], values_dtype=values_dtype))
+        return tensors
 
-    def generate_model_card(self, *args, save_directory: Path | None = None, **kwargs) -> ModelCard:
-        return render_model_card(self, save_directory)
+    def _extras_source(
+        self, save_directory: Path, extras_from: str | Path | None, tensors: dict[str, torch.Tensor], config: dict
+    ) -> Path | None:
+        """The folder to copy companions from, or None; warns when companions no longer match the weights."""
+        source = Path(extras_from) if extras_from is not None else self.source_dir
+        if source is not None and source.resolve() == save_directory.resolve():
+            target_companions = _companion_files(save_directory)
+            if target_companions and extras_from is None and not _holds_artifact(save_directory, tensors, config):
+                logger.warning("%s in %s describe the weights being replaced there", target_companions, save_directory)
+            return None  # they are in place already
+        stale = extras_from is None and source is not None and _companion_files(source)
+        if stale and not _holds_artifact(source, tensors, config):
+            logger.warning(
+                "Not copying %s from %s: the ensemble changed since it was loaded, so they would describe "
+                "other weights. Re-export / re-evaluate, or pass extras_from= to copy them anyway.",
+                stale,
+                source,
+            )
+            return None
+        return source
 
     # ----- loading ----------------------------------------------------------------------------------
 
@@ -155,26 +312,92 @@ class EnsembleModel(
     ) -> EnsembleModel:
         """Load an ensemble from a local folder or a Hub repo id, strictly (safetensors + JSON only).
 
+        Nothing from the repo is executed: ``handler.py`` is never imported and no pickle is read.
+        ``HF_HUB_OFFLINE=1`` resolves repo ids from the local Hub cache only.
+
+        Args:
+            pretrained_model_name_or_path: a folder, or a Hub repo id (``org/name``).
+            revision: branch, tag or commit hash on the Hub.
+            cache_dir: Hub cache folder (default: ``$HF_HOME/hub``).
+            force_download: download again even if cached.
+            token: Hub token for private or gated repos.
+            local_files_only: use the cache only, never the network.
+            map_location: device to put the ensemble on.
+
         Raises:
             ConfigError: ``config.json`` is malformed or has impossible values.
             ArtifactError: a tensor is missing, extra, mis-shaped or the file is corrupt.
         """
         download = dict(
-            revision=revision, cache_dir=cache_dir, force_download=force_download, token=token, local_files_only=local_files_only
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            token=token,
+            local_files_only=local_files_only,
         )
-        config = EnsembleConfig.from_json_file(str(resolve_file(pretrained_model_name_or_path, CONFIG_NAME, **download)))
+        config_path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, **download)
+        config = EnsembleConfig.from_json_file(str(config_path))
         weights = resolve_file(pretrained_model_name_or_path, WEIGHTS_NAME, **download)
-        model = cls(config)
-        try:
-            tensors = load_file(str(weights))
-        except (SafetensorError, OSError) as err:
-            raise ArtifactError(f"cannot read {weights}: {err} (is the file truncated or corrupt?)") from err
+        tensors = _read_tensors(weights)
+        model = cls(config, independent_init=False)  # every weight is overwritten from the file right after
+        model._load_tensors(tensors, weights)
+        model.source_dir = config_path.parent
+        model.values_dtype = next(
+            (_DTYPE_NAMES.get(t.dtype, "float32") for k, t in tensors.items() if k.endswith(".values")), "float32"
+        )
+        # `.to` walks every module: skip it when the tensors already live there (the common CPU case)
+        return model if torch.device(map_location) == torch.device("cpu") else model.to(map_location)
+
+    def _load_tensors(self, tensors: dict[str, torch.Tensor], source: Path) -> None:
+        """Decode every member from ``tensors`` and load it strictly (a copy: cheaper than assigning)."""
         used: set[str] = set()
-        for index, member in enumerate(model.members):
+        for index, member in enumerate(self.members):
             state, masks, consumed = decode_member(index, tensors, member.state_dict())
-            model.load_member(index, state, masks)
+            member.load_state_dict(state, strict=True)
+            self.masks[index] = masks
             used |= consumed
         extra = sorted(set(tensors) - used)
         if extra:
-            raise ArtifactError(f"{weights} holds tensors this config does not expect: {extra[:5]}")
-        return model.to(map_location).eval()
+            raise ArtifactError(
+                f"{source} holds {len(extra)} tensor(s) this config does not expect, e.g. {extra[:5]} "
+                f"(config has {self.num_members} member(s) of {self.config.architecture})"
+            )
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118  (safe_open has no __iter__)
+    except (SafetensorError, OSError) as err:
+        raise ArtifactError(f"cannot read {path}: {err} (is the file truncated or corrupt?)") from err
+
+
+def _companion_files(folder: Path) -> list[str]:
+    """Relative paths of the folder's companions that travel with the artifact (never pickles)."""
+    if not folder.is_dir():
+        return []
+    names = [name for name in (SUMMARY_NAME, EVAL_RESULTS_NAME) if (folder / name).is_file()]
+    for sub in (ONNX_DIR, ASSETS_DIR):
+        names += sorted(
+            p.relative_to(folder).as_posix()
+            for p in (folder / sub).rglob("*")
+            if p.is_file() and not p.name.startswith(".") and not p.name.endswith(PICKLE_SUFFIXES)
+        )
+    return names
+
+
+def _holds_artifact(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> bool:
+    """Whether ``folder`` already holds exactly this config and these tensors (content, not bytes)."""
+    try:
+        if json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")) != config:
+            return False
+        with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
+            if set(f.keys()) != set(tensors):
+                return False
+            return all(_identical(f.get_tensor(key), tensor) for key, tensor in tensors.items())
+    except (OSError, ValueError, SafetensorError):
+        return False
+
+
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b.cpu())

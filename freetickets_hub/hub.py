@@ -1,6 +1,7 @@
-"""All Hugging Face Hub I/O: file names, and downloads tagged with our library name and version.
+"""All Hugging Face Hub I/O: file names, downloads tagged with our library, and single-commit uploads.
 
-Every other module works on local paths; a repo id becomes a local file here.
+Every other module works on local paths; a repo id becomes a local file here, and a local folder
+becomes one commit here.
 """
 
 from __future__ import annotations
@@ -8,16 +9,42 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from huggingface_hub import hf_hub_download
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, hf_hub_download
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from . import __version__
 
-__all__ = ["CONFIG_NAME", "LIBRARY_NAME", "ONNX_NAME", "WEIGHTS_NAME", "resolve_file"]
+__all__ = [
+    "ASSETS_DIR",
+    "CONFIG_NAME",
+    "EVAL_RESULTS_NAME",
+    "HANDLER_NAME",
+    "LIBRARY_NAME",
+    "ONNX_DIR",
+    "ONNX_NAME",
+    "PICKLE_SUFFIXES",
+    "README_NAME",
+    "REQUIREMENTS_NAME",
+    "SUMMARY_NAME",
+    "WEIGHTS_NAME",
+    "is_repo_id",
+    "push_folder",
+    "resolve_file",
+]
 
 LIBRARY_NAME = "freetickets-hub"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-ONNX_NAME = "onnx/model.onnx"
+README_NAME = "README.md"
+HANDLER_NAME = "handler.py"
+REQUIREMENTS_NAME = "requirements.txt"
+SUMMARY_NAME = "train_summary.json"  # written by `freetickets train`
+EVAL_RESULTS_NAME = "eval_results.json"  # written by `freetickets evaluate --output`
+ONNX_DIR = "onnx"
+ONNX_NAME = f"{ONNX_DIR}/model.onnx"
+ASSETS_DIR = "assets"
+# never published, whatever folder they turn up in: they can execute code when loaded
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pkl", ".pickle", ".pt", ".pth", ".npy", ".npz")
 
 
 def resolve_file(
@@ -31,6 +58,8 @@ def resolve_file(
     local_files_only: bool = False,
 ) -> Path:
     """Local path of ``filename`` from a local folder or a Hub repo (downloaded into the HF cache).
+
+    ``HF_HUB_OFFLINE=1`` makes Hub repo ids resolve from the cache only (huggingface_hub honours it).
 
     Raises:
         FileNotFoundError: the folder exists but lacks ``filename``.
@@ -53,4 +82,65 @@ def resolve_file(
             library_name=LIBRARY_NAME,
             library_version=__version__,
         )
+    )
+
+
+def is_repo_id(name: str | None) -> bool:
+    """Whether ``name`` reads as a Hub repo id (``name`` or ``org/name``) rather than a local path."""
+    if not name or os.path.exists(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload FreeTickets ensemble",
+    create_pr: bool = False,
+    token: str | None = None,
+) -> CommitInfo:
+    """Create ``repo_id`` if needed and upload every file of ``folder`` to it as ONE commit.
+
+    ``create_commit`` with explicit operations is used instead of ``upload_folder``: with ``hf_xet``
+    installed, ``upload_folder`` may split a large folder over several commits.
+
+    Args:
+        folder: a staged artifact folder (see ``EnsembleModel.push_to_hub``).
+        repo_id: ``org/name`` on the Hub.
+        private: visibility of a newly created repo (None: the namespace's default).
+        revision: branch to commit to (created from ``main`` when missing); default ``main``.
+        commit_message: the commit's summary.
+        create_pr: open a pull request with the commit instead of committing to the branch.
+        token: Hub token; default: the locally saved one.
+
+    Raises:
+        ValueError: ``folder`` holds a pickle-format file (never published).
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    pickles = [p.relative_to(folder).as_posix() for p in files if p.name.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise ValueError(f"refusing to upload pickle-format files {pickles} from {folder}")
+    api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=__version__)
+    repo_id = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True).repo_id
+    if revision not in (None, "main") and not revision.startswith("refs/pr/"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    operations = [
+        CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+        for path in files
+    ]
+    return api.create_commit(
+        repo_id,
+        operations=operations,
+        commit_message=commit_message,
+        revision=revision,
+        create_pr=create_pr,
+        repo_type="model",
     )

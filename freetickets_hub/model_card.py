@@ -1,29 +1,43 @@
 """Render an ensemble's model card from ``model_cards/`` with huggingface_hub's ``ModelCard``.
 
-Numbers in the card come from the folder itself: the stored bytes, the masks, and the run's own
-``train_summary.json`` when present. Nothing is typed in by hand.
+Numbers in the card come from the folder itself: the stored bytes, the masks, the run's own
+``train_summary.json`` (test metrics, FLOPs) and, preferred when present, the ``eval_results.json``
+written by ``freetickets evaluate --output``. Nothing is typed in by hand. The metadata is built with
+huggingface_hub's ``ModelCardData`` and ``EvalResult``, which validate it (``model-index`` included).
 """
 
 from __future__ import annotations
 
 import json
-import os
+import logging
+import math
+import struct
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .hub import LIBRARY_NAME, WEIGHTS_NAME
+from .hub import ASSETS_DIR, EVAL_RESULTS_NAME, LIBRARY_NAME, SUMMARY_NAME, WEIGHTS_NAME, is_repo_id
 
 if TYPE_CHECKING:
     from .ensemble import EnsembleModel
 
-__all__ = ["SUMMARY_NAME", "render_model_card"]
+__all__ = ["SUMMARY_NAME", "TAGS", "render_model_card"]
 
-SUMMARY_NAME = "train_summary.json"
+logger = logging.getLogger(__name__)
+
 REPO_URL = "https://github.com/freetickets/freetickets-hub"
+TAGS = ["ensemble", "sparse", "uncertainty-estimation", "model-calibration", "timm", "freetickets"]
+# metric key in our results -> (model-index metric type, display name)
+_METRICS = {
+    "accuracy": ("accuracy", "Accuracy"),
+    "nll": ("nll", "NLL"),
+    "ece": ("ece", "ECE (15 bins)"),
+    "brier": ("brier", "Brier score"),
+}
 _METHOD_TITLES = {
     "edst": "EDST Ensemble: one run, M tickets",
     "dst": "DST Ensemble: M independent sparse runs",
@@ -34,59 +48,205 @@ _METHOD_TITLES = {
 }
 
 
-def render_model_card(model: EnsembleModel, folder: Path | None) -> ModelCard:
+@dataclass
+class _Evaluation:
+    """Metrics of the ensemble (row ``ensemble``) and its members (``member_{i}``) on one split."""
+
+    source: str  # the file they were read from
+    dataset: str
+    split: str
+    description: str
+    rows: dict[str, dict[str, float]]
+
+
+def render_model_card(model: EnsembleModel, folder: Path | None, *, repo_id: str | None = None) -> ModelCard:
+    """The card of ``model`` saved in ``folder`` (whose weights, summaries and assets it describes).
+
+    Args:
+        model: the ensemble.
+        folder: the saved folder, or None for a card without file-derived numbers.
+        repo_id: the Hub repo named in the usage snippet (default: the folder's name).
+    """
     cfg = model.config
-    summary = _read_summary(folder)
-    eval_results = summary.get("test", {})
+    summary = _read_json(folder, SUMMARY_NAME)
+    evaluation = _read_evaluation(folder, summary)
+    title = f"{cfg.architecture} {cfg.ensemble.method.upper()} ensemble (M={model.num_members})"
+    eval_results = _eval_results(evaluation)
+    datasets = sorted({d for d in (summary.get("dataset"), evaluation and evaluation.dataset) if is_repo_id(d)})
+    base_model = summary.get("base_model")
     card_data = ModelCardData(
         library_name=LIBRARY_NAME,
         pipeline_tag="image-classification",
-        tags=["ensemble", "sparse", "uncertainty-estimation", "model-calibration", "timm", "freetickets", cfg.ensemble.method],
+        tags=[*TAGS, cfg.ensemble.method],
         license="apache-2.0",
-        datasets=[summary["dataset"]] if _is_hub_id(summary.get("dataset")) else None,
+        datasets=datasets or None,
+        base_model=base_model if is_repo_id(base_model) else None,
+        model_name=title if eval_results else None,
+        eval_results=eval_results or None,
     )
-    members = []
-    for index, member in enumerate(model.members):
-        masks = model.masks[index]
-        weights = {n: p for n, p in member.state_dict().items() if n in masks}
-        total = sum(w.numel() for w in weights.values())
-        active = sum(int(m.sum()) for m in masks.values())
-        members.append({"index": index, "nonzero": f"{active:,}" if masks else "dense", "density": f"{active / total:.3f}" if total else "1.000"})
-    results = [
-        {"name": name, **{k: f"{row[k]:.4f}" for k in ("accuracy", "nll", "ece")}}
-        for name, row in eval_results.items()
-        if isinstance(row, dict) and {"accuracy", "nll", "ece"} <= row.keys()
-    ]
-    weights_path = folder / WEIGHTS_NAME if folder else None
+    weights = folder / WEIGHTS_NAME if folder else None
+    file_bytes = weights.stat().st_size if weights and weights.is_file() else 0
+    sizes = _member_bytes(weights, model.num_members)
+    dense_bytes = sum(t.numel() * t.element_size() for t in model.members[0].state_dict().values())
+    costs = summary.get("costs") or {}
     calibration = cfg.ensemble.calibration
     template = resources.files("freetickets_hub.model_cards").joinpath("ensemble_card.md").read_text(encoding="utf-8")
     return ModelCard.from_template(
         card_data,
         template_str=template,
-        model_name=f"{cfg.architecture} {cfg.ensemble.method.upper()} ensemble (M={model.num_members})",
-        repo_id=folder.name if folder else "<repo id>",
+        model_name=title,
+        repo_id=repo_id or (folder.name if folder else "<repo id>"),
         repo_url=REPO_URL,
         num_members=model.num_members,
         architecture=cfg.architecture,
         method_title=_METHOD_TITLES.get(cfg.ensemble.method, cfg.ensemble.method),
-        members=members,
+        base_model=base_model,
+        members=_member_rows(model, sizes, evaluation),
         sparsity=cfg.ensemble.sparsity,
         distribution=cfg.ensemble.distribution,
-        weights_bytes=f"{weights_path.stat().st_size:,}" if weights_path and weights_path.exists() else "n/a",
+        realised_sparsity=_format_list(summary.get("sparsity", {}).get("realised")),
+        weights_bytes=f"{file_bytes:,}" if file_bytes else "n/a",
+        dense_bytes=f"{dense_bytes:,}",
+        bytes_ratio=f"{file_bytes / dense_bytes:.2f}" if file_bytes else "n/a",
+        flops_member=_format_flops(costs.get("inference_flops_member")),
+        flops_ensemble=_format_flops(costs.get("inference_flops_ensemble")),
+        flops_dense=_format_flops(costs.get("inference_flops_dense_member")),
         temperature=f"{model.temperature:.4f}",
         fit_on=calibration.fit_on if calibration else "",
-        results=results,
-        results_split=summary.get("test_split_description", "the test split"),
+        calibrated=calibration is not None,
+        evaluation=evaluation,
+        results=_result_rows(evaluation),
         recipe=yaml.safe_dump(summary["recipe"], sort_keys=True).strip() if summary.get("recipe") else "",
+        assets=sorted(p.relative_to(folder).as_posix() for p in (folder / ASSETS_DIR).glob("*.png")) if folder else [],
     )
 
 
-def _is_hub_id(dataset: str | None) -> bool:
-    """A dataset named by Hub id (not a local folder) belongs in the card's metadata."""
-    return bool(dataset) and not os.path.exists(dataset) and not dataset.startswith((".", "/"))
-
-
-def _read_summary(folder: Path | None) -> dict[str, Any]:
-    if folder is None or not (folder / SUMMARY_NAME).is_file():
+def _read_json(folder: Path | None, name: str) -> dict[str, Any]:
+    if folder is None or not (folder / name).is_file():
         return {}
-    return json.loads((folder / SUMMARY_NAME).read_text(encoding="utf-8"))
+    data = json.loads((folder / name).read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        logger.warning("Ignoring %s: expected a JSON object, got %s", folder / name, type(data).__name__)
+        return {}
+    return data
+
+
+def _read_evaluation(folder: Path | None, summary: dict[str, Any]) -> _Evaluation | None:
+    """The run's own evaluation: ``eval_results.json`` when present, else the summary's ``test`` block."""
+    results = _read_json(folder, EVAL_RESULTS_NAME)
+    if results.get("dataset") and _metric_rows(results):
+        split = str(results.get("split", "test"))
+        count = f", {results['num_images']} images" if _is_number(results.get("num_images")) else ""
+        description = f"{results['dataset']} [{split}]{count}"
+        return _Evaluation(EVAL_RESULTS_NAME, str(results["dataset"]), split, description, _metric_rows(results))
+    if summary.get("dataset") and _metric_rows(summary.get("test")):
+        split = str((summary.get("recipe") or {}).get("test_split", "test"))
+        description = summary.get("test_split_description") or f"{summary['dataset']} [{split}]"
+        return _Evaluation(SUMMARY_NAME, str(summary["dataset"]), split, description, _metric_rows(summary["test"]))
+    return None
+
+
+def _metric_rows(block: Any) -> dict[str, dict[str, float]]:
+    """Rows ``ensemble``, ``member_0``... that carry numeric metrics, keeping only the numeric ones.
+
+    Members come as ``member_{i}`` keys (``train_summary.json``) or as a ``members`` list of
+    ``{"member": i, ...}`` (``eval_results.json``).
+    """
+    if not isinstance(block, dict):
+        return {}
+    named = {k: v for k, v in block.items() if k == "ensemble" or k.startswith("member_")}
+    for entry in block.get("members") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("member"), int):
+            named[f"member_{entry['member']}"] = entry
+    rows = {}
+    for name, row in named.items():
+        if isinstance(row, dict):
+            numbers = {k: float(v) for k, v in row.items() if k in _METRICS and _is_number(v)}
+            if "accuracy" in numbers:
+                rows[name] = numbers
+    return rows
+
+
+def _eval_results(evaluation: _Evaluation | None) -> list[EvalResult]:
+    """``model-index`` entries for the ensemble's metrics (members stay in the card's body)."""
+    if evaluation is None or "ensemble" not in evaluation.rows:
+        return []
+    dataset = evaluation.dataset if is_repo_id(evaluation.dataset) else Path(evaluation.dataset).name
+    return [
+        EvalResult(
+            task_type="image-classification",
+            dataset_type=dataset,
+            dataset_name=dataset,
+            dataset_split=evaluation.split,
+            metric_type=_METRICS[key][0],
+            metric_name=_METRICS[key][1],
+            metric_value=round(value, 6),
+        )
+        for key, value in evaluation.rows["ensemble"].items()
+    ]
+
+
+def _result_rows(evaluation: _Evaluation | None) -> list[dict[str, str]]:
+    if evaluation is None:
+        return []
+    members = sorted((k for k in evaluation.rows if k.startswith("member_")), key=lambda k: int(k.split("_")[-1]))
+    names = [*members, *(["ensemble"] if "ensemble" in evaluation.rows else [])]
+    return [
+        {
+            "name": name,
+            **{k: f"{evaluation.rows[name][k]:.4f}" if k in evaluation.rows[name] else "n/a" for k in _METRICS},
+        }
+        for name in names
+    ]
+
+
+def _member_rows(model: EnsembleModel, sizes: list[int], evaluation: _Evaluation | None) -> list[dict[str, str]]:
+    rows = []
+    for index, member in enumerate(model.members):
+        masks = model.masks[index]
+        weights = {n: p for n, p in member.state_dict().items() if n in masks}
+        total = sum(w.numel() for w in weights.values())
+        active = sum(int(m.sum()) for m in masks.values())
+        accuracy = evaluation.rows.get(f"member_{index}", {}).get("accuracy") if evaluation else None
+        rows.append(
+            {
+                "index": str(index),
+                "nonzero": f"{active:,}" if masks else "dense",
+                "density": f"{active / total:.3f}" if total else "1.000",
+                "bytes": f"{sizes[index]:,}" if sizes else "n/a",
+                "accuracy": f"{accuracy:.4f}" if accuracy is not None else "n/a",
+            }
+        )
+    return rows
+
+
+def _member_bytes(weights: Path | None, num_members: int) -> list[int]:
+    """Stored bytes of each member, from the safetensors header (8-byte length, then JSON)."""
+    if weights is None or not weights.is_file():
+        return []
+    with weights.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    sizes = [0] * num_members
+    for key, entry in header.items():
+        if key.startswith("members."):
+            begin, end = entry["data_offsets"]
+            sizes[int(key.split(".")[1])] += end - begin
+    return sizes
+
+
+def _format_flops(value: Any) -> str:
+    if not _is_number(value):
+        return "n/a"
+    exponent = min(4, max(0, int(math.log10(max(float(value), 1.0)) // 3)))
+    return f"{float(value) / 10 ** (3 * exponent):,.2f} {['', 'K', 'M', 'G', 'T'][exponent]}FLOPs"
+
+
+def _format_list(values: Any) -> str:
+    if not isinstance(values, list) or not all(_is_number(v) for v in values):
+        return ""
+    return ", ".join(f"{v:.4f}" for v in values)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

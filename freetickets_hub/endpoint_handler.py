@@ -1,0 +1,77 @@
+"""Inference Endpoints handler for a FreeTickets ensemble; ``save_pretrained`` writes it as ``handler.py``.
+
+Inference Endpoints import ``handler.py`` from the model repository, build ``EndpointHandler(path)``
+once and call it per request with ``{"inputs": <image>, "parameters": {"top_k": 5}}``. The image is
+a PIL image (the toolkit decodes binary request bodies), raw bytes or a base64 string (optionally a
+``data:image/...;base64,`` URL); a list of images gives a list of answers. Each answer is the
+image-classification list of ``{"label", "score"}`` (best first), and every entry also carries the
+ensemble's uncertainty for that image: ``entropy`` (total), ``expected_entropy`` (aleatoric),
+``mutual_information`` (epistemic) and ``disagreement``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from freetickets_hub import EnsembleModel
+
+__all__ = ["EndpointHandler"]
+
+_UNCERTAINTY = ("entropy", "expected_entropy", "mutual_information", "disagreement")
+
+
+class EndpointHandler:
+    """Loads the ensemble in ``path`` (the repository folder) and classifies images with uncertainty.
+
+    Args:
+        path: the folder holding ``config.json`` and ``model.safetensors`` (default: the current one).
+    """
+
+    def __init__(self, path: str = "") -> None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = EnsembleModel.from_pretrained(path or ".", map_location=device)
+
+    def __call__(self, data: dict[str, Any]) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        if "inputs" not in data:
+            raise ValueError(f"expected a request with an 'inputs' image, got keys {sorted(data)}")
+        inputs = data["inputs"]
+        top_k = int((data.get("parameters") or {}).get("top_k", 5))
+        images = [_to_image(x) for x in inputs] if isinstance(inputs, list) else [_to_image(inputs)]
+        predictions = self.model.predict(images)
+        answers = []
+        for i in range(len(images)):
+            uncertainty = {key: float(getattr(predictions, key)[i]) for key in _UNCERTAINTY}
+            order = predictions.probs[i].argsort()[::-1][:top_k]
+            names = self.model.config.label_names
+            answers.append(
+                [
+                    {"label": names[k] if names else str(k), "score": float(predictions.probs[i][k]), **uncertainty}
+                    for k in order
+                ]
+            )
+        return answers if isinstance(inputs, list) else answers[0]
+
+
+def _to_image(value: Any) -> Image.Image:
+    """A PIL image from a PIL image, encoded image bytes or a base64 string."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, str):
+        payload = value.split(",", 1)[1] if value.startswith("data:") else value
+        try:
+            value = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise ValueError(f"'inputs' string is not valid base64 ({err})") from err
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            with Image.open(io.BytesIO(value)) as image:
+                return image.copy()
+        except UnidentifiedImageError as err:
+            raise ValueError(f"'inputs' bytes are not an image PIL can read ({len(value)} bytes)") from err
+    raise TypeError(f"'inputs' must be a PIL image, image bytes or a base64 string, got {type(value).__name__}")

@@ -1,0 +1,126 @@
+"""The model card: metadata and model-index from the run's own evaluation, and a body built from the folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from freetickets_hub import EnsembleModel
+
+from .conftest_hub import make_ensemble
+
+SUMMARY = {
+    "dataset": "../shared/datasets/fashion_mnist",
+    "recipe": {"method": "edst", "architecture": "cifar_wrn10_2", "lr": 0.1, "test_split": "test"},
+    "test_split_description": "fashion_mnist [test], 2000 images",
+    "test": {
+        "ensemble": {"accuracy": 0.8125, "nll": 0.52, "ece": 0.031, "brier": 0.27, "disagreement": 0.1},
+        "member_0": {"accuracy": 0.79, "nll": 0.6, "ece": 0.05, "brier": 0.3},
+        "member_1": {"accuracy": 0.8, "nll": 0.58, "ece": 0.04, "brier": 0.29},
+    },
+    "sparsity": {"target": 0.8, "realised": [0.8, 0.8]},
+    "costs": {"inference_flops_member": 12_345_678, "inference_flops_ensemble": 24_691_356},
+}
+EVAL_RESULTS = {
+    "dataset": "zalando-datasets/fashion_mnist",
+    "split": "test",
+    "num_images": 10000,
+    "ensemble": {"accuracy": 0.9001, "nll": 0.3, "ece": 0.012, "brier": 0.15, "mean_disagreement": 0.05},
+    "members": [{"member": 0, "accuracy": 0.88, "nll": 0.35, "ece": 0.02, "brier": 0.17}],
+    "ood": {"sklearn:digits": {"msp": {"auroc": 0.9}}},
+}
+
+
+@pytest.fixture(scope="module")
+def model() -> EnsembleModel:
+    return make_ensemble(seed=0, members=2, method="dst")
+
+
+def _save(model: EnsembleModel, folder: Path, **files: dict[str, Any]) -> ModelCard:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (folder / f"{name}.json").write_text(json.dumps(content))
+    model.save_pretrained(folder)
+    return ModelCard.load(folder / "README.md")
+
+
+def _metrics(card: ModelCard) -> dict[str, float]:
+    results = card.data.eval_results
+    assert all(isinstance(r, EvalResult) for r in results)
+    return {r.metric_type: r.metric_value for r in results}
+
+
+def test_metadata_and_model_index_from_the_training_summary(model: EnsembleModel, tmp_path: Path) -> None:
+    card = _save(model, tmp_path / "run", train_summary=SUMMARY)
+    data = card.data
+    assert isinstance(data, ModelCardData)
+    assert (data.library_name, data.pipeline_tag, data.license) == (
+        "freetickets-hub",
+        "image-classification",
+        "apache-2.0",
+    )
+    assert {"ensemble", "sparse", "uncertainty-estimation", "model-calibration", "timm", "dst"} <= set(data.tags)
+    assert data.datasets is None  # a local folder is not a Hub dataset id
+    assert _metrics(card) == {"accuracy": 0.8125, "nll": 0.52, "ece": 0.031, "brier": 0.27}
+    result = data.eval_results[0]
+    assert (result.task_type, result.dataset_type, result.dataset_split) == (
+        "image-classification",
+        "fashion_mnist",
+        "test",
+    )
+    assert data.model_name == "cifar_wrn10_2 DST ensemble (M=2)"
+    text = card.text
+    assert "Measured on fashion_mnist [test], 2000 images (from `train_summary.json`)" in text
+    assert "| member_1 | 0.8000 | 0.5800 | 0.0400 | 0.2900 |" in text
+    assert "12.35 MFLOPs per member, 24.69 MFLOPs for the ensemble" in text
+    assert "lr: 0.1" in text  # the recipe
+    assert "realised per member: 0.8000, 0.8000" in text
+
+
+def test_eval_results_file_is_preferred(model: EnsembleModel, tmp_path: Path) -> None:
+    card = _save(model, tmp_path / "run", train_summary=SUMMARY, eval_results=EVAL_RESULTS)
+    assert _metrics(card) == {"accuracy": 0.9001, "nll": 0.3, "ece": 0.012, "brier": 0.15}
+    assert card.data.eval_results[0].dataset_type == "zalando-datasets/fashion_mnist"
+    assert card.data.datasets == ["zalando-datasets/fashion_mnist"]
+    assert "Measured on zalando-datasets/fashion_mnist [test], 10000 images (from `eval_results.json`)" in card.text
+    assert "| 0 | " in card.text and " | 0.8800 |" in card.text  # member 0's accuracy in the members table
+
+
+def test_body_without_evaluation_says_na_and_reads_bytes_from_the_file(model: EnsembleModel, tmp_path: Path) -> None:
+    card = _save(model, tmp_path / "bare")
+    assert card.data.eval_results is None and "model-index" not in card.content
+    text = card.text
+    assert "## Evaluation" not in text
+    assert "n/a per member, n/a for the ensemble" in text
+    assert f"{(tmp_path / 'bare' / 'model.safetensors').stat().st_size:,}" in text
+    assert text.count("| n/a |") == 2  # one row per member, no test accuracy to show
+    assert "Uncalibrated (temperature 1.0)" in text
+    assert 'EnsembleModel.from_pretrained("bare")' in text
+    assert "https://arxiv.org/abs/2106.14568" in text and "## Limitations" in text
+
+
+def test_calibration_base_model_assets_and_repo_id(model: EnsembleModel, tmp_path: Path) -> None:
+    folder = tmp_path / "ft"
+    (folder / "assets").mkdir(parents=True)
+    (folder / "assets" / "reliability.png").write_bytes(b"png")
+    calibrated = make_ensemble(seed=1, members=2)
+    calibrated.set_temperature(1.25, fit_on="fashion_mnist:validation (5000 images)")
+    calibrated.save_pretrained(folder, extras_from=folder, repo_id="me/ft-ensemble")
+    (folder / "train_summary.json").write_text(json.dumps({**SUMMARY, "base_model": "freetickets/wrn-edst"}))
+    calibrated.save_pretrained(folder, repo_id="me/ft-ensemble")
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model == "freetickets/wrn-edst"
+    assert "Fine-tuned from [`freetickets/wrn-edst`]" in card.text
+    assert "temperature of 1.2500 (fitted on fashion_mnist:validation (5000 images))" in card.text
+    assert "![assets/reliability.png](assets/reliability.png)" in card.text
+    assert 'EnsembleModel.from_pretrained("me/ft-ensemble")' in card.text
+
+
+def test_non_numeric_metrics_are_left_out(model: EnsembleModel, tmp_path: Path) -> None:
+    summary = {**SUMMARY, "test": {"ensemble": {"accuracy": 0.5, "nll": "NaN?", "ece": True}}}
+    card = _save(model, tmp_path / "run", train_summary=summary)
+    assert _metrics(card) == {"accuracy": 0.5}
