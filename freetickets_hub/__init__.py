@@ -21,7 +21,7 @@ _LAZY = {
     "preprocess": "freetickets_hub.preprocessing",
     "OnnxEnsemble": "freetickets_hub.runtime",
 }
-_ERRORS = ("ArtifactError", "ConfigError", "FreeTicketsError", "MissingDependencyError", "RecipeError")
+_ERRORS = ("ArtifactError", "ConfigError", "DatasetError", "FreeTicketsError", "MissingDependencyError", "RecipeError")
 
 __all__ = ["__version__", *_LAZY, *_ERRORS]
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .ensemble import EnsembleModel as EnsembleModel
     from .errors import ArtifactError as ArtifactError
     from .errors import ConfigError as ConfigError
+    from .errors import DatasetError as DatasetError
     from .errors import FreeTicketsError as FreeTicketsError
     from .errors import MissingDependencyError as MissingDependencyError
     from .errors import RecipeError as RecipeError
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from .outputs import combine_member_logits as combine_member_logits
     from .predictions import Predictions as Predictions
     from .preprocessing import preprocess as preprocess
+    from .runtime import OnnxEnsemble as OnnxEnsemble
 
 
 def __getattr__(name: str) -> Any:

@@ -49,8 +49,8 @@ def combine_member_logits(member_logits: torch.Tensor, temperature: float | torc
     # log(mean_m p_m) computed in log space so tiny probabilities never give log(0)
     logits = torch.logsumexp(member_log_probs, dim=0) - math.log(num_members)  # (B, K)
     probs = logits.exp()
-    entropy = -(probs * logits).sum(-1)
-    expected_entropy = -(member_probs * member_log_probs).sum(-1).mean(0)
+    entropy = -_plogp(probs, logits).sum(-1)
+    expected_entropy = -_plogp(member_probs, member_log_probs).sum(-1).mean(0)
     mutual_information = (entropy - expected_entropy).clamp_min(0.0)
     top1 = logits.argmax(-1)  # (B,)
     disagreement = (member_logits.argmax(-1) != top1.unsqueeze(0)).float().mean(0)
@@ -63,3 +63,8 @@ def combine_member_logits(member_logits: torch.Tensor, temperature: float | torc
         mutual_information=mutual_information,
         disagreement=disagreement,
     )
+
+
+def _plogp(p: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """``p * log p`` with the limit 0 where ``p`` is 0 (a member logit of -inf gives 0 * -inf otherwise)."""
+    return torch.where(p > 0, p * log_p, torch.zeros_like(p))

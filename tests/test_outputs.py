@@ -82,3 +82,11 @@ def test_temperature_divides_every_member_logit():
     torch.testing.assert_close(out.member_probs[:, 0].double(), torch.tensor([[2 / 3, 1 / 3]] * 2, dtype=torch.float64))
     torch.testing.assert_close(out.probs[0].double(), torch.tensor([2 / 3, 1 / 3], dtype=torch.float64))
     assert out.mutual_information[0].item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_zero_member_probabilities_give_finite_uncertainty():
+    # a member logit of -inf is a probability of exactly 0: 0 * log 0 must count as 0, not NaN
+    out = combine_member_logits(torch.log(torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])))
+    assert out.entropy.item() == pytest.approx(math.log(2))
+    assert out.expected_entropy.item() == 0.0
+    assert out.mutual_information.item() == pytest.approx(math.log(2))
