@@ -19,7 +19,7 @@ def _train(args: argparse.Namespace) -> int:
     from freetickets_hub.training import load_recipe, train
 
     recipe = load_recipe(args.recipe, args.set)
-    summary = train(recipe, args.output_dir, report_to=args.report_to)
+    summary = train(recipe, args.output_dir, resume=args.resume, max_steps=args.max_steps, report_to=args.report_to)
     if summary:
         print(format_summary_table(summary))
         print(f"wrote {args.output_dir}")
@@ -30,7 +30,7 @@ def format_summary_table(summary: dict) -> str:
     """Members vs ensemble on the test split, as a fixed-width table."""
     rows = [f"{'model':<10} {'accuracy':>9} {'NLL':>8} {'ECE':>8} {'Brier':>8}"]
     test = summary["test"]
-    names = sorted((k for k in test if k.startswith("member_")), key=lambda k: int(k.split("_")[1])) + ["ensemble"]
+    names = [*sorted((k for k in test if k.startswith("member_")), key=lambda k: int(k.split("_")[1])), "ensemble"]
     for name in names:
         m = test[name]
         rows.append(f"{name:<10} {m['accuracy']:>9.4f} {m['nll']:>8.4f} {m['ece']:>8.4f} {m['brier']:>8.4f}")
@@ -42,12 +42,47 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
     try:
         report = export_onnx(args.model, args.output, opset=args.opset, fp16=args.fp16, images=args.images)
-    except ValueError as err:  # a bad --opset, a missing --output or an unreadable --images file
+    except (ValueError, OSError) as err:  # a bad --opset, a missing --output or an unreadable --images file
         print(f"freetickets export onnx: error: {err}", file=sys.stderr)
         return 2
     print(report.to_json(), end="")
     print(f"wrote {args.output or args.model}/{report.graph}")
     return 0
+
+
+def _held_out_rows(args: argparse.Namespace) -> tuple[str, list[int] | None]:
+    """``--split validation`` on data without such a split means the run's own validation carve.
+
+    The model folder's ``train_summary.json`` names the dataset, train split, seed and ``val_size``
+    the trainer carved with; the same rows are selected again, so the fit never sees training images.
+    """
+    import json
+    import os
+
+    from freetickets_hub.evaluation.data import validation_carve
+    from freetickets_hub.model_card import SUMMARY_NAME
+
+    summary_path = os.path.join(args.model, SUMMARY_NAME)
+    if args.split != "validation" or not os.path.isfile(summary_path):
+        return args.split, None
+    import datasets
+
+    if "validation" in datasets.get_dataset_split_names(args.dataset, args.dataset_config):
+        return args.split, None
+    with open(summary_path, encoding="utf-8") as f:
+        summary = json.load(f)
+    recipe = summary["recipe"]
+    if not recipe.get("val_size"):
+        raise FreeTicketsError(f"{args.dataset!r} has no 'validation' split and the run carved none (val_size 0)")
+    if os.path.abspath(recipe["dataset"]) != os.path.abspath(args.dataset) and recipe["dataset"] != args.dataset:
+        raise FreeTicketsError(
+            f"the run trained on {recipe['dataset']!r}, not {args.dataset!r}: name a held-out split of this dataset"
+        )
+    train = datasets.load_dataset(args.dataset, args.dataset_config, split=recipe["train_split"])
+    rows, _ = validation_carve(len(train), recipe["val_size"], recipe["seed"])
+    held_out = f"the {len(rows)} images the run held out of {recipe['train_split']!r} (seed {recipe['seed']})"
+    print(f"--split validation: {held_out}")
+    return recipe["train_split"], rows.tolist()
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -71,8 +106,14 @@ def _calibrate(args: argparse.Namespace) -> int:
             f"{args.model!r} is not a local folder; pass --output DIR to save the calibrated ensemble"
         )
     model = EnsembleModel.from_pretrained(args.model)
+    split, rows = _held_out_rows(args)
     data = load_eval_split(
-        args.dataset, model.config, split=args.split, dataset_config=args.dataset_config, max_samples=args.max_samples
+        args.dataset,
+        model.config,
+        split=split,
+        dataset_config=args.dataset_config,
+        max_samples=args.max_samples,
+        rows=rows,
     )
     accelerator = create_accelerator()
     logits = run_inference(model, data.images, accelerator, batch_size=args.batch_size, desc="calibrate").member_logits
@@ -188,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, help="folder to write the Hub-ready ensemble to")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     p.add_argument("--report-to", default=None, help="accelerate tracker, e.g. tensorboard (optional)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="stop after N optimizer steps with a checkpoint (then --resume)"
+    )
     p.set_defaults(func=_train)
 
     p = verbs.add_parser("export", help="export an ensemble for other runtimes")
@@ -199,7 +244,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="float16 members (input and outputs stay float32)")
     p.add_argument("--images", nargs="+", default=None, metavar="FILE", help="check images (default: synthetic)")
     p.set_defaults(func=_export_onnx)
-
     p = verbs.add_parser("calibrate", help="fit the temperature on a held-out split and store it in config.json")
     p.add_argument("model", help="a saved ensemble folder or a Hub repo id")
     p.add_argument("--dataset", required=True, help="datasets source (Hub id or folder)")
@@ -249,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except FreeTicketsError as err:

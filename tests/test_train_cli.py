@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +186,18 @@ def test_tiny_recipe_on_real_fashion_mnist(tmp_path: Path) -> None:
     assert summary["test"]["ensemble"]["accuracy"] > 0.6
     model = EnsembleModel.from_pretrained(out)
     assert model.num_members == 3
+
+
+def test_calibrate_on_the_runs_own_validation_carve(
+    edst_run: tuple[Path, dict], tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "model"
+    shutil.copytree(edst_run[0], out)
+    code = main(["calibrate", str(out), "--dataset", str(tiny_dataset), "--split", "validation"])
+    printed = capsys.readouterr().out
+    assert "the 24 images the run held out of 'train' (seed 0)" in printed
+    if code == 0:  # a tiny run may also give a degenerate fit (exit 3), which is reported and not stored
+        fit_on = json.loads((out / "config.json").read_text())["ensemble"]["calibration"]["fit_on"]
+        assert fit_on == f"{tiny_dataset}:validation (24 images)"
+    else:
+        assert code == 3

@@ -18,6 +18,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from torch.utils.data import DataLoader, TensorDataset
 
 from freetickets_hub.errors import RecipeError
+from freetickets_hub.evaluation.data import validation_carve
 
 from .recipe import Recipe
 
@@ -155,8 +156,8 @@ def load_image_data(recipe: Recipe) -> ImageData:
     if recipe.val_size:
         if recipe.val_size >= len(train):
             raise RecipeError(f"val_size {recipe.val_size} leaves no training images (train has {len(train)})")
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(recipe.seed))
-        val, train = _subset(train, order[: recipe.val_size]), _subset(train, order[recipe.val_size :])
+        val_rows, train_rows = validation_carve(len(train), recipe.val_size, recipe.seed)
+        val, train = _subset(train, val_rows), _subset(train, train_rows)
     train = train.head(recipe.max_train_samples)
     if isinstance(train, StreamedSplit):
         return _streamed_data(recipe, train, val, test, list(label_names), mode)

@@ -11,7 +11,7 @@ Built-in sources (no download): ``sklearn:digits``, scikit-learn's 1,797 8×8 ha
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ from ..config import EnsembleConfig
 from ..errors import ConfigError, DatasetError, MissingDependencyError
 from ..preprocessing import preprocess
 
-__all__ = ["BUILTIN_SOURCES", "EvalSplit", "load_eval_split"]
+__all__ = ["BUILTIN_SOURCES", "EvalSplit", "load_eval_split", "validation_carve"]
 
 _CHUNK = 1024  # images resized per call, to bound the float32 working memory
 
@@ -66,6 +66,7 @@ def load_eval_split(
     max_samples: int | None = None,
     require_labels: bool = True,
     seed: int = 0,
+    rows: Sequence[int] | None = None,
 ) -> EvalSplit:
     """Load one split of ``source`` for the model described by ``config``.
 
@@ -77,6 +78,7 @@ def load_eval_split(
         max_samples: keep a seeded random subset of this many images (order preserved).
         require_labels: check and map labels (off for out-of-distribution sets, whose labels are ignored).
         seed: seed of the ``max_samples`` subset.
+        rows: evaluate only these rows of the split (e.g. a training run's validation carve).
 
     Raises:
         DatasetError: unknown source or split, empty split, labels that differ from the model's, or
@@ -93,6 +95,8 @@ def load_eval_split(
         label_ids = _map_labels(torch.from_numpy(labels[keep]), names, config, source) if require_labels else None
         return EvalSplit(source, split, pixels, label_ids)
     ds = _load_dataset(source, split, dataset_config)
+    if rows is not None:
+        ds = ds.select(list(rows))
     if len(ds) == 0:
         raise DatasetError(f"dataset {source!r} split {split!r} is empty")
     ds = ds.select(_subset(len(ds), max_samples, seed))
@@ -122,6 +126,16 @@ def _load_dataset(source: str, split: str, dataset_config: str | None) -> Any:
     if not isinstance(ds, datasets.Dataset):
         raise DatasetError(f"dataset {source!r} split {split!r} is not a plain (map-style) dataset")
     return ds
+
+
+def validation_carve(num_rows: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices of a seeded validation carve of ``size`` rows, and of the rows left for training.
+
+    Training carves its validation set with this function, so ``calibrate`` can fit on exactly the
+    images a run held out.
+    """
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))
+    return order[:size], order[size:]
 
 
 def _subset(size: int, max_samples: int | None, seed: int) -> np.ndarray:
