@@ -8,9 +8,11 @@ same architecture saved with ``safetensors.torch.save_file``. Targets (issue 4):
 - loading time per member (``EnsembleModel.from_pretrained`` / M) <= 1.2x loading the dense model
   (``timm.create_model`` + ``safetensors.torch.load_file`` + ``load_state_dict``).
 
-Both loads run interleaved, ``--repeats`` times each, and the medians are compared.
+Both loads run interleaved, ``--repeats`` times each, and the medians are compared. Torch runs on
+``--threads`` threads (default 1): on a shared 2-core machine, more threads than idle cores makes every
+small op wait for spinning workers and the timings meaningless.
 
-    .venv/bin/python benchmarks/artifact_size.py [--archs cifar_wrn10_2 cifar_wrn16_4] [--repeats 21]
+    .venv/bin/python benchmarks/artifact_size.py [--archs cifar_wrn10_2 cifar_wrn16_4] [--repeats 21] [--threads 1]
 
 Exits 1 when a target is missed.
 """
@@ -100,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--members", type=int, default=3)
     parser.add_argument("--sparsity", type=float, default=0.8)
     parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     missed = False
     rows = []

@@ -105,7 +105,7 @@ class EnsembleModel(
         self.masks: list[dict[str, torch.Tensor]] = [{} for _ in self.members]
         # the folder this ensemble was loaded from (a local folder or a Hub cache snapshot), if any
         self.source_dir: Path | None = None
-        # dtype of the stored sparse values; saving keeps it unless told otherwise
+        # dtype the conv/linear weights were stored in; saving keeps it unless told otherwise
         self.values_dtype = "float32"
         self.eval()
 
@@ -185,8 +185,9 @@ class EnsembleModel(
 
         Args:
             save_directory: the folder (created if needed).
-            values_dtype: dtype of the stored sparse values: "float32", "float16" or "bfloat16";
-                default: the dtype the ensemble was loaded with (float32 for a new one).
+            values_dtype: dtype of the stored conv/linear weights (sparse values and layers the
+                distribution left dense): "float32", "float16" or "bfloat16"; biases and norm tensors
+                keep theirs. Default: the dtype the ensemble was loaded with (float32 for a new one).
             extras_from: folder whose companions to copy whatever changed.
             repo_id: the Hub repo named in the model card's usage snippet (and pushed to).
             push_to_hub: also push to ``repo_id`` (default: the folder's name), as ``push_to_hub`` does.

@@ -22,9 +22,10 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
-__all__ = ["Commit", "HubServer"]
+__all__ = ["USER", "Commit", "HubServer"]
 
 _LFS_SUFFIXES = (".safetensors", ".onnx", ".data", ".png")
+USER = "user"  # whom every token belongs to
 
 
 @dataclass
@@ -117,7 +118,7 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             body = self._body()
             if path == "/api/repos/create":
                 data = json.loads(body)
-                repo_id = f"{data['organization']}/{data['name']}" if data.get("organization") else data["name"]
+                repo_id = f"{data.get('organization') or USER}/{data['name']}"  # no namespace: the token's user
                 state.repos.setdefault(repo_id, {"visibility": data.get("visibility")})
                 state.branches.setdefault(repo_id, {"main"})
                 return self._reply(200, {"url": f"{hub.url}/{repo_id}"})

@@ -210,10 +210,18 @@ def test_companions_follow_an_unchanged_model_only(
     assert _files(tmp_path / "forced") == ARTIFACT_FILES | COMPANIONS
 
 
-def test_saving_in_place_keeps_companions(model: EnsembleModel, tmp_path: Path) -> None:
+def test_saving_in_place_keeps_companions_and_warns_when_they_go_stale(
+    model: EnsembleModel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     _with_companions(model, tmp_path / "run")
-    EnsembleModel.from_pretrained(tmp_path / "run").save_pretrained(tmp_path / "run")
+    loaded = EnsembleModel.from_pretrained(tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="freetickets_hub.ensemble"):
+        loaded.save_pretrained(tmp_path / "run")
+        assert not caplog.text
+        loaded.set_temperature(2.0, fit_on="validation")
+        loaded.save_pretrained(tmp_path / "run")
     assert (tmp_path / "run" / "onnx" / "model.onnx").read_bytes() == b"graph"
+    assert "describe the weights being replaced there" in caplog.text
 
 
 def _load_handler(folder: Path) -> type:

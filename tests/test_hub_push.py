@@ -17,7 +17,7 @@ import freetickets_hub
 from freetickets_hub import EnsembleModel
 
 from .conftest_hub import INPUT, make_ensemble
-from .hub_server import HubServer
+from .hub_server import USER, HubServer
 
 PIXELS = torch.randn(4, *INPUT, generator=torch.Generator().manual_seed(0))
 # huggingface_hub's own LFS upload trips an httpx deprecation notice; not ours to fix
@@ -66,6 +66,12 @@ def test_push_to_a_new_branch_and_as_a_pull_request(hub: HubServer) -> None:
     assert [(c.revision, c.create_pr) for c in hub.commits] == [("calibrated", False), ("main", True)]
     assert "calibrated" in hub.state.branches["me/tiny"]
     assert commit.pr_url == f"{hub.url}/me/tiny/discussions/2"
+
+
+def test_save_pretrained_can_push_like_the_mixin(hub: HubServer, tmp_path: Path) -> None:
+    make_ensemble(seed=3, members=1).save_pretrained(tmp_path / "local", push_to_hub=True, token="hf_test")
+    assert [(c.repo_id, set(c.files)) for c in hub.commits] == [(f"{USER}/local", ARTIFACT)]
+    assert (tmp_path / "local" / "model.safetensors").is_file()
 
 
 def test_cli_push_uploads_the_folder_without_pickles_or_checkpoints(tmp_path: Path) -> None:
