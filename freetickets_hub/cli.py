@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import FreeTicketsError
 
@@ -128,9 +129,11 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(f"freetickets calibrate: error: degenerate fit, temperature not stored: {fit.reason}", file=sys.stderr)
         return 3
     model.set_temperature(fit.temperature, fit_on=f"{args.dataset}:{args.split} ({len(data)} images)")
-    if args.output is None:  # only config.json changes in the model folder
+    if args.output is None:  # the weights stay as they are: only config.json and the card change
         write_text_atomic(os.path.join(args.model, CONFIG_NAME), model.config.to_json())
-        print(f"wrote {os.path.join(args.model, CONFIG_NAME)}")
+        card = model.generate_model_card(save_directory=Path(args.model))
+        write_text_atomic(os.path.join(args.model, "README.md"), str(card))
+        print(f"wrote {os.path.join(args.model, CONFIG_NAME)} and the model card")
     else:
         model.save_pretrained(args.output)
         print(f"wrote {args.output}")

@@ -97,8 +97,17 @@ class EnsembleConfig:
             raise ConfigError(f"num_classes must be at least 1, got {self.num_classes}")
         _check_type("model_args", self.model_args, dict)
         _check_type("pretrained_cfg", self.pretrained_cfg, dict)
+        input_size = self.pretrained_cfg.get("input_size")
+        if input_size is not None and (
+            not isinstance(input_size, (list, tuple))
+            or len(input_size) != 3
+            or not all(isinstance(v, int) and v > 0 for v in input_size)
+        ):
+            raise ConfigError(f"pretrained_cfg.input_size must be [channels, height, width], got {input_size!r}")
         if self.label_names is not None:
             _check_type("label_names", self.label_names, list)
+            if not all(isinstance(name, str) for name in self.label_names):
+                raise ConfigError(f"label_names must all be strings, got {self.label_names!r}")
             if len(self.label_names) != self.num_classes:
                 raise ConfigError(
                     f"label_names has {len(self.label_names)} entries but num_classes is {self.num_classes}"

@@ -41,7 +41,7 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...], *, name: str = "ma
     bits = np.unpackbits(packed.numpy())
     if bits[numel:].any():
         raise ArtifactError(f"{name}: padding bits after the last of {numel} positions are set")
-    return torch.from_numpy(bits[:numel].astype(bool)).reshape(shape)
+    return torch.from_numpy(bits[:numel].view(np.bool_)).reshape(shape)  # a view: no copy
 
 
 def encode_member(
@@ -109,8 +109,7 @@ def decode_member(
                     f"tensor {key + '.values'!r} has shape {tuple(values.shape)}, expected ({count},) "
                     "(one value per set mask bit)"
                 )
-            dense = torch.zeros(ref.shape, dtype=ref.dtype)
-            dense.view(-1)[mask.reshape(-1)] = values.to(ref.dtype)
+            dense = torch.zeros(ref.shape, dtype=ref.dtype).masked_scatter_(mask, values.to(ref.dtype))
             state[name] = dense
             masks[name] = mask
             used |= {f"{key}.mask", f"{key}.values"}

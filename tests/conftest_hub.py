@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from freetickets_hub.training.sparsity import draw_masks, layer_densities, maskable_weights, nonzero_counts
 
 from freetickets_hub import EnsembleConfig, EnsembleModel
+from freetickets_hub.training.sparsity import draw_masks, layer_densities, maskable_weights, nonzero_counts
 
 __all__ = ["INPUT", "LABELS", "make_ensemble", "put_in_hub_cache", "tiny_config"]
 

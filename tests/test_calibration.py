@@ -67,18 +67,21 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def test_calibrate_stores_the_temperature_in_config_only(folders, capsys):
+def test_calibrate_stores_the_temperature_in_config_and_card_only(folders, capsys):
     model_dir, noisy, _ = folders
     before = _files(model_dir)
     assert main(["calibrate", str(model_dir), "--dataset", str(noisy), "--split", "train[:50]"]) == 0
     printed = capsys.readouterr().out
     after = _files(model_dir)
     assert set(after) == set(before)
-    assert [name for name in before if before[name] != after[name]] == ["config.json"]
+    changed = [name for name in before if before[name] != after[name]]
+    assert "README.md" in before  # a saved folder has its card
+    assert changed == ["README.md", "config.json"]
     calibration = json.loads(after["config.json"])["ensemble"]["calibration"]
     assert calibration["fit_on"] == f"{noisy}:train[:50] (50 images)"
     temperature = calibration["temperature"]
     assert math.isfinite(temperature) and temperature > 0 and f"-> {temperature:.4f}" in printed
+    assert f"{temperature:.4f}" in after["README.md"].decode()  # the card shows the new temperature
     nll_before, nll_after = (
         float(line.split()[1]) for line in printed.splitlines() if line.startswith(("before", "after"))
     )

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from freetickets_hub.training.phases import plan_runs
-from freetickets_hub.training.recipe import load_recipe
 
 from freetickets_hub.errors import RecipeError
+from freetickets_hub.training.phases import plan_runs
+from freetickets_hub.training.recipe import load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "training" / "recipes").glob("*.yaml"))
 

@@ -7,6 +7,8 @@ import math
 import pytest
 import timm
 import torch
+
+import freetickets_hub.architectures  # noqa: F401
 from freetickets_hub.training.sparsity import (
     SparseEngine,
     SparsityConfig,
@@ -15,8 +17,6 @@ from freetickets_hub.training.sparsity import (
     nonzero_counts,
     prune_rate_at,
 )
-
-import freetickets_hub.architectures  # noqa: F401
 
 
 def _setup(

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from freetickets_hub.training.data import load_image_data
-from freetickets_hub.training.recipe import load_recipe
-from freetickets_hub.training.sparsity import maskable_weights
 
 from freetickets_hub.cli import main
 from freetickets_hub.ensemble import EnsembleModel
 from freetickets_hub.errors import RecipeError
+from freetickets_hub.training.data import load_image_data
+from freetickets_hub.training.recipe import load_recipe
+from freetickets_hub.training.sparsity import maskable_weights
 
 from .conftest import SHARED_FMNIST, write_image_dataset
 
