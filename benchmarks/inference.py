@@ -1,7 +1,8 @@
 """Inference throughput: the one-graph ONNX ensemble against the ways PyTorch code runs an ensemble.
 
-All engines run in one process on the same inputs (preprocessed photo-like scenes), interleaved
-round by round so load from other processes hits them alike; each time is the median of the rounds.
+All engines run in one process on the same inputs (preprocessed photo-like scenes), in blocks of
+repeats with a pause between blocks (interleaving them call by call would let one engine's spinning
+thread pool steal the cores of the next), over several passes; each time is the median of all repeats.
 
 - ``dense member (torch)``: one member alone, the cost of a single model;
 - ``naive loop (torch)``: for each member forward, softmax, then average (how reference code does it);
@@ -35,12 +36,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from freetickets_hub.export import export_onnx
-from freetickets_hub.export.verify import synthetic_images
-from freetickets_hub.training.sparsity import draw_masks, layer_densities, maskable_weights, nonzero_counts
 
 from freetickets_hub import EnsembleConfig, EnsembleModel, OnnxEnsemble
+from freetickets_hub.export import export_onnx
+from freetickets_hub.export.verify import synthetic_images
 from freetickets_hub.preprocessing import preprocess
+from freetickets_hub.training.sparsity import draw_masks, layer_densities, maskable_weights, nonzero_counts
 
 TARGET_VS_NAIVE = {1: 3.0, 64: 1.3}  # OnnxEnsemble images/s over the naive torch loop's, by batch size
 TARGET_OVERHEAD = 1.05  # ensemble graph time <= this x M x member graph time
@@ -84,20 +85,31 @@ def export_member(member: torch.nn.Module, input_size: list[int], path: Path) ->
     program.save(str(path), external_data=False)
 
 
-def time_rounds(engines: dict[str, Callable[[], object]], rounds: int, warmup: int, sync: Callable[[], None]) -> dict:
-    """Median seconds per call of each engine; engines take turns within every round."""
-    for fn in engines.values():
-        for _ in range(warmup):
-            fn()
-    sync()
+def time_engines(
+    engines: dict[str, Callable[[], object]], seconds: float, passes: int, sync: Callable[[], None]
+) -> dict[str, list[float]]:
+    """Seconds per call of each engine: ``passes`` passes over the engines, each a block of repeats.
+
+    A block runs one engine alone after a pause, so the previous engine's spinning thread pool
+    (OpenMP, ORT) has gone idle; several passes spread slow drifts of the machine's load over all.
+    """
     times: dict[str, list[float]] = {name: [] for name in engines}
-    for _ in range(rounds):
+    for _ in range(passes):
         for name, fn in engines.items():
+            time.sleep(0.5)
+            for _ in range(3):  # warm-up
+                fn()
+            sync()
             start = time.perf_counter()
             fn()
             sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+            repeats = max(3, min(300, int(seconds / passes / max(time.perf_counter() - start, 1e-6))))
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
 def main() -> int:
@@ -106,7 +118,8 @@ def main() -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch and ORT intra-op threads")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
-    parser.add_argument("--seconds", type=float, default=4.0, help="rough time budget per engine and batch size")
+    parser.add_argument("--seconds", type=float, default=3.0, help="rough time budget per engine and batch size")
+    parser.add_argument("--passes", type=int, default=3, help="passes over the engines (medians pool all)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -157,14 +170,14 @@ def main() -> int:
             "ensemble graph (ORT)": lambda x=batch: graph_session.run(None, {"pixel_values": x}),
             "member graph (ORT)": lambda x=batch: member_session.run(None, {"pixel_values": x}),
         }
-        probe = time_rounds(engines, rounds=1, warmup=2, sync=sync)
-        rounds = max(7, min(500, int(args.seconds / max(sum(probe.values()), 1e-6))))
-        seconds = time_rounds(engines, rounds=rounds, warmup=3, sync=sync)
+        timed = time_engines(engines, args.seconds, args.passes, sync)
+        seconds = {name: statistics.median(values) for name, values in timed.items()}
         naive = seconds["naive loop (torch)"]
-        print(f"\nbatch {batch_size} ({rounds} rounds, median)")
-        print(f"{'engine':<24} {'ms/batch':>10} {'images/s':>10} {'vs naive':>9}")
+        print(f"\nbatch {batch_size} (median of the repeats)")
+        print(f"{'engine':<24} {'ms/batch':>10} {'images/s':>10} {'vs naive':>9} {'repeats':>8}")
         for name, value in seconds.items():
-            print(f"{name:<24} {value * 1e3:>10.3f} {batch_size / value:>10.1f} {naive / value:>8.2f}x")
+            repeats = len(timed[name])
+            print(f"{name:<24} {value * 1e3:>10.3f} {batch_size / value:>10.1f} {naive / value:>8.2f}x {repeats:>8}")
         if batch_size in TARGET_VS_NAIVE:
             speedup, target = naive / seconds["OnnxEnsemble"], TARGET_VS_NAIVE[batch_size]
             missed += speedup < target
