@@ -121,7 +121,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="rough time budget per engine and batch size")
     parser.add_argument("--passes", type=int, default=3, help="passes over the engines (medians pool all)")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="freetickets-bench-") as work:
+        return run(args, Path(work))
 
+
+def run(args: argparse.Namespace, work: Path) -> int:
+    """Export the graphs into ``work``, time every engine, print the table and PASS/MISS; 1 if any MISS."""
     torch.set_num_threads(args.threads)
     model = EnsembleModel.from_pretrained(args.model) if args.model else build_ensemble()
     device = torch.device(args.device)
@@ -131,7 +136,6 @@ def main() -> int:
     options.intra_op_num_threads = args.threads
     options.inter_op_num_threads = 1
     providers = ["CUDAExecutionProvider"] if args.device == "cuda" else ["CPUExecutionProvider"]
-    work = Path(tempfile.mkdtemp(prefix="freetickets-bench-"))
     export_onnx(model.cpu(), work)  # verified against PyTorch before it is timed
     model.to(device)
     export_member(model.members[0], cfg["input_size"], work / "member.onnx")
