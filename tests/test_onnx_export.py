@@ -15,8 +15,8 @@ from onnx import TensorProto, helper
 from freetickets_hub import EnsembleConfig, EnsembleModel
 from freetickets_hub.cli import main
 from freetickets_hub.errors import ExportError
-from freetickets_hub.export import onnx as export_module
 from freetickets_hub.export import export_onnx
+from freetickets_hub.export import onnx as export_module
 from freetickets_hub.export.verify import check_interface, synthetic_images
 from freetickets_hub.outputs import OUTPUT_NAMES, combine_member_logits
 from freetickets_hub.preprocessing import preprocess
@@ -37,7 +37,13 @@ def make_ensemble(seed: int = 0) -> EnsembleModel:
         "cifar_wrn10_2",
         10,
         model_args={"in_chans": 1},
-        pretrained_cfg={"input_size": [1, 28, 28], "mean": [0.5], "std": [0.5], "crop_pct": 1.0, "interpolation": "bilinear"},
+        pretrained_cfg={
+            "input_size": [1, 28, 28],
+            "mean": [0.5],
+            "std": [0.5],
+            "crop_pct": 1.0,
+            "interpolation": "bilinear",
+        },
         ensemble={"num_members": 3, "sparsity": 0.8},
     )
     model = EnsembleModel(config)
@@ -84,7 +90,9 @@ def test_export_writes_one_graph_with_the_design_interface(exported: tuple[Ensem
 @pytest.mark.parametrize("batch_size", [1, 5])
 def test_graph_agrees_with_torch_on_every_output(exported: tuple[EnsembleModel, Path], batch_size: int) -> None:
     model, folder = exported
-    pixels = preprocess(synthetic_images(model.config.pretrained_cfg, batch_size, seed=batch_size), model.config.pretrained_cfg)
+    pixels = preprocess(
+        synthetic_images(model.config.pretrained_cfg, batch_size, seed=batch_size), model.config.pretrained_cfg
+    )
     outputs = dict(zip(OUTPUT_NAMES, _session(folder).run(None, {"pixel_values": pixels}), strict=True))
     with torch.inference_mode():
         reference = model(torch.from_numpy(pixels))
@@ -110,7 +118,11 @@ def test_temperature_is_applied_identically(exported: tuple[EnsembleModel, Path]
 def test_fp16_export_with_external_data(tmp_path: Path) -> None:
     model = make_ensemble(seed=1)
     report = export_onnx(model, tmp_path, fp16=True, external_data=True)
-    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["export_report.json", "model.onnx", "model.onnx.data"]
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == [
+        "export_report.json",
+        "model.onnx",
+        "model.onnx.data",
+    ]
     assert report.fp16 and report.external_data and report.tolerance == 1e-2
     assert json.loads((tmp_path / "onnx" / "export_report.json").read_text())["fp16"] is True
     images = synthetic_images(model.config.pretrained_cfg, 6, seed=3)

@@ -83,7 +83,9 @@ def test_bad_input_gets_a_clear_error(engine: OnnxEnsemble, pixels: object, erro
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error raised where no CUDA provider exists")
 def test_gpu_provider_without_gpu_is_an_error(saved: tuple[EnsembleModel, Path]) -> None:
-    with pytest.raises(MissingDependencyError, match=r"\['CUDAExecutionProvider'\] are not available.*allow_cpu_fallback"):
+    with pytest.raises(
+        MissingDependencyError, match=r"\['CUDAExecutionProvider'\] are not available.*allow_cpu_fallback"
+    ):
         OnnxEnsemble.from_pretrained(saved[1], providers=["CUDAExecutionProvider"])
     engine = OnnxEnsemble.from_pretrained(saved[1], providers=["CUDAExecutionProvider"], allow_cpu_fallback=True)
     assert engine.providers == ["CPUExecutionProvider"]
@@ -91,7 +93,9 @@ def test_gpu_provider_without_gpu_is_an_error(saved: tuple[EnsembleModel, Path])
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="simulates a CUDA provider that is installed but cannot start")
-def test_provider_that_does_not_start_is_an_error(saved: tuple[EnsembleModel, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_provider_that_does_not_start_is_an_error(
+    saved: tuple[EnsembleModel, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.warns(UserWarning), pytest.raises(MissingDependencyError, match="are not active in the session"):
         OnnxEnsemble.from_pretrained(saved[1], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
@@ -111,7 +115,9 @@ def test_cuda_provider_with_io_binding(saved: tuple[EnsembleModel, Path], engine
     np.testing.assert_allclose(gpu.predict(images).probs, engine.predict(images).probs, rtol=0, atol=1e-4)
 
 
-def test_missing_onnxruntime_names_the_extra(saved: tuple[EnsembleModel, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_onnxruntime_names_the_extra(
+    saved: tuple[EnsembleModel, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
     assert not runtime.has_onnxruntime()
     with pytest.raises(MissingDependencyError, match=r"pip install 'freetickets-hub\[onnx\]'"):
@@ -123,7 +129,7 @@ def test_graph_older_than_the_calibration_is_refused(saved: tuple[EnsembleModel,
     config = json.loads((tmp_path / "config.json").read_text())
     config["ensemble"]["calibration"]["temperature"] = 2.0  # re-calibrated, graph not re-exported
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ArtifactError, match="exported with temperature 1.3, but config.json has 2.0"):
+    with pytest.raises(ArtifactError, match=r"exported with temperature 1\.3, but config\.json has 2\.0"):
         OnnxEnsemble.from_pretrained(tmp_path)
 
 
@@ -172,9 +178,13 @@ def test_offline_hub_load_without_torch(saved: tuple[EnsembleModel, Path], tmp_p
         print(" ".join(predictions.labels))
         """
     )
-    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "images.npy")], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script, str(tmp_path / "images.npy")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == model.predict(images).labels
