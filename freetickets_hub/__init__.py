@@ -21,7 +21,15 @@ _LAZY = {
     "preprocess": "freetickets_hub.preprocessing",
     "OnnxEnsemble": "freetickets_hub.runtime",
 }
-_ERRORS = ("ArtifactError", "ConfigError", "DatasetError", "FreeTicketsError", "MissingDependencyError", "RecipeError")
+_ERRORS = (
+    "ArtifactError",
+    "ConfigError",
+    "DatasetError",
+    "ExportError",
+    "FreeTicketsError",
+    "MissingDependencyError",
+    "RecipeError",
+)
 
 __all__ = ["__version__", *_LAZY, *_ERRORS]
 
@@ -33,6 +41,7 @@ if TYPE_CHECKING:
     from .errors import ArtifactError as ArtifactError
     from .errors import ConfigError as ConfigError
     from .errors import DatasetError as DatasetError
+    from .errors import ExportError as ExportError
     from .errors import FreeTicketsError as FreeTicketsError
     from .errors import MissingDependencyError as MissingDependencyError
     from .errors import RecipeError as RecipeError

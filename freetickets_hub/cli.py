@@ -134,6 +134,11 @@ def _calibrate(args: argparse.Namespace) -> int:
         card = model.generate_model_card(save_directory=Path(args.model))
         write_text_atomic(os.path.join(args.model, "README.md"), str(card))
         print(f"wrote {os.path.join(args.model, CONFIG_NAME)} and the model card")
+        if os.path.isfile(os.path.join(args.model, "onnx", "model.onnx")):
+            print(
+                f"note: {args.model}/onnx/model.onnx still has the old temperature; "
+                f"re-run `freetickets export onnx {args.model}` (OnnxEnsemble refuses the stale graph)"
+            )
     else:
         model.save_pretrained(args.output)
         print(f"wrote {args.output}")

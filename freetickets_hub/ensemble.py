@@ -382,7 +382,9 @@ def _companion_files(folder: Path) -> list[str]:
         names += sorted(
             p.relative_to(folder).as_posix()
             for p in (folder / sub).rglob("*")
-            if p.is_file() and not p.name.startswith(".") and not p.name.endswith(PICKLE_SUFFIXES)
+            if p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(folder).parts)  # e.g. an export in progress
+            and not p.name.endswith(PICKLE_SUFFIXES)
         )
     return names
 

@@ -124,7 +124,9 @@ def push_folder(
         ValueError: ``folder`` holds a pickle-format file (never published).
     """
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(folder).parts)
+    )
     pickles = [p.relative_to(folder).as_posix() for p in files if p.name.endswith(PICKLE_SUFFIXES)]
     if pickles:
         raise ValueError(f"refusing to upload pickle-format files {pickles} from {folder}")
