@@ -20,7 +20,6 @@ Exits 1 when a target is missed.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import tempfile
@@ -29,10 +28,10 @@ from pathlib import Path
 
 import timm
 import torch
-from freetickets_hub.training.sparsity import draw_masks, layer_densities, maskable_weights, nonzero_counts
 from safetensors.torch import load_file, save_file
 
 from freetickets_hub import EnsembleConfig, EnsembleModel
+from freetickets_hub.training.sparsity import random_masks
 
 TARGETS = {"fp32 bytes": 0.72, "fp16 bytes": 0.42, "load / member": 1.2}
 
@@ -49,13 +48,8 @@ def build_ensemble(arch: str, members: int, sparsity: float, seed: int = 0) -> E
     model = EnsembleModel(config)
     generator = torch.Generator().manual_seed(seed)
     for index, member in enumerate(model.members):
-        shapes = {name: tuple(w.shape) for name, w in maskable_weights(member).items()}
-        counts = nonzero_counts(shapes, layer_densities(shapes, sparsity, "erk"))
-        sparse = {name: shape for name, shape in shapes.items() if counts[name] < math.prod(shape)}
-        masks = draw_masks(sparse, counts, generator)
-        state = {name: t.clone() for name, t in member.state_dict().items()}
-        for name, mask in masks.items():
-            state[name] = state[name] * mask
+        masks = random_masks(member, sparsity, "erk", generator)
+        state = {name: t * masks[name] if name in masks else t.clone() for name, t in member.state_dict().items()}
         model.load_member(index, state, masks)
     return model
 

@@ -24,7 +24,6 @@ Exits 1 when a target is missed.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -41,7 +40,7 @@ from freetickets_hub import EnsembleConfig, EnsembleModel, OnnxEnsemble
 from freetickets_hub.export import export_onnx
 from freetickets_hub.export.verify import synthetic_images
 from freetickets_hub.preprocessing import preprocess
-from freetickets_hub.training.sparsity import draw_masks, layer_densities, maskable_weights, nonzero_counts
+from freetickets_hub.training.sparsity import random_masks
 
 TARGET_VS_NAIVE = {1: 3.0, 64: 1.3}  # OnnxEnsemble images/s over the naive torch loop's, by batch size
 TARGET_OVERHEAD = 1.05  # ensemble graph time <= this x M x member graph time
@@ -59,10 +58,7 @@ def build_ensemble(members: int = 3, sparsity: float = 0.8, seed: int = 0) -> En
     model = EnsembleModel(config)
     generator = torch.Generator().manual_seed(seed)
     for index, member in enumerate(model.members):
-        shapes = {name: tuple(w.shape) for name, w in maskable_weights(member).items()}
-        counts = nonzero_counts(shapes, layer_densities(shapes, sparsity, "erk"))
-        sparse = {name: shape for name, shape in shapes.items() if counts[name] < math.prod(shape)}
-        masks = draw_masks(sparse, counts, generator)
+        masks = random_masks(member, sparsity, "erk", generator)
         state = {name: t * masks[name] if name in masks else t.clone() for name, t in member.state_dict().items()}
         model.load_member(index, state, masks)
     return model

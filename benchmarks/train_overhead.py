@@ -15,10 +15,10 @@ import time
 
 import timm
 import torch
-from freetickets_hub.training.data import augment_batch, normalize
-from freetickets_hub.training.sparsity import SparseEngine, SparsityConfig
 
 import freetickets_hub.architectures  # noqa: F401
+from freetickets_hub.training.data import augment_batch, normalize
+from freetickets_hub.training.sparsity import SparseEngine, SparsityConfig
 
 TARGET = 1.15
 MEAN, STD = torch.tensor([0.286]), torch.tensor([0.353])

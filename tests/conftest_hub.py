@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 
 import torch
 
 from freetickets_hub import EnsembleConfig, EnsembleModel
-from freetickets_hub.training.sparsity import draw_masks, layer_densities, maskable_weights, nonzero_counts
+from freetickets_hub.training.sparsity import random_masks
 
 __all__ = ["INPUT", "LABELS", "make_ensemble", "put_in_hub_cache", "tiny_config"]
 
@@ -46,13 +45,8 @@ def make_ensemble(seed: int = 0, **config: object) -> EnsembleModel:
     generator = torch.Generator().manual_seed(seed)
     sparsity = model.config.ensemble.sparsity
     for index, member in enumerate(model.members):
-        shapes = {name: tuple(w.shape) for name, w in maskable_weights(member).items()}
-        counts = nonzero_counts(shapes, layer_densities(shapes, sparsity, "erk")) if sparsity else {}
-        sparse = {name: shape for name, shape in shapes.items() if name in counts and counts[name] < math.prod(shape)}
-        masks = draw_masks(sparse, counts, generator)
-        state = {name: t.clone() for name, t in member.state_dict().items()}
-        for name, mask in masks.items():
-            state[name] = state[name] * mask
+        masks = random_masks(member, sparsity, "erk", generator) if sparsity else {}
+        state = {name: t * masks[name] if name in masks else t.clone() for name, t in member.state_dict().items()}
         for name, tensor in state.items():
             if name.endswith("running_mean"):
                 tensor.normal_(0.0, 0.1, generator=generator)

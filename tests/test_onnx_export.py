@@ -21,7 +21,7 @@ from freetickets_hub.export.verify import check_interface, synthetic_images
 from freetickets_hub.outputs import OUTPUT_NAMES, combine_member_logits
 from freetickets_hub.preprocessing import preprocess
 from freetickets_hub.runtime import OnnxEnsemble
-from freetickets_hub.training.sparsity import draw_masks, layer_densities, maskable_weights, nonzero_counts
+from freetickets_hub.training.sparsity import random_masks
 
 TEMPERATURE = 1.7
 
@@ -49,8 +49,7 @@ def make_ensemble(seed: int = 0) -> EnsembleModel:
     model = EnsembleModel(config)
     generator = torch.Generator().manual_seed(seed)
     for index, member in enumerate(model.members):
-        shapes = {name: tuple(w.shape) for name, w in maskable_weights(member).items()}
-        masks = draw_masks(shapes, nonzero_counts(shapes, layer_densities(shapes, 0.8, "erk")), generator)
+        masks = random_masks(member, 0.8, "erk", generator)
         state = {name: t * masks[name] if name in masks else t.clone() for name, t in member.state_dict().items()}
         state["fc.weight"] *= 30.0
         model.load_member(index, state, masks)

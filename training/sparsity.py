@@ -26,6 +26,7 @@ __all__ = [
     "nonzero_counts",
     "prune_rate_at",
     "random_grow",
+    "random_masks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,16 @@ def draw_masks(
     return masks
 
 
+def random_masks(
+    model: nn.Module, sparsity: float, distribution: str, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Random masks of ``model``'s maskable weights with exact per-layer counts (none for dense layers)."""
+    shapes = {name: tuple(w.shape) for name, w in maskable_weights(model).items()}
+    counts = nonzero_counts(shapes, layer_densities(shapes, sparsity, distribution))
+    sparse = {name: shape for name, shape in shapes.items() if counts[name] < math.prod(shape)}
+    return draw_masks(sparse, counts, generator)
+
+
 def magnitude_prune(weight: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
     """Copy of ``mask`` without the ``count`` active weights of smallest magnitude."""
     score = weight.detach().abs().float().masked_fill(~mask, float("inf")).reshape(-1)
@@ -164,11 +175,9 @@ class SparseEngine:
         self.seed = seed
         self.weights = maskable_weights(model)
         shapes = {name: tuple(w.shape) for name, w in self.weights.items()}
-        self.densities = layer_densities(shapes, config.sparsity, config.distribution)
-        self.counts = nonzero_counts(shapes, self.densities)
-        sparse = {name: shape for name, shape in shapes.items() if self.counts[name] < math.prod(shape)}
+        self.counts = nonzero_counts(shapes, layer_densities(shapes, config.sparsity, config.distribution))
         device = next(iter(self.weights.values())).device
-        drawn = draw_masks(sparse, self.counts, torch.Generator().manual_seed(seed))
+        drawn = random_masks(model, config.sparsity, config.distribution, torch.Generator().manual_seed(seed))
         self.masks = {name: mask.to(device) for name, mask in drawn.items()}
         self.num_updates = 0
         self.phase_start = 0
