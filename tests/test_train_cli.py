@@ -140,6 +140,19 @@ def test_mixed_sizes_need_the_timm_pipeline(tmp_path: Path) -> None:
         load_image_data(load_recipe(None, [f"dataset={dataset}", "val_size=0"]))
 
 
+def test_report_to_tensorboard_writes_events(tmp_path: Path, tiny_dataset: Path) -> None:
+    args = ["train", "--recipe", "training/recipes/fmnist_tiny_edst.yaml", "--output-dir", str(tmp_path)]
+    for item in (f"dataset={tiny_dataset}", *TINY, "num_members=1", "explore_epochs=1", "refine_epochs=1"):
+        args += ["--set", item]
+    assert main([*args, "--report-to", "tensorboard"]) == 0
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file written"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/density"} <= set(tags)
+
+
 def test_cli_reports_recipe_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(
         [

@@ -245,11 +245,9 @@ class _Loop:
                 bar.write(
                     f"[{phase.name}] step {progress.step}: mask update, {update['regrown']} weights pruned and regrown"
                 )
+        self.accelerator.log({"train/loss": loss, "train/lr": lr, "train/density": density}, step=progress.total_steps)
         if progress.step % 10 == 0:
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", phase=phase.name, density=f"{density:.3f}")
-            self.accelerator.log(
-                {"train/loss": loss, "train/lr": lr, "train/density": density}, step=progress.total_steps
-            )
 
     def _should_stop(self) -> bool:
         return self.max_steps is not None and self.progress.total_steps >= self.max_steps
