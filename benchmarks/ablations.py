@@ -43,7 +43,17 @@ GROUPS = {
     "update interval ΔT (EDST, steps)": ("update_interval", [n * UPDATE_INTERVAL // 2 for n in (1, 2, 4)]),
 }
 SHORT = {"escape_rate": "q", "prune_rate": "p", "update_interval": "dt"}  # run folder names
-HEADER = ["setting", "ens. acc", "ens. NLL", "ens. NLL (T)", "member acc", "pairwise KL", "disagree", "mask Jaccard"]
+HEADER = [
+    "setting",
+    "ens. acc",
+    "ens. NLL",
+    "NLL (T)",
+    "member acc",
+    "pairwise KL",
+    "disagree",
+    "mask Jaccard",
+    "train FLOPs",
+]
 
 
 def build_specs(dataset: str) -> tuple[list[RunSpec], dict[str, list[tuple[str, str]]]]:
@@ -102,7 +112,9 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines = [
         "### Ablations (smoke-sized: trends at this size are weak evidence)",
         "",
-        *provenance_lines(results["provenance"], results["wall_time_s"]),
+        *provenance_lines(
+            results["provenance"], results["wall_time_s"], sum(r["wall_time_s"] for r in results["runs"].values())
+        ),
         f"- WRN-10-2, S=0.8 (ERK), M=3, {results['data']['train']} training images, validation carve "
         f"{results['data']['val']} (temperature), first {results['data']['test']} test images; EDST 3 + 3 x 2 epochs, "
         f"DST/dense 3 x {EPOCHS} epochs; baseline q=0.8, p=0.5, ΔT={UPDATE_INTERVAL}",
@@ -112,7 +124,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     for group, entries in results["groups"].items():
         table = [
             [label, _percent(r["accuracy"]), r["nll"], r["nll_calibrated"], _percent(r["mean_member_accuracy"]),
-             r["pairwise_kl"], r["disagreement"], r["mask_jaccard_distance"]]
+             r["pairwise_kl"], r["disagreement"], r["mask_jaccard_distance"], f"{r['training_flops']:.3e}"]
             for label, r in ((label, results["runs"][name]) for label, name in entries)
         ]  # fmt: skip
         lines += ["", f"**{group}**", "", markdown_table(HEADER, table)]

@@ -247,7 +247,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines = [
         f"### Preset `{preset}`" + (SMOKE_NOTE if preset == "smoke" else ""),
         "",
-        *provenance_lines(results["provenance"], results["wall_time_s"]),
+        *provenance_lines(results["provenance"], results["wall_time_s"], sum(r["wall_time_s"] for r in rows.values())),
         f"- data: Fashion-MNIST, {data['train']} training images, validation carve {data['val']} (seed {SEED}, "
         f"used for temperatures), {data['test']} test images; OOD: scikit-learn digits, all 1,797, resized to 28x28",
         f"- {settings['architecture']}, S={SPARSITY} (ERK), ΔT={settings['update_interval']} steps, "

@@ -47,7 +47,8 @@ def provenance(started: float) -> dict[str, Any]:
     }
 
 
-def provenance_lines(info: dict[str, Any], wall_time_s: float) -> list[str]:
+def provenance_lines(info: dict[str, Any], wall_time_s: float, training_s: float) -> list[str]:
+    """Markdown bullets; ``training_s`` sums the training processes, whenever they ran (a rerun skips them)."""
     machine = info["machine"]
     device = machine["gpu"] or f"CPU only, {machine['cpu_count']} cores ({machine['cpu']})"
     return [
@@ -55,7 +56,8 @@ def provenance_lines(info: dict[str, Any], wall_time_s: float) -> list[str]:
         f"- date: {info['date_utc']}; commit: `{info['commit']}`",
         f"- machine: {device}; torch {machine['torch']} ({machine['torch_threads']} threads), "
         f"Python {machine['python']}; load average at start {machine['load_average_at_start']}",
-        f"- total wall time: {wall_time_s / 60:.1f} min",
+        f"- wall time: {training_s / 60:.1f} min in training processes (summed over runs, as measured when they "
+        f"ran); this invocation {wall_time_s / 60:.1f} min",
     ]
 
 

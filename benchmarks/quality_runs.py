@@ -216,7 +216,9 @@ def evaluate_run(
         count = min(settings.corruption_images, len(test))
         subset = EvalSplit("fashion_mnist", f"test[:{count}]", test.images[:count], test.labels[:count])
         model.set_temperature(fit.temperature, fit_on="validation carve")
-        suite = evaluate(model, subset, corruptions=list(CORRUPTIONS), accelerator=accelerator, batch_size=500)
+        suite = evaluate(
+            model, subset, corruptions=list(CORRUPTIONS), accelerator=accelerator, batch_size=settings.batch_size
+        )
         results["corruptions"] = {
             "num_images": count,
             "names": sorted(CORRUPTIONS),
