@@ -73,3 +73,9 @@ def test_dst_plan_is_m_seeded_runs() -> None:
     runs = plan_runs(recipe)
     assert [r.seed for r in runs] == [7, 8]
     assert runs[0].phases[0].lr_at(0.8, 3) == pytest.approx(0.001)
+
+
+def test_string_keys_keep_yaml_booleans_as_text() -> None:
+    assert load_recipe(None, ["mixed_precision=no"]).mixed_precision == "no"  # YAML 1.1 would read False
+    assert load_recipe(None, ["escape_growth=random"]).escape_growth == "random"
+    assert load_recipe(None, ["escape_growth=null"]).escape_growth is None

@@ -48,6 +48,8 @@ def test_resume_matches_uninterrupted_run(
     assert not (tmp_path / "cut" / "model.safetensors").exists()  # stopped: nothing published yet
     checkpoints = list((tmp_path / "cut" / "checkpoints").glob("step_*"))
     assert [p.name.split("_")[1] for p in checkpoints] == [f"{stop_at:09d}"]
+    seconds_before = json.loads((checkpoints[0] / "progress.json").read_text())["progress"]["seconds"]
+    assert seconds_before > 0
     assert _train(tmp_path / "cut", tiny_dataset, "--resume", overrides=overrides) == 0
 
     full = load_file(str(tmp_path / "full" / "model.safetensors"))
@@ -55,8 +57,9 @@ def test_resume_matches_uninterrupted_run(
     assert full.keys() == resumed.keys()
     for key in full:
         assert torch.equal(full[key], resumed[key]), f"{key} differs after resume"
-    steps = [json.loads((tmp_path / d / "train_summary.json").read_text())["total_steps"] for d in ("full", "cut")]
-    assert steps[0] == steps[1]
+    summaries = [json.loads((tmp_path / d / "train_summary.json").read_text()) for d in ("full", "cut")]
+    assert summaries[0]["total_steps"] == summaries[1]["total_steps"]
+    assert summaries[1]["wall_time_s"] > seconds_before  # the time before the interruption is counted
 
 
 def test_resume_without_checkpoint_starts_fresh(

@@ -39,6 +39,7 @@ class Progress:
     escaped: bool = False  # the forced escape before the current phase is done
     dense_gradients: int = 0  # batches that needed a dense weight gradient (gradient growth), whole job
     images: int = 0  # training images processed, whole job, all processes
+    seconds: float = 0.0  # wall time of the job so far, summed over interrupted and resumed processes
 
 
 @dataclass

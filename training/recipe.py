@@ -155,6 +155,12 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         data = dict(loaded or {})
     data.update(parse_overrides(overrides or []))
     known = [f.name for f in fields(Recipe)]
+    hints = typing.get_type_hints(Recipe)
+    for item in overrides or []:  # YAML reads `no`/`off` as False: a string-typed key keeps the text
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key in hints and _runtime_types(hints[key]) in ((str,), (str, type(None))) and value.strip() != "null":
+            data[key] = value.strip()
     for key in data:
         if key not in known:
             hint = difflib.get_close_matches(key, known, n=1)

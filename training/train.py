@@ -85,7 +85,7 @@ def train(
     elif resume:
         accelerator.print(f"no checkpoint in {output_dir / 'checkpoints'}: starting from scratch")
     runs = plan_runs(recipe)
-    loop = _Loop(recipe, data, accelerator, output_dir, progress, tickets, best, max_steps)
+    loop = _Loop(recipe, data, accelerator, output_dir, progress, tickets, best, max_steps, started)
     for index in range(progress.run, len(runs)):
         if not loop.run(runs[index], index, checkpoint if index == progress.run else None):
             accelerator.print(f"stopped after {progress.total_steps} steps; continue with --resume")
@@ -94,7 +94,7 @@ def train(
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
         model = _build_ensemble(recipe, data, loop.tickets)
-        summary = _summarize(recipe, data, model, loop, time.perf_counter() - started)
+        summary = _summarize(recipe, data, model, loop, loop.seconds())
         output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output_dir / SUMMARY_NAME, json.dumps(summary, indent=2, sort_keys=True) + "\n")
         model.save_pretrained(output_dir)
@@ -116,9 +116,11 @@ class _Loop:
         tickets: list[Ticket],
         best: Ticket | None,
         max_steps: int | None,
+        started: float,
     ) -> None:
         self.recipe, self.data, self.accelerator, self.output_dir = recipe, data, accelerator, output_dir
         self.progress, self.tickets, self.best, self.max_steps = progress, tickets, best, max_steps
+        self.started, self.seconds_before = started, progress.seconds
         self.batches_per_epoch = 0
         self.mask_hashes: list[str] = []
         self.densities: dict[str, float] = {}
@@ -202,7 +204,7 @@ class _Loop:
                         optimizer.zero_grad()
                     progress.batch += 1
                     if accelerator.sync_gradients and self._should_stop():
-                        save_checkpoint(accelerator, self.output_dir, progress, engine, self.tickets, self.best)
+                        self._checkpoint(engine)
                         bar.close()
                         accelerator.free_memory()
                         return False
@@ -211,7 +213,7 @@ class _Loop:
                         and recipe.checkpoint_every
                         and not progress.total_steps % recipe.checkpoint_every
                     ):
-                        save_checkpoint(accelerator, self.output_dir, progress, engine, self.tickets, self.best)
+                        self._checkpoint(engine)
                 progress.epoch += 1
                 progress.batch = 0
                 if phase.ticket and recipe.ticket_selection == "best_val" and data.val is not None:
@@ -222,7 +224,7 @@ class _Loop:
             if phase.ticket:
                 self._take_ticket(phase, accelerator.unwrap_model(model), engine, bar)
             progress.phase, progress.epoch, progress.batch, progress.escaped = phase_index + 1, 0, 0, False
-            save_checkpoint(accelerator, self.output_dir, progress, engine, self.tickets, self.best)
+            self._checkpoint(engine)
         if engine is not None:
             self.mask_hashes = gather_object([_mask_hash(engine)])
         bar.close()
@@ -248,6 +250,14 @@ class _Loop:
         self.accelerator.log({"train/loss": loss, "train/lr": lr, "train/density": density}, step=progress.total_steps)
         if progress.step % 10 == 0:
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", phase=phase.name, density=f"{density:.3f}")
+
+    def seconds(self) -> float:
+        """Wall time of the job, including the processes that ran before a resume."""
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def _checkpoint(self, engine: SparseEngine | None) -> None:
+        self.progress.seconds = self.seconds()
+        save_checkpoint(self.accelerator, self.output_dir, self.progress, engine, self.tickets, self.best)
 
     def _should_stop(self) -> bool:
         return self.max_steps is not None and self.progress.total_steps >= self.max_steps

@@ -82,7 +82,8 @@ def run_inference(
     loader = accelerator.prepare(DataLoader(_IndexedImages(images, transform), batch_size=batch_size, shuffle=False))
     logits_parts, index_parts = [], []
     seen = 0
-    for batch, index in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True):
+    bar = tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True, leave=False)
+    for batch, index in bar:
         seen += len(index)
         pixels = (batch.float() / 255.0 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
         logits = model.member_logits(pixels).float().transpose(0, 1)  # (B, M, K): gather joins on dim 0
