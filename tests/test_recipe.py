@@ -77,5 +77,6 @@ def test_dst_plan_is_m_seeded_runs() -> None:
 
 def test_string_keys_keep_yaml_booleans_as_text() -> None:
     assert load_recipe(None, ["mixed_precision=no"]).mixed_precision == "no"  # YAML 1.1 would read False
+    assert load_recipe(None, ["mixed_precision='no'"]).mixed_precision == "no"
     assert load_recipe(None, ["escape_growth=random"]).escape_growth == "random"
     assert load_recipe(None, ["escape_growth=null"]).escape_growth is None

@@ -159,7 +159,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     for item in overrides or []:  # YAML reads `no`/`off` as False: a string-typed key keeps the text
         key, _, value = item.partition("=")
         key = key.strip()
-        if key in hints and _runtime_types(hints[key]) in ((str,), (str, type(None))) and value.strip() != "null":
+        string_key = key in hints and _runtime_types(hints[key]) in ((str,), (str, type(None)))
+        if string_key and isinstance(data[key], (bool, int, float)):
             data[key] = value.strip()
     for key in data:
         if key not in known:
