@@ -28,30 +28,12 @@ from pathlib import Path
 
 import timm
 import torch
+from random_ensemble import random_sparse_ensemble  # benchmarks/ is on sys.path when run as a script
 from safetensors.torch import load_file, save_file
 
-from freetickets_hub import EnsembleConfig, EnsembleModel
-from freetickets_hub.training.sparsity import random_masks
+from freetickets_hub import EnsembleModel
 
 TARGETS = {"fp32 bytes": 0.72, "fp16 bytes": 0.42, "load / member": 1.2}
-
-
-def build_ensemble(arch: str, members: int, sparsity: float, seed: int = 0) -> EnsembleModel:
-    """The Fashion-MNIST recipe's shape (1x28x28, 10 classes) with random ERK masks applied."""
-    config = EnsembleConfig(
-        arch,
-        10,
-        model_args={"in_chans": 1},
-        pretrained_cfg={"input_size": [1, 28, 28], "mean": [0.2860], "std": [0.3530], "crop_pct": 1.0},
-        ensemble={"num_members": members, "sparsity": sparsity, "distribution": "erk"},
-    )
-    model = EnsembleModel(config)
-    generator = torch.Generator().manual_seed(seed)
-    for index, member in enumerate(model.members):
-        masks = random_masks(member, sparsity, "erk", generator)
-        state = {name: t * masks[name] if name in masks else t.clone() for name, t in member.state_dict().items()}
-        model.load_member(index, state, masks)
-    return model
 
 
 def load_dense(arch: str, path: Path) -> torch.nn.Module:
@@ -62,7 +44,7 @@ def load_dense(arch: str, path: Path) -> torch.nn.Module:
 
 def measure(arch: str, members: int, sparsity: float, repeats: int, root: Path) -> dict[str, float]:
     """Ratios to one dense model: bytes of the fp32 / fp16 ensemble, and load time per member."""
-    ensemble = build_ensemble(arch, members, sparsity)
+    ensemble = random_sparse_ensemble(arch, members, sparsity)
     ensemble.save_pretrained(root / "fp32", values_dtype="float32")
     ensemble.save_pretrained(root / "fp16", values_dtype="float16")
     dense_path = root / "dense.safetensors"

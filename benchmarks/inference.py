@@ -35,33 +35,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from random_ensemble import random_sparse_ensemble  # benchmarks/ is on sys.path when run as a script
 
-from freetickets_hub import EnsembleConfig, EnsembleModel, OnnxEnsemble
+from freetickets_hub import EnsembleModel, OnnxEnsemble
 from freetickets_hub.export import export_onnx
 from freetickets_hub.export.verify import synthetic_images
 from freetickets_hub.preprocessing import preprocess
-from freetickets_hub.training.sparsity import random_masks
 
 TARGET_VS_NAIVE = {1: 3.0, 64: 1.3}  # OnnxEnsemble images/s over the naive torch loop's, by batch size
 TARGET_OVERHEAD = 1.05  # ensemble graph time <= this x M x member graph time
-
-
-def build_ensemble(members: int = 3, sparsity: float = 0.8, seed: int = 0) -> EnsembleModel:
-    """The Fashion-MNIST recipe's model with random ERK masks applied to freshly initialised members."""
-    config = EnsembleConfig(
-        "cifar_wrn10_2",
-        10,
-        model_args={"in_chans": 1},
-        pretrained_cfg={"input_size": [1, 28, 28], "mean": [0.2860], "std": [0.3530], "crop_pct": 1.0},
-        ensemble={"num_members": members, "sparsity": sparsity, "distribution": "erk"},
-    )
-    model = EnsembleModel(config)
-    generator = torch.Generator().manual_seed(seed)
-    for index, member in enumerate(model.members):
-        masks = random_masks(member, sparsity, "erk", generator)
-        state = {name: t * masks[name] if name in masks else t.clone() for name, t in member.state_dict().items()}
-        model.load_member(index, state, masks)
-    return model
 
 
 def export_member(member: torch.nn.Module, input_size: list[int], path: Path) -> None:
@@ -124,7 +106,7 @@ def main() -> int:
 def run(args: argparse.Namespace, work: Path) -> int:
     """Export the graphs into ``work``, time every engine, print the table and PASS/MISS; 1 if any MISS."""
     torch.set_num_threads(args.threads)
-    model = EnsembleModel.from_pretrained(args.model) if args.model else build_ensemble()
+    model = EnsembleModel.from_pretrained(args.model) if args.model else random_sparse_ensemble()
     device = torch.device(args.device)
     model = model.to(device).eval()
     cfg = model.config.pretrained_cfg
