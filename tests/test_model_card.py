@@ -56,23 +56,23 @@ def _metrics(card: ModelCard) -> dict[str, float]:
 
 def test_metadata_and_model_index_from_the_training_summary(model: EnsembleModel, tmp_path: Path) -> None:
     card = _save(model, tmp_path / "run", train_summary=SUMMARY)
-    data = card.data
-    assert isinstance(data, ModelCardData)
-    assert (data.library_name, data.pipeline_tag, data.license) == (
+    card_data = card.data
+    assert isinstance(card_data, ModelCardData)
+    assert (card_data.library_name, card_data.pipeline_tag, card_data.license) == (
         "freetickets-hub",
         "image-classification",
         "apache-2.0",
     )
-    assert {"ensemble", "sparse", "uncertainty-estimation", "model-calibration", "timm", "dst"} <= set(data.tags)
-    assert data.datasets is None  # a local folder is not a Hub dataset id
+    assert {"ensemble", "sparse", "uncertainty-estimation", "model-calibration", "timm", "dst"} <= set(card_data.tags)
+    assert card_data.datasets is None  # a local folder is not a Hub dataset id
     assert _metrics(card) == {"accuracy": 0.8125, "nll": 0.52, "ece": 0.031, "brier": 0.27}
-    result = data.eval_results[0]
+    result = card_data.eval_results[0]
     assert (result.task_type, result.dataset_type, result.dataset_split) == (
         "image-classification",
         "fashion_mnist",
         "test",
     )
-    assert data.model_name == "cifar_wrn10_2 DST ensemble (M=2)"
+    assert card_data.model_name == "cifar_wrn10_2 DST ensemble (M=2)"
     text = card.text
     assert "Measured on fashion_mnist [test], 2000 images (from `train_summary.json`)" in text
     assert "| member_1 | 0.8000 | 0.5800 | 0.0400 | 0.2900 |" in text

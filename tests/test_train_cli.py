@@ -25,17 +25,10 @@ from .conftest import SHARED_FMNIST, write_image_dataset
 TINY = ["max_train_samples=60", "val_size=24", "batch_size=16", "eval_batch_size=64", "update_interval=2"]
 
 
-def _train(out: Path, dataset: Path, *overrides: str) -> dict:
-    args = [
-        "train",
-        "--recipe",
-        "training/recipes/fmnist_tiny_edst.yaml",
-        "--output-dir",
-        str(out),
-        "--set",
-        f"dataset={dataset}",
-    ]
-    for item in (*TINY, *overrides):
+def _train(out: Path, dataset: Path, *overrides: str, tiny: bool = True) -> dict:
+    """Train the tiny recipe on ``dataset`` (shrunk further with TINY unless ``tiny`` is False)."""
+    args = ["train", "--recipe", "training/recipes/fmnist_tiny_edst.yaml", "--output-dir", str(out)]
+    for item in (f"dataset={dataset}", *(TINY if tiny else ()), *overrides):
         args += ["--set", item]
     assert main(args) == 0
     return json.loads((out / "train_summary.json").read_text())
@@ -181,21 +174,7 @@ def test_module_entry_point_is_the_same_command() -> None:
 @pytest.mark.skipif(not SHARED_FMNIST.is_dir(), reason="needs ../shared/datasets/fashion_mnist")
 def test_tiny_recipe_on_real_fashion_mnist(tmp_path: Path) -> None:
     out = tmp_path / "tiny"
-    assert (
-        main(
-            [
-                "train",
-                "--recipe",
-                "training/recipes/fmnist_tiny_edst.yaml",
-                "--output-dir",
-                str(out),
-                "--set",
-                f"dataset={SHARED_FMNIST}",
-            ]
-        )
-        == 0
-    )
-    summary = json.loads((out / "train_summary.json").read_text())
+    summary = _train(out, SHARED_FMNIST, tiny=False)
     assert summary["test"]["ensemble"]["accuracy"] > 0.6
     model = EnsembleModel.from_pretrained(out)
     assert model.num_members == 3
