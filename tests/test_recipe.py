@@ -80,3 +80,12 @@ def test_string_keys_keep_yaml_booleans_as_text() -> None:
     assert load_recipe(None, ["mixed_precision='no'"]).mixed_precision == "no"
     assert load_recipe(None, ["escape_growth=random"]).escape_growth == "random"
     assert load_recipe(None, ["escape_growth=null"]).escape_growth is None
+
+
+def test_warmup_ramps_linearly_within_the_first_epochs() -> None:
+    recipe = load_recipe(None, ["method=dst", "num_members=1", "epochs=10", "warmup_epochs=2", "lr=0.1"])
+    phase = plan_runs(recipe)[0].phases[0]
+    assert phase.lr_at(0.0, 0.0) == pytest.approx(0.1 * 1e-3 / 2)
+    assert phase.lr_at(0.05, 0.5) == pytest.approx(0.1 * (0.5 + 1e-3) / 2)
+    assert phase.lr_at(0.15, 1.5) == pytest.approx(0.1 * (1.5 + 1e-3) / 2)
+    assert phase.lr_at(0.2, 2.0) == pytest.approx(0.1)

@@ -185,7 +185,8 @@ class _Loop:
                 loader.set_epoch(phase_index * 100_000 + progress.epoch)  # a new, reproducible order
                 batches = accelerator.skip_first_batches(loader, progress.batch) if progress.batch else loader
                 for images, labels in batches:
-                    lr = phase.lr_at((progress.step - phase_start) / phase_steps, progress.epoch)
+                    epochs_done = (progress.step - phase_start) / steps_per_epoch  # fractional, for warm-up
+                    lr = phase.lr_at(epochs_done / phase.epochs, epochs_done)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     with accelerator.accumulate(model):
