@@ -159,6 +159,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         write_plots,
         write_results,
     )
+    from freetickets_hub.files import write_text_atomic
 
     corruptions = [] if args.corruptions is None else (args.corruptions or list(CORRUPTIONS))
     unknown = sorted(set(corruptions) - set(CORRUPTIONS))
@@ -186,6 +187,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         write_results(results, path)
     if args.plots:
         written += [str(path) for path in write_plots(results, args.plots)]
+    if os.path.isdir(args.model):  # the card's model-index and body now come from these results (and plots)
+        card = model.generate_model_card(save_directory=Path(args.model))
+        write_text_atomic(os.path.join(args.model, "README.md"), str(card))
+        written.append(os.path.join(args.model, "README.md"))
     print(f"wrote {', '.join(written)}" if written else "no files written (MODEL is a Hub id; pass --output)")
     return 0
 
