@@ -58,7 +58,8 @@ def test_metadata_and_model_index_from_the_training_summary(model: EnsembleModel
     card = _save(model, tmp_path / "run", train_summary=SUMMARY)
     card_data = card.data
     assert isinstance(card_data, ModelCardData)
-    assert (card_data.library_name, card_data.pipeline_tag, card_data.license) == (
+    metadata = card_data.to_dict()
+    assert (metadata["library_name"], metadata["pipeline_tag"], metadata["license"]) == (
         "freetickets-hub",
         "image-classification",
         "apache-2.0",
