@@ -123,22 +123,26 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> WideResNet:
 @register_model
 def cifar_wrn10_2(pretrained: bool = False, **kwargs: Any) -> WideResNet:
     """WRN-10-2 (0.3M parameters): the CPU-sized member used by the Fashion-MNIST recipes."""
-    return _create("cifar_wrn10_2", pretrained, **dict(depth=10, widen_factor=2), **kwargs)
+    model_args = dict(depth=10, widen_factor=2)
+    return _create("cifar_wrn10_2", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def cifar_wrn16_4(pretrained: bool = False, **kwargs: Any) -> WideResNet:
     """WRN-16-4 (2.7M parameters)."""
-    return _create("cifar_wrn16_4", pretrained, **dict(depth=16, widen_factor=4), **kwargs)
+    model_args = dict(depth=16, widen_factor=4)
+    return _create("cifar_wrn16_4", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def cifar_wrn16_8(pretrained: bool = False, **kwargs: Any) -> WideResNet:
     """WRN-16-8 (11M parameters): an over-parameterised member for GPU runs."""
-    return _create("cifar_wrn16_8", pretrained, **dict(depth=16, widen_factor=8), **kwargs)
+    model_args = dict(depth=16, widen_factor=8)
+    return _create("cifar_wrn16_8", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def cifar_wrn28_10(pretrained: bool = False, **kwargs: Any) -> WideResNet:
     """WRN-28-10 (36.5M parameters): the paper's CIFAR-10/100 architecture."""
-    return _create("cifar_wrn28_10", pretrained, **dict(depth=28, widen_factor=10), **kwargs)
+    model_args = dict(depth=28, widen_factor=10)
+    return _create("cifar_wrn28_10", pretrained, **dict(model_args, **kwargs))

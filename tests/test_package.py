@@ -51,6 +51,14 @@ def test_registered_architectures_build_for_28x28_grayscale(name: str) -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_architecture_defaults_yield_to_model_args() -> None:
+    """``model_args`` (``--set model_args={widen_factor: 4}``) override a variant's depth and width, as in timm."""
+    narrow = timm.create_model("cifar_wrn10_2", num_classes=10, in_chans=1)
+    wide = timm.create_model("cifar_wrn10_2", num_classes=10, in_chans=1, widen_factor=4)
+    assert wide.num_features == 2 * narrow.num_features == 256
+    assert wide(torch.randn(1, 1, 28, 28)).shape == (1, 10)
+
+
 def test_console_script_is_installed() -> None:
     script = shutil.which("freetickets", path=str(Path(sys.executable).parent))
     assert script is not None
