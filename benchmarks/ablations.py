@@ -20,16 +20,14 @@ on the validation carve) and the Jaccard distance between members' masks.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-from quality_report import markdown_table, provenance, provenance_lines, replace_section
+from quality_report import markdown_table, provenance, provenance_lines, write_results
 from quality_runs import REPO, EvalSettings, RunSpec, epoch_budget, evaluate_run, load_shared_data, train_run
 
 from freetickets_hub.evaluation import create_accelerator
-from freetickets_hub.files import write_text_atomic
 
 EDST_RECIPE = "training/recipes/fmnist_wrn10_2_edst.yaml"
 DST_RECIPE = "training/recipes/fmnist_wrn10_2_dst.yaml"
@@ -161,12 +159,9 @@ def main() -> None:
         "wall_time_s": round(time.time() - started, 1),
     }
     markdown = render_markdown(results)
-    write_text_atomic(out / "results.json", json.dumps(results, indent=2, sort_keys=True) + "\n")
-    write_text_atomic(out / "results.md", markdown)
-    if args.results_md:
-        replace_section(Path(args.results_md), "ablations", markdown)
+    written = write_results(out, results, markdown, args.results_md, "ablations")
     print(markdown)
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}" + (f", {args.results_md}" if args.results_md else ""))
+    print("wrote " + ", ".join(written))
 
 
 if __name__ == "__main__":

@@ -20,17 +20,16 @@ finished methods and resumes an interrupted one. Writes ``results.json``, ``resu
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from quality_report import markdown_table, provenance, provenance_lines, replace_section
+from quality_report import markdown_table, provenance, provenance_lines, write_results
 from quality_runs import REPO, EvalSettings, RunSpec, epoch_budget, evaluate_run, load_shared_data, train_run
 
 from freetickets_hub.evaluation import create_accelerator
-from freetickets_hub.files import atomic_path, write_text_atomic
+from freetickets_hub.files import atomic_path
 
 DST_RECIPE = "training/recipes/fmnist_wrn10_2_dst.yaml"
 EDST_RECIPE = "training/recipes/fmnist_wrn10_2_edst.yaml"
@@ -350,16 +349,10 @@ def main() -> None:
         "wall_time_s": round(time.time() - started, 1),
     }
     markdown = render_markdown(results)
-    write_text_atomic(out / "results.json", json.dumps(results, indent=2, sort_keys=True) + "\n")
-    write_text_atomic(out / "results.md", markdown)
     write_plot(rows, out / "quality.png")
-    if args.results_md:
-        replace_section(Path(args.results_md), f"quality-{args.preset}", markdown)
+    written = write_results(out, results, markdown, args.results_md, f"quality-{args.preset}")
     print(markdown)
-    written = [out / "results.json", out / "results.md", out / "quality.png"]
-    if args.results_md:
-        written.append(f"section quality-{args.preset} of {args.results_md}")
-    print("wrote " + ", ".join(map(str, written)))
+    print("wrote " + ", ".join([str(out / "quality.png"), *written]))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
@@ -17,7 +18,7 @@ import torch
 
 from freetickets_hub.files import write_text_atomic
 
-__all__ = ["format_number", "markdown_table", "provenance", "provenance_lines", "replace_section"]
+__all__ = ["format_number", "markdown_table", "provenance", "provenance_lines", "replace_section", "write_results"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,3 +85,17 @@ def replace_section(path: Path, key: str, text: str) -> None:
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
     new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block + "\n"
     write_text_atomic(path, new.lstrip())
+
+
+def write_results(out: Path, results: dict[str, Any], markdown: str, results_md: str, section: str) -> list[str]:
+    """``results.json`` and ``results.md`` into ``out``, and ``section`` of ``results_md`` unless it is ''.
+
+    Returns what was written, for the benchmark's last line.
+    """
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out / "results.md", markdown)
+    written = [str(out / "results.json"), str(out / "results.md")]
+    if results_md:
+        replace_section(Path(results_md), section, markdown)
+        written.append(f"section {section} of {results_md}")
+    return written

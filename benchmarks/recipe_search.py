@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quality_report import markdown_table, provenance, provenance_lines, replace_section
+from quality_report import markdown_table, provenance, provenance_lines, write_results
 from quality_runs import REPO, EvalSettings, RunSpec, epoch_budget, evaluate_run, load_shared_data, train_run
 
 from freetickets_hub.calibration import fit_temperature
@@ -197,11 +197,9 @@ def main() -> None:
         }
     results["wall_time_s"] = round(time.time() - started, 1)
     markdown = render_markdown(results)
-    write_text_atomic(out / "results.json", json.dumps(results, indent=2, sort_keys=True) + "\n")
-    write_text_atomic(out / "results.md", markdown)
-    if args.results_md:
-        replace_section(Path(args.results_md), "recipe-search", markdown)
+    written = write_results(out, results, markdown, args.results_md, "recipe-search")
     print(markdown)
+    print("wrote " + ", ".join(written))
 
 
 def _test_row(evaluation: dict[str, Any]) -> dict[str, float]:
