@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,8 @@ PRESETS = {
 }
 
 
-def build_specs(preset: Preset, dataset: str, extra: list[str]) -> list[RunSpec]:
-    """The five runs of a preset; ``extra`` ``--set`` overrides apply to all of them, last."""
+def build_specs(preset: Preset, dataset: str, extra: list[str], edst_extra: Sequence[str] = ()) -> list[RunSpec]:
+    """The five runs of a preset; ``extra`` (``--set``) overrides apply to all of them, ``edst_extra`` to EDST, last."""
     t_ex, t_re = epoch_budget(preset.epochs)
     common = [
         f"dataset={dataset}",
@@ -119,7 +120,10 @@ def build_specs(preset: Preset, dataset: str, extra: list[str]) -> list[RunSpec]
             [*dense_like, *ensemble, "method=static_sparse"],
         ),
     ]
-    return [RunSpec(name, label, recipe, [*common, *own, *extra]) for name, label, recipe, own in runs]
+    return [
+        RunSpec(name, label, recipe, [*common, *own, *extra, *(edst_extra if name == "edst_ensemble" else ())])
+        for name, label, recipe, own in runs
+    ]
 
 
 def _yaml(value: Any) -> str:
@@ -226,6 +230,7 @@ def check_targets(rows: dict[str, dict[str, Any]], preset_name: str) -> list[dic
 def render_markdown(results: dict[str, Any]) -> str:
     rows, preset = results["methods"], results["preset"]
     settings = results["settings"]
+    edst_epochs = settings["t_ex"] + NUM_MEMBERS * settings["t_re"]
     calibration_keys = ("nll", "nll_calibrated", "ece", "ece_calibrated", "brier", "brier_calibrated", "temperature")
     quality = [
         [r["label"], _percent(r["accuracy"]), _percent(r["accuracy_calibrated"]), *(r[k] for k in calibration_keys)]
@@ -253,8 +258,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"- {settings['architecture']}, S={SPARSITY} (ERK), ΔT={settings['update_interval']} steps, "
         f"batch {settings['batch_size']}, LR {settings['lr']}, "
         f"E={settings['epochs']} epochs per dense/DST/static member; EDST t_ex={settings['t_ex']} + "
-        f"{NUM_MEMBERS} x t_re={settings['t_re']} = {settings['t_ex'] + NUM_MEMBERS * settings['t_re']} epochs "
-        f"(1.8E); seeds {SEED}, {SEED + 1}, {SEED + 2} for the members of M-run ensembles, {SEED} for EDST",
+        f"{NUM_MEMBERS} x t_re={settings['t_re']} = {edst_epochs} epochs ({edst_epochs / settings['epochs']:.1f}E)"
+        + (f", EDST overrides {settings['edst_overrides']}" if settings["edst_overrides"] else "")
+        + f"; seeds {SEED}, {SEED + 1}, {SEED + 2} for the members of M-run ensembles, {SEED} for EDST",
         "",
         "Test accuracy (%) and calibration, before / after one temperature fitted on the validation carve:",
         "",
@@ -316,6 +322,9 @@ def main() -> None:
     parser.add_argument("--dataset", default=str(REPO.parent / "shared" / "datasets" / "fashion_mnist"))
     parser.add_argument("--epochs", type=int, default=None, help="override E (a multiple of 5)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override for every run")
+    parser.add_argument(
+        "--edst-set", action="append", default=[], metavar="KEY=VALUE", help="recipe override for the EDST run only"
+    )
     parser.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"), help="'' to leave it alone")
     args = parser.parse_args()
     started = time.time()
@@ -323,9 +332,8 @@ def main() -> None:
     preset = PRESETS[args.preset]
     if args.epochs is not None:
         preset.epochs = args.epochs
-    t_ex, t_re = epoch_budget(preset.epochs)
     out = Path(args.output_dir or REPO / "runs" / f"quality-{args.preset}")
-    specs = build_specs(preset, args.dataset, args.set)
+    specs = build_specs(preset, args.dataset, args.set, args.edst_set)
     summaries = {spec.name: train_run(spec, out / spec.name) for spec in specs}
     data = load_shared_data(specs)
     accelerator = create_accelerator()
@@ -337,10 +345,18 @@ def main() -> None:
         for spec in specs
     }
     add_relative_costs(rows)
+    t_ex, t_re = (rows["edst_ensemble"]["epochs"][k] for k in ("explore", "refine"))
     first_eval = next(iter(rows.values()))["evaluation"]
     results = {
         "preset": args.preset,
-        "settings": {**asdict(preset), "t_ex": t_ex, "t_re": t_re, "seed": SEED, "extra_overrides": args.set},
+        "settings": {
+            **asdict(preset),
+            "t_ex": t_ex,
+            "t_re": t_re,
+            "seed": SEED,
+            "extra_overrides": args.set,
+            "edst_overrides": args.edst_set,
+        },
         "data": {"train": len(data.train), "val": len(data.val or []), "test": len(data.test)},
         "corruptions": first_eval.get("corruptions", {}).get("names", []),
         "provenance": info,

@@ -84,3 +84,19 @@ def test_smoke_preset_is_complete_finite_and_resumable(tmp_path: Path) -> None:
         assert (out / name / "model.safetensors").stat().st_mtime_ns == weights[name]
     assert not [line for line in second.stdout.splitlines() if line.startswith("train ")]
     assert json.loads((out / "results.json").read_text())["methods"] == results["methods"]
+
+
+def test_edst_overrides_reach_the_edst_run_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--edst-set`` (e.g. the recipe search's schedule) changes EDST; the four baselines stay comparable."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import quality
+
+    plain = {s.name: s.load() for s in quality.build_specs(quality.PRESETS["full"], "ds", [])}
+    tuned = quality.build_specs(quality.PRESETS["full"], "ds", [], ["explore_epochs=6", "refine_epochs=1"])
+    for spec in tuned:
+        recipe = spec.load()
+        if spec.name == "edst_ensemble":
+            assert (recipe.explore_epochs, recipe.refine_epochs) == (6, 1)
+            assert (plain[spec.name].explore_epochs, plain[spec.name].refine_epochs) == (3, 2)
+        else:
+            assert recipe == plain[spec.name], spec.name
