@@ -15,6 +15,9 @@ finished methods and resumes an interrupted one. Writes ``results.json``, ``resu
     python benchmarks/quality.py --preset smoke    # ~5 min on an idle 2-core CPU
     python benchmarks/quality.py --preset full     # ~75 min on an idle 2-core CPU (E=5, 40,000 images)
     python benchmarks/quality.py --preset gpu      # WRN-16-8, E=10, bf16, all data: one H100, ~10 min (estimate)
+
+``--edst-set KEY=VALUE`` changes the EDST run only (e.g. a schedule from ``recipe_search.py``), so the
+four other methods' finished runs in the same output folder are reused.
 """
 
 from __future__ import annotations

@@ -94,8 +94,9 @@ def build_specs(dataset: str, train_images: int, epochs: int) -> list[RunSpec]:
 def validation_scores(folder: Path, data: ImageData, accelerator: Any) -> dict[str, float]:
     """Accuracy and raw NLL on the whole carve; NLL at a temperature fitted on its first half, on its second."""
     cache, stamp = folder / SEARCH_EVAL, (folder / "model.safetensors").stat().st_mtime_ns
-    if cache.exists() and json.loads(cache.read_text())["model_mtime_ns"] == stamp:
-        return json.loads(cache.read_text())["scores"]
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    if cached.get("model_mtime_ns") == stamp:
+        return cached["scores"]
     assert data.val is not None
     model = EnsembleModel.from_pretrained(folder)
     logits = run_inference(model, data.val.images, accelerator, batch_size=500, desc="validation").member_logits
