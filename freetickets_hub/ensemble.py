@@ -24,7 +24,7 @@ from . import __version__
 from . import architectures as _architectures  # noqa: F401  (registers the CIFAR-style WRNs with timm)
 from .config import CalibrationConfig, EnsembleConfig
 from .errors import ArtifactError, ConfigError
-from .files import atomic_path, write_text_atomic
+from .files import atomic_path, visible_files, write_text_atomic
 from .hub import (
     ASSETS_DIR,
     CONFIG_NAME,
@@ -379,13 +379,11 @@ def _companion_files(folder: Path) -> list[str]:
         return []
     names = [name for name in (SUMMARY_NAME, EVAL_RESULTS_NAME) if (folder / name).is_file()]
     for sub in (ONNX_DIR, ASSETS_DIR):
-        names += sorted(
+        names += [
             p.relative_to(folder).as_posix()
-            for p in (folder / sub).rglob("*")
-            if p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(folder).parts)  # e.g. an export in progress
-            and not p.name.endswith(PICKLE_SUFFIXES)
-        )
+            for p in visible_files(folder / sub)
+            if not p.name.endswith(PICKLE_SUFFIXES)
+        ]
     return names
 
 

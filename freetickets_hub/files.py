@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never half of one."""
+"""Atomic file writes (a reader sees the old file or the complete new one, never half of one), and visible files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_text_atomic"]
+__all__ = ["atomic_path", "visible_files", "write_text_atomic"]
 
 
 @contextlib.contextmanager
@@ -32,3 +32,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def visible_files(folder: Path) -> list[Path]:
+    """Files below ``folder``, sorted, without hidden paths (a part starting with ".": an atomic write or
+    export in progress, ``.git``, caches), which never travel with an artifact."""
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(folder).parts)
+    )

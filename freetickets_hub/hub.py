@@ -13,6 +13,7 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, hf_hub_downlo
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from . import __version__
+from .files import visible_files
 
 __all__ = [
     "ASSETS_DIR",
@@ -124,9 +125,7 @@ def push_folder(
         ValueError: ``folder`` holds a pickle-format file (never published).
     """
     folder = Path(folder)
-    files = sorted(
-        p for p in folder.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(folder).parts)
-    )
+    files = visible_files(folder)
     pickles = [p.relative_to(folder).as_posix() for p in files if p.name.endswith(PICKLE_SUFFIXES)]
     if pickles:
         raise ValueError(f"refusing to upload pickle-format files {pickles} from {folder}")
