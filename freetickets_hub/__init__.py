@@ -28,6 +28,8 @@ _ERRORS = (
     "ExportError",
     "FreeTicketsError",
     "MissingDependencyError",
+    "ModelNotFoundError",
+    "OutputDirError",
     "RecipeError",
 )
 
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
     from .errors import ExportError as ExportError
     from .errors import FreeTicketsError as FreeTicketsError
     from .errors import MissingDependencyError as MissingDependencyError
+    from .errors import ModelNotFoundError as ModelNotFoundError
+    from .errors import OutputDirError as OutputDirError
     from .errors import RecipeError as RecipeError
     from .outputs import EnsembleOutput as EnsembleOutput
     from .outputs import combine_member_logits as combine_member_logits

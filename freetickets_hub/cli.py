@@ -8,23 +8,53 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import FreeTicketsError
+from . import __version__
+from .errors import FreeTicketsError, RecipeError
 
 __all__ = ["main"]
 
 
 def _train(args: argparse.Namespace) -> int:
+    from freetickets_hub.files import prepare_output_dir
     from freetickets_hub.training import load_recipe, train
+    from freetickets_hub.training.checkpoint import latest_checkpoint
 
     recipe = load_recipe(args.recipe, args.set)
+    check_architecture(recipe.architecture)
+    output_dir = Path(args.output_dir)
+    if args.resume and latest_checkpoint(output_dir) is None and (output_dir / "config.json").is_file():
+        raise FreeTicketsError(
+            f"--resume: {str(output_dir)!r} holds a finished model and no checkpoint to continue from; "
+            "nothing was changed (pass --overwrite instead of --resume to train it again)"
+        )
+    prepare_output_dir(output_dir, overwrite=args.overwrite, resume=args.resume, can_resume=True)
     summary = train(recipe, args.output_dir, resume=args.resume, max_steps=args.max_steps, report_to=args.report_to)
     if summary:
         print(format_summary_table(summary))
         print(f"wrote {args.output_dir}")
     return 0
+
+
+def check_architecture(name: str) -> None:
+    """Fail before any data loads when timm does not know ``name`` (our own WRNs included).
+
+    Raises:
+        RecipeError: naming the closest registered architectures.
+    """
+    import difflib
+
+    import timm
+
+    from freetickets_hub import architectures as _architectures  # noqa: F401  (registers the WRNs)
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else " (see timm.list_models())"
+        raise RecipeError(f"unknown architecture {name!r}: timm has no such model{hint}")
 
 
 def format_summary_table(summary: dict) -> str:
@@ -75,7 +105,9 @@ def _held_out_rows(args: argparse.Namespace) -> tuple[str, list[int] | None]:
     recipe = summary["recipe"]
     if not recipe.get("val_size"):
         raise FreeTicketsError(f"{args.dataset!r} has no 'validation' split and the run carved none (val_size 0)")
-    if os.path.abspath(recipe["dataset"]) != os.path.abspath(args.dataset) and recipe["dataset"] != args.dataset:
+    from freetickets_hub.training.data import resolve_dataset
+
+    if not _same_dataset(resolve_dataset(recipe["dataset"]), args.dataset):
         raise FreeTicketsError(
             f"the run trained on {recipe['dataset']!r}, not {args.dataset!r}: name a held-out split of this dataset"
         )
@@ -86,6 +118,15 @@ def _held_out_rows(args: argparse.Namespace) -> tuple[str, list[int] | None]:
     return recipe["train_split"], rows.tolist()
 
 
+def _same_dataset(a: str, b: str) -> bool:
+    """Whether two ``datasets`` sources name the same data, however a local path is spelled."""
+    import os
+
+    if os.path.exists(a) or os.path.exists(b):
+        return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+    return a == b
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     import os
 
@@ -93,7 +134,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from freetickets_hub.calibration import fit_temperature
     from freetickets_hub.errors import DatasetError
     from freetickets_hub.evaluation import create_accelerator, load_eval_split, run_inference
-    from freetickets_hub.files import write_text_atomic
+    from freetickets_hub.files import check_writable, prepare_output_dir, write_text_atomic
     from freetickets_hub.hub import CONFIG_NAME
 
     if "test" in args.split.lower() and not args.force:
@@ -104,8 +145,14 @@ def _calibrate(args: argparse.Namespace) -> int:
     local = os.path.isdir(args.model)
     if not local and args.output is None:
         raise FreeTicketsError(
-            f"{args.model!r} is not a local folder; pass --output DIR to save the calibrated ensemble"
+            f"{args.model!r} is not a local folder; pass --output-dir DIR to save the calibrated ensemble"
         )
+    if args.output is not None and local and os.path.realpath(args.output) == os.path.realpath(args.model):
+        args.output = None  # --output-dir MODEL is the in-place update
+    if args.output is None:
+        check_writable(args.model)
+    else:
+        prepare_output_dir(args.output, overwrite=args.overwrite)
     model = EnsembleModel.from_pretrained(args.model)
     split, rows = _held_out_rows(args)
     data = load_eval_split(
@@ -159,18 +206,27 @@ def _evaluate(args: argparse.Namespace) -> int:
         write_plots,
         write_results,
     )
-    from freetickets_hub.files import write_text_atomic
+    from freetickets_hub.files import check_writable, write_text_atomic
 
     corruptions = [] if args.corruptions is None else (args.corruptions or list(CORRUPTIONS))
     unknown = sorted(set(corruptions) - set(CORRUPTIONS))
     if unknown:
         raise FreeTicketsError(f"unknown corruptions {unknown}; choose from {sorted(CORRUPTIONS)}")
+    results_files = [Path(args.output)] if args.output else []
+    if args.output_dir:
+        results_files.append(Path(args.output_dir) / EVAL_RESULTS_NAME)
+    keep_folder = _keep_model_folder(args)
+    for folder in {*(path.parent for path in results_files), *([Path(args.plots)] if args.plots else [])}:
+        check_writable(folder)
+    if keep_folder is None:
+        check_writable(args.model)
+        results_files.append(Path(args.model) / EVAL_RESULTS_NAME)
     model = EnsembleModel.from_pretrained(args.model)
     data = load_eval_split(
         args.dataset, model.config, split=args.split, dataset_config=args.dataset_config, max_samples=args.max_samples
     )
     ood = [
-        load_eval_split(name, model.config, require_labels=False, max_samples=args.max_samples)
+        load_eval_split(name, model.config, split=args.ood_split, require_labels=False, max_samples=args.max_samples)
         for name in args.ood_dataset
     ]
     accelerator = create_accelerator()
@@ -180,19 +236,41 @@ def _evaluate(args: argparse.Namespace) -> int:
     if not accelerator.is_main_process:
         return 0
     print(format_results(results))
-    written = [args.output] if args.output else []
-    if os.path.isdir(args.model):  # the model card reads it from there
-        written.append(os.path.join(args.model, EVAL_RESULTS_NAME))
-    for path in written:
+    results["max_samples"] = args.max_samples  # None: every image of the split
+    written = [str(path) for path in results_files]
+    for path in results_files:
         write_results(results, path)
     if args.plots:
         written += [str(path) for path in write_plots(results, args.plots)]
-    if os.path.isdir(args.model):  # the card's model-index and body now come from these results (and plots)
+    if keep_folder is None:  # the card's model-index and body now come from these results (and plots)
         card = model.generate_model_card(save_directory=Path(args.model))
         write_text_atomic(os.path.join(args.model, "README.md"), str(card))
         written.append(os.path.join(args.model, "README.md"))
-    print(f"wrote {', '.join(written)}" if written else "no files written (MODEL is a Hub id; pass --output)")
+    else:
+        print(f"{args.model} left unchanged: {keep_folder}")
+    print(f"wrote {', '.join(written)}" if written else "no files written (pass --output-dir DIR to keep the results)")
     return 0
+
+
+def _keep_model_folder(args: argparse.Namespace) -> str | None:
+    """Why ``evaluate`` must leave MODEL's ``eval_results.json`` and card alone, or None when it updates them.
+
+    The folder's results describe the model to its users (the card's model-index), so only a full
+    evaluation of a split replaces them, and only when no other destination was asked for.
+    """
+    import os
+
+    if not os.path.isdir(args.model):
+        return "it is a Hub repo id, not a local folder"
+    if args.no_update_card:
+        return "--no-update-card"
+    if args.output or args.output_dir:
+        return "the results went to --output/--output-dir"
+    if args.max_samples is not None:
+        return f"--max-samples {args.max_samples} evaluates a subset (the folder keeps full-split results only)"
+    if "[" in args.split:
+        return f"split {args.split!r} is a slice (the folder keeps full-split results only)"
+    return None
 
 
 def _push(args: argparse.Namespace) -> int:
@@ -219,9 +297,17 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    import os
+
     from freetickets_hub import EnsembleModel
+    from freetickets_hub.files import prepare_output_dir
     from freetickets_hub.merge import merge_ensembles
 
+    exists = os.path.exists(args.output)
+    inputs = [run for run in args.runs if exists and os.path.exists(run) and os.path.samefile(run, args.output)]
+    if inputs:
+        raise FreeTicketsError(f"--output-dir {args.output!r} is one of the runs being merged; choose a new folder")
+    prepare_output_dir(args.output, overwrite=args.overwrite)
     models = [EnsembleModel.from_pretrained(run) for run in args.runs]
     merged = merge_ensembles(models, names=args.runs)
     merged.save_pretrained(args.output)
@@ -232,9 +318,55 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from freetickets_hub.hub import ONNX_NAME
+
+    missing = [path for path in args.images if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(f"image file(s) not found: {', '.join(map(repr, missing))}")
+    backend = args.backend
+    if backend == "auto":
+        backend = "onnx" if os.path.isfile(os.path.join(args.model, ONNX_NAME)) else "torch"
+    if backend == "onnx":
+        from freetickets_hub.runtime import OnnxEnsemble
+
+        model = OnnxEnsemble.from_pretrained(args.model)
+    else:
+        from freetickets_hub import EnsembleModel
+
+        model = EnsembleModel.from_pretrained(args.model)
+    num_classes = model.config.num_classes
+    if not 1 <= args.top_k <= num_classes:
+        raise FreeTicketsError(f"--top-k must be from 1 to {num_classes} (the number of classes), got {args.top_k}")
+    records = model.predict(args.images, batch_size=args.batch_size).to_records(top_k=args.top_k)
+    if args.json:
+        print(
+            json.dumps([{"image": path, **record} for path, record in zip(args.images, records, strict=True)], indent=2)
+        )
+        return 0
+    width = max(len("image"), *(len(path) for path in args.images))
+    header = f"{'image':<{width}}  {'label':<16} {'conf':>6} {'entropy':>8} {'MI':>8} {'disagree':>8}"
+    lines = [header + ("  top-k" if args.top_k > 1 else "")]
+    for path, r in zip(args.images, records, strict=True):
+        line = (
+            f"{path:<{width}}  {r['label']:<16} {r['confidence']:>6.3f} {r['entropy']:>8.4f} "
+            f"{r['mutual_information']:>8.4f} {r['disagreement']:>8.2f}"
+        )
+        if args.top_k > 1:
+            line += "  " + ", ".join(f"{k['label']} {k['probability']:.3f}" for k in r["top_k"])
+        lines.append(line)
+    print("\n".join(lines))
+    print(f"({backend} backend; entropy = total uncertainty, MI = epistemic, in nats)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freetickets", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log mask updates and phase switches")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     p = verbs.add_parser("train", help="train a DST/EDST/dense ensemble from a recipe")
@@ -243,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     p.add_argument("--report-to", default=None, help="accelerate tracker, e.g. tensorboard (optional)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.add_argument(
         "--max-steps", type=int, default=None, help="stop after N optimizer steps with a checkpoint (then --resume)"
     )
@@ -252,7 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     formats = p.add_subparsers(dest="format", required=True)
     p = formats.add_parser("onnx", help="write MODEL/onnx/model.onnx (one graph) and check it against PyTorch")
     p.add_argument("model", help="a saved ensemble folder or a Hub repo id")
-    p.add_argument("--output", default=None, help="folder to write onnx/ to (default: MODEL, when a folder)")
+    p.add_argument(
+        "--output-dir", "--output", dest="output", default=None, help="folder to write onnx/ to (default: MODEL)"
+    )
     p.add_argument("--opset", type=int, default=20, help="ONNX opset, 18 or newer (default: 20)")
     p.add_argument("--fp16", action="store_true", help="float16 members (input and outputs stay float32)")
     p.add_argument("--images", nargs="+", default=None, metavar="FILE", help="check images (default: synthetic)")
@@ -264,7 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-config", default=None, help="datasets configuration name, if the source has several")
     p.add_argument("--max-samples", type=int, default=None, help="fit on a seeded random subset of N images")
     p.add_argument("--force", action="store_true", help="allow a split whose name contains 'test'")
-    p.add_argument("--output", default=None, help="save the calibrated ensemble here (required for a Hub id)")
+    p.add_argument(
+        "--output-dir", "--output", dest="output", default=None,
+        help="save the calibrated ensemble here instead of updating MODEL (required for a Hub id)",
+    )  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass and process")
     p.set_defaults(func=_calibrate)
 
@@ -281,7 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--corruptions", nargs="*", default=None, metavar="NAME",
         help="corruption robustness at severities 1-5, of all corruptions or of the NAMEs given",
     )  # fmt: skip
-    p.add_argument("--output", default=None, help="also write the results JSON here")
+    p.add_argument("--ood-split", default="test", help="split of each --ood-dataset (default: test)")
+    p.add_argument("--output", default=None, metavar="FILE", help="write the results JSON to FILE (MODEL untouched)")
+    p.add_argument("--output-dir", default=None, metavar="DIR", help="write DIR/eval_results.json (MODEL untouched)")
+    p.add_argument(
+        "--no-update-card", action="store_true",
+        help="leave MODEL's eval_results.json and card alone (they are updated only by a full-split evaluation)",
+    )  # fmt: skip
     p.add_argument("--plots", default=None, metavar="DIR", help="write reliability/disagreement/risk-coverage PNGs")
     p.add_argument("--max-samples", type=int, default=None, help="a seeded random subset of N images of each set")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass and process")
@@ -299,9 +444,65 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("merge", help="combine members of separate runs (same architecture) into one ensemble")
     p.add_argument("runs", nargs="+", metavar="RUN", help="saved ensemble folders or Hub repo ids, two or more")
-    p.add_argument("--output", required=True, help="folder to write the merged ensemble to")
+    p.add_argument(
+        "--output-dir", "--output", dest="output", required=True, help="folder to write the merged ensemble to"
+    )
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.set_defaults(func=_merge)
+
+    p = verbs.add_parser("predict", help="classify image files, with uncertainty, as a table or JSON")
+    p.add_argument("model", help="a saved ensemble folder or a Hub repo id")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG...)")
+    p.add_argument("--json", action="store_true", help="print one JSON record per image instead of a table")
+    p.add_argument("--top-k", type=int, default=1, help="also list the K most probable labels (default: 1)")
+    p.add_argument(
+        "--backend", choices=("auto", "onnx", "torch"), default="auto",
+        help="engine: onnx (MODEL/onnx/model.onnx, no torch needed), torch, or auto (onnx when exported)",
+    )  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.set_defaults(func=_predict)
+    _finish_parsers(parser)
     return parser
+
+
+_VERBOSE_HELP = "log progress details (mask updates, phase switches) and show a traceback on errors"
+_OVERWRITE_HELP = "replace the model already in the output folder, removing every file that described it"
+# one example per verb, shown at the end of its --help
+_EXAMPLES = {
+    "train": "freetickets train --recipe training/recipes/fmnist_tiny_edst.yaml --output-dir runs/tiny",
+    "export": "freetickets export onnx runs/tiny",
+    "export onnx": "freetickets export onnx runs/tiny --opset 20",
+    "calibrate": "freetickets calibrate runs/tiny --dataset ../shared/datasets/fashion_mnist --split validation",
+    "evaluate": "freetickets evaluate runs/tiny --dataset ../shared/datasets/fashion_mnist "
+    "--ood-dataset sklearn:digits --plots runs/tiny/assets",
+    "push": "freetickets push runs/tiny me/fmnist-edst --private",
+    "merge": "freetickets merge runs/seed0 runs/seed1 runs/seed2 --output-dir runs/dst",
+    "predict": "freetickets predict runs/tiny shirt.png boot.png --top-k 3",
+}
+
+
+def _finish_parsers(parser: argparse.ArgumentParser, path: str = "") -> None:
+    """Give every verb ``-v`` (also accepted after the verb) and its example, however it was added."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                verb = f"{path} {name}".strip()
+                if not any("--verbose" in a.option_strings for a in sub._actions):
+                    sub.add_argument(
+                        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP
+                    )
+                if verb in _EXAMPLES and not sub.epilog:
+                    sub.epilog = f"example:\n  {_EXAMPLES[verb]}"
+                    sub.formatter_class = argparse.RawDescriptionHelpFormatter
+                _finish_parsers(sub, verb)
+
+
+def _user_error(err: BaseException) -> bool:
+    """Errors that mean the user asked for something impossible (not a bug): reported in one line."""
+    if isinstance(err, (FreeTicketsError, OSError)):
+        return True
+    errors = sys.modules.get("huggingface_hub.errors")
+    return errors is not None and isinstance(err, (errors.HfHubHTTPError, errors.HFValidationError))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -311,8 +512,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except FreeTicketsError as err:
-        print(f"freetickets {args.verb}: error: {err}", file=sys.stderr)
+    except Exception as err:
+        if not _user_error(err):
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"freetickets {args.verb}: error: {message}", file=sys.stderr)
         return 2
 
 

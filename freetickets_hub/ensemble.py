@@ -44,13 +44,14 @@ from .masks import VALUES_DTYPES, decode_member, encode_member
 from .model_card import render_model_card
 from .outputs import EnsembleOutput, combine_member_logits
 from .predictions import Predictions
-from .preprocessing import ImageInput, preprocess
+from .preprocessing import ImageInput, check_pixel_shape, preprocess
 
 __all__ = ["EnsembleModel"]
 
 logger = logging.getLogger(__name__)
 
 _DTYPE_NAMES = {dtype: name for name, dtype in VALUES_DTYPES.items()}
+_UNCERTAINTY = ("entropy", "expected_entropy", "mutual_information", "disagreement")
 
 
 class EnsembleModel(
@@ -135,8 +136,31 @@ class EnsembleModel(
         self.masks[index] = {name: mask.detach().cpu().bool() for name, mask in masks.items()}
 
     def member_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Raw logits of every member, ``(M, B, K)``."""
+        """Raw logits of every member, ``(M, B, K)``.
+
+        Raises:
+            TypeError: ``pixel_values`` is not a tensor.
+            ValueError: not floating point, a shape other than the config's ``(B, C, H, W)``, an empty
+                batch, or NaN/inf values (the checks and messages of ``OnnxEnsemble``).
+        """
+        self._check_pixels(pixel_values)
         return torch.stack([member(pixel_values) for member in self.members])
+
+    def _check_pixels(self, pixel_values: Any) -> None:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return  # an export traces symbolic shapes: checking them would fix the dynamic batch
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch tensor, got {type(pixel_values).__name__}")
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values must be floating point, got {pixel_values.dtype}; predict() preprocesses images for you"
+            )
+        input_size = self.config.pretrained_cfg.get("input_size")
+        if input_size:
+            check_pixel_shape(pixel_values.shape, input_size)
+        bad = int(pixel_values.numel() - torch.isfinite(pixel_values).sum())
+        if bad:
+            raise ValueError(f"pixel_values contains {bad} NaN or infinite value(s)")
 
     def forward(self, pixel_values: torch.Tensor) -> EnsembleOutput:
         return combine_member_logits(self.member_logits(pixel_values), self.temperature)
@@ -152,8 +176,11 @@ class EnsembleModel(
         chunks: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(pixels), batch_size):
             out = self(torch.from_numpy(pixels[start : start + batch_size]).to(device))
-            for key in ("probs", "entropy", "expected_entropy", "mutual_information", "disagreement"):
+            for key in ("probs", *_UNCERTAINTY):
                 chunks.setdefault(key, []).append(getattr(out, key).float().cpu().numpy())
+        if not len(pixels):  # an empty list of images: an empty result
+            chunks = {"probs": [np.zeros((0, self.config.num_classes), np.float32)]}
+            chunks.update({key: [np.zeros(0, np.float32)] for key in _UNCERTAINTY})
         merged = {key: np.concatenate(parts) for key, parts in chunks.items()}
         return Predictions.from_outputs(merged, self.config.label_names)
 
@@ -342,12 +369,28 @@ class EnsembleModel(
         tensors = _read_tensors(weights)
         model = cls(config, independent_init=False)  # every weight is overwritten from the file right after
         model._load_tensors(tensors, weights)
+        model._check_input_channels(config_path)
         model.source_dir = config_path.parent
         model.values_dtype = next(
             (_DTYPE_NAMES.get(t.dtype, "float32") for k, t in tensors.items() if k.endswith(".values")), "float32"
         )
         # `.to` walks every module: skip it when the tensors already live there (the common CPU case)
         return model if torch.device(map_location) == torch.device("cpu") else model.to(map_location)
+
+    def _check_input_channels(self, config_path: Path) -> None:
+        """``pretrained_cfg.input_size`` must give the channel count the first conv's weights take."""
+        input_size = self.config.pretrained_cfg.get("input_size")
+        member = self.members[0]
+        first = (getattr(member, "pretrained_cfg", None) or {}).get("first_conv")
+        state = member.state_dict()
+        weight = state.get(f"{first}.weight") if isinstance(first, str) else None
+        if weight is None:
+            weight = next((t for t in state.values() if t.dim() == 4), None)
+        if input_size and weight is not None and int(input_size[0]) != weight.shape[1]:
+            raise ArtifactError(
+                f"{config_path}: pretrained_cfg.input_size {list(input_size)} has {input_size[0]} channel(s), but the "
+                f"weights take {weight.shape[1]} (model_args.in_chans {self.config.model_args.get('in_chans', 3)})"
+            )
 
     def _load_tensors(self, tensors: dict[str, torch.Tensor], source: Path) -> None:
         """Decode every member from ``tensors`` and load it strictly (a copy: cheaper than assigning)."""

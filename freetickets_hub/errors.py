@@ -12,6 +12,8 @@ __all__ = [
     "DatasetError",
     "FreeTicketsError",
     "MissingDependencyError",
+    "ModelNotFoundError",
+    "OutputDirError",
     "RecipeError",
 ]
 
@@ -38,6 +40,14 @@ class RecipeError(FreeTicketsError, ValueError):
 
 class MissingDependencyError(FreeTicketsError, ImportError):
     """An optional dependency needed for the requested feature is not installed."""
+
+
+class ModelNotFoundError(FreeTicketsError, FileNotFoundError):
+    """A model is neither a local folder nor a Hub repo that can be reached (or it is not cached while offline)."""
+
+
+class OutputDirError(FreeTicketsError, OSError):
+    """An output folder cannot be written, or already holds another model's files."""
 
 
 class ExportError(FreeTicketsError, RuntimeError):

@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, hf_hub_download
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, constants, hf_hub_download
+from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError, RepositoryNotFoundError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from . import __version__
+from .errors import ModelNotFoundError
 from .files import visible_files
 
 __all__ = [
@@ -64,26 +66,65 @@ def resolve_file(
 
     Raises:
         FileNotFoundError: the folder exists but lacks ``filename``.
-        huggingface_hub errors: as raised by ``hf_hub_download`` (offline, not found, gated...).
+        ModelNotFoundError: ``repo_id_or_dir`` reads as a local path that does not exist (at once, no
+            Hub request), or the repo is not in the cache while offline, or not on the Hub.
+        huggingface_hub errors: other failures of ``hf_hub_download`` (network, gated...).
     """
     if os.path.isdir(repo_id_or_dir):
         path = Path(repo_id_or_dir) / filename
         if not path.is_file():
             raise FileNotFoundError(f"{filename} not found in {Path(repo_id_or_dir).resolve()}")
         return path
-    return Path(
-        hf_hub_download(
-            repo_id=str(repo_id_or_dir),
-            filename=filename,
-            revision=revision,
-            cache_dir=cache_dir,
-            force_download=force_download,
-            token=token,
-            local_files_only=local_files_only,
-            library_name=LIBRARY_NAME,
-            library_version=__version__,
+    name = str(repo_id_or_dir)
+    reason = _path_like(name)
+    if reason:
+        raise ModelNotFoundError(f"no such model folder: {name!r} ({reason})")
+    try:
+        return Path(
+            hf_hub_download(
+                repo_id=name,
+                filename=filename,
+                revision=revision,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                token=token,
+                local_files_only=local_files_only,
+                library_name=LIBRARY_NAME,
+                library_version=__version__,
+            )
         )
-    )
+    except LocalEntryNotFoundError as err:  # offline (HF_HUB_OFFLINE or local_files_only) and not cached
+        cache = Path(cache_dir or constants.HF_HUB_CACHE)
+        why = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "local_files_only=True"
+        raise ModelNotFoundError(
+            f"{name!r} is not a local folder, and {filename} of Hub repo {name!r}"
+            f"{f' (revision {revision})' if revision else ''} is not in the Hub cache {cache}; {why} allows no "
+            "download (unset it to download, or check the spelling)"
+        ) from err
+    except RepositoryNotFoundError as err:
+        raise ModelNotFoundError(
+            f"{name!r} is neither a local folder nor a Hub repo you can access (check the spelling, or log in "
+            "with `hf auth login` for a private repo)"
+        ) from err
+    except RemoteEntryNotFoundError as err:
+        raise ModelNotFoundError(f"Hub repo {name!r} has no {filename}: is it a FreeTickets ensemble?") from err
+
+
+def _path_like(name: str) -> str | None:
+    """Why ``name`` (which is no existing folder) must be a mistyped local path rather than a Hub repo id."""
+    if os.path.exists(name):
+        return "it is a file, not a folder"
+    if name.startswith((".", "/", "~")) or "\\" in name or name.endswith("/") or name.count("/") > 1:
+        return "it does not exist"
+    if "/" not in name:
+        return "it does not exist, and a Hub repo id has the form org/name"
+    if os.path.isdir(name.split("/")[0]):
+        return f"it does not exist, though {name.split('/')[0]!r} does"
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return "it does not exist, and it is no valid Hub repo id"
+    return None
 
 
 def is_repo_id(name: str | None) -> bool:

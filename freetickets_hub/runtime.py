@@ -20,7 +20,7 @@ from .config import EnsembleConfig
 from .errors import ArtifactError, MissingDependencyError
 from .hub import CONFIG_NAME, ONNX_NAME, resolve_file
 from .predictions import Predictions
-from .preprocessing import ImageInput, preprocess
+from .preprocessing import ImageInput, check_pixel_shape, preprocess
 
 __all__ = [
     "DEFAULT_PROVIDERS",
@@ -97,6 +97,10 @@ class OnnxEnsemble:
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
         self.config = config
+        if os.path.isfile(graph_path) and os.path.getsize(graph_path) == 0:
+            raise ArtifactError(
+                f"{graph_path} is empty (0 bytes): an interrupted export? Re-run `freetickets export onnx`"
+            )
         chosen, requested = _select_providers(ort.get_available_providers(), providers, allow_cpu_fallback)
         try:
             self._session = ort.InferenceSession(str(graph_path), sess_options=session_options, providers=chosen)
@@ -189,6 +193,10 @@ class OnnxEnsemble:
             out = self(pixels[start : start + batch_size])
             for key in _PREDICT_OUTPUTS:
                 chunks[key].append(out[key])
+        if not len(pixels):  # an empty list of images: an empty result
+            chunks = {
+                key: [np.zeros((0, self.config.num_classes) if key == "probs" else 0, np.float32)] for key in chunks
+            }
         merged = {key: np.concatenate(parts) for key, parts in chunks.items()}
         return Predictions.from_outputs(merged, self.config.label_names)
 
@@ -223,27 +231,12 @@ class OnnxEnsemble:
         if not isinstance(pixel_values, np.ndarray):
             raise TypeError(f"pixel_values must be a numpy array, got {type(pixel_values).__name__}")
         dtype = _INPUT_DTYPES[self._input.type]
-        channels, height, width = self.input_shape
-        expected = f"(B, {channels}, {height}, {width})"
         if pixel_values.dtype != dtype:
             raise ValueError(
                 f"pixel_values must be {np.dtype(dtype).name}, got {pixel_values.dtype}; "
                 f"convert with pixel_values.astype(np.{np.dtype(dtype).name})"
             )
-        if pixel_values.ndim != 4:
-            raise ValueError(f"pixel_values must have 4 dimensions {expected}, got shape {pixel_values.shape}")
-        if pixel_values.shape[1] != channels:
-            raise ValueError(
-                f"pixel_values has {pixel_values.shape[1]} channels, expected {channels} (shape {pixel_values.shape}, "
-                f"expected {expected}); OnnxEnsemble.predict preprocesses images for you"
-            )
-        if pixel_values.shape[2:] != (height, width):
-            raise ValueError(
-                f"pixel_values has height x width {pixel_values.shape[2]}x{pixel_values.shape[3]}, expected "
-                f"{height}x{width} (shape {pixel_values.shape}, expected {expected}); predict() resizes images for you"
-            )
-        if pixel_values.shape[0] == 0:
-            raise ValueError(f"pixel_values has an empty batch (shape {pixel_values.shape})")
+        check_pixel_shape(pixel_values.shape, self.input_shape)
         bad = int(pixel_values.size - np.count_nonzero(np.isfinite(pixel_values)))
         if bad:
             raise ValueError(f"pixel_values contains {bad} NaN or infinite value(s)")

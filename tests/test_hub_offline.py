@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import timm.data
 import torch
-from huggingface_hub.errors import LocalEntryNotFoundError
 from PIL import Image
 
 import freetickets_hub
@@ -95,7 +94,7 @@ def test_load_by_repo_id_from_offline_cache_with_pinned_revision(
     assert torch.equal(main(pixels).probs, model(pixels).probs)
     pinned = EnsembleModel.from_pretrained("org/tiny-edst", revision=COMMIT_B, cache_dir=cache)
     assert torch.equal(pinned(pixels).probs, other(pixels).probs)
-    with pytest.raises(LocalEntryNotFoundError):
+    with pytest.raises(FileNotFoundError, match=f"'org/absent' .* not in the Hub cache {cache}; HF_HUB_OFFLINE=1"):
         EnsembleModel.from_pretrained("org/absent", cache_dir=cache)
 
 
@@ -116,7 +115,7 @@ def test_hf_hub_offline_environment_is_honoured(model: EnsembleModel, pixels: to
     assert result.returncode == 0, result.stderr
     predicted, error = result.stdout.strip().splitlines()
     assert json.loads(predicted) == model(pixels).probs.argmax(-1).tolist()
-    assert error == "LocalEntryNotFoundError"
+    assert error == "ModelNotFoundError"
 
 
 def test_downloads_are_tagged_with_library_name_and_version(
