@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/freetickets train --recipe training/recipes/fmnist_demo_edst.yaml --output-dir runs/demo
+	$(BIN)/freetickets train --recipe training/recipes/fmnist_demo_edst.yaml --output-dir runs/demo --overwrite
 	$(BIN)/python -m freetickets_hub.training.demo runs/demo
 
 test: $(STAMP)

@@ -8,23 +8,25 @@ classes, labels, model arguments, input preprocessing and sparsity.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from safetensors.torch import save_file
 
 from .config import EnsembleConfig, EnsembleInfo
 from .errors import ConfigError
 from .files import atomic_path, write_text_atomic
-from .hub import CONFIG_NAME, WEIGHTS_NAME
+from .hub import CONFIG_NAME, README_NAME, WEIGHTS_NAME
 
 if TYPE_CHECKING:
     from .ensemble import EnsembleModel
 
-__all__ = ["INPUT_KEYS", "export_member", "merge_ensembles"]
+__all__ = ["INPUT_KEYS", "architecture_import", "export_member", "merge_ensembles"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ def merge_ensembles(models: Sequence[EnsembleModel], *, names: Sequence[str] | N
                 raise ConfigError(
                     f"cannot merge {name} into {names[0]}: {key} differs ({value!r} vs {reference[key]!r})"
                 )
+    _refuse_duplicates(models, names)
     calibrated = [name for name, model in zip(names, models, strict=True) if model.config.ensemble.calibration]
     if calibrated:
         logger.warning(
@@ -90,6 +93,27 @@ def merge_ensembles(models: Sequence[EnsembleModel], *, names: Sequence[str] | N
     return merged
 
 
+def _refuse_duplicates(models: Sequence[EnsembleModel], names: Sequence[str]) -> None:
+    """Identical members add nothing to an ensemble but weight: ``merge A A`` is a mistake.
+
+    Raises:
+        ConfigError: naming the two inputs and members that hold the same weights.
+    """
+    seen: dict[str, str] = {}
+    for name, model in zip(names, models, strict=True):
+        for index, member in enumerate(model.members):
+            digest = hashlib.sha256()
+            for key, tensor in sorted(member.state_dict().items()):
+                digest.update(key.encode())
+                digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            where = f"member {index} of {name}"
+            first = seen.setdefault(digest.hexdigest(), where)
+            if first != where:
+                raise ConfigError(
+                    f"{where} has exactly the weights of {first}: is the same run named twice? Merge each run once"
+                )
+
+
 def _identity(config: EnsembleConfig) -> dict[str, Any]:
     """What must be equal for members of two ensembles to be interchangeable."""
     return {
@@ -108,11 +132,15 @@ def _plain(value: Any) -> Any:
 
 
 def export_member(model: EnsembleModel, index: int, save_directory: str | Path) -> Path:
-    """Write member ``index`` as a plain timm folder: timm's ``config.json`` and dense ``model.safetensors``.
+    """Write member ``index`` as a plain timm folder: timm's ``config.json``, dense ``model.safetensors``
+    and a ``README.md`` card whose snippet loads it.
 
     ``timm.create_model("local-dir:<folder>", pretrained=True)`` (or ``"hf-hub:<repo>"`` once
-    uploaded) rebuilds it with identical outputs, once ``freetickets_hub.architectures`` is imported
-    for the CIFAR-style WRNs. The member gives raw logits: the ensemble's temperature is not applied.
+    uploaded) rebuilds it with identical outputs. timm finds an architecture only once the module
+    that registers it is imported: for this project's CIFAR-style WRNs (``cifar_wrn*``) that is
+    ``import freetickets_hub.architectures`` (``pip install "freetickets-hub[torch]"``), which the card
+    says; timm's own architectures need nothing. The member gives raw logits: the ensemble's
+    temperature is not applied.
 
     Raises:
         IndexError: ``index`` is not a member of ``model``.
@@ -145,4 +173,41 @@ def export_member(model: EnsembleModel, index: int, save_directory: str | Path) 
     with atomic_path(save_directory / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     write_text_atomic(save_directory / CONFIG_NAME, json.dumps(timm_config, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(save_directory / README_NAME, _member_card(model, index, save_directory.name))
     return save_directory
+
+
+def architecture_import(architecture: str) -> str | None:
+    """The import that registers ``architecture`` with timm, when timm itself does not define it."""
+    import timm
+
+    module = timm.models.model_entrypoint(architecture).__module__
+    return None if module.startswith("timm.") else module
+
+
+def _member_card(model: EnsembleModel, index: int, folder: str) -> str:
+    """A timm-style card for one exported member, with the exact lines that load it in a fresh process."""
+    cfg = model.config
+    module = architecture_import(cfg.architecture)
+    install = 'pip install timm "freetickets-hub[torch]"' if module else "pip install timm"
+    imports = (
+        f"import {module}  # registers {cfg.architecture} with timm (timm alone does not know it)\n" if module else ""
+    )
+    note = (
+        f"`{cfg.architecture}` is defined by `{module}`, not by timm: import it before `timm.create_model`, "
+        f"or timm fails with `Unknown model ({cfg.architecture})`."
+        if module
+        else f"`{cfg.architecture}` is a timm architecture: timm alone loads this folder."
+    )
+    return (
+        "---\nlibrary_name: timm\npipeline_tag: image-classification\ntags: [image-classification, timm, freetickets]\n"
+        f"---\n\n# Member {index} of a {cfg.ensemble.method.upper()} ensemble of `{cfg.architecture}`\n\n"
+        f"One dense member exported from a FreeTickets sparse ensemble ({cfg.ensemble.num_members} members, "
+        f"sparsity {cfg.ensemble.sparsity}). It gives raw logits: the ensemble's calibration temperature "
+        f"({cfg.ensemble.temperature:.4f}) is not applied.\n\n{note}\n\n"
+        f"```bash\n{install}\n```\n\n"
+        f"```python\n{imports}import timm\n\n"
+        f'model = timm.create_model("local-dir:{folder}", pretrained=True).eval()  # or "hf-hub:<org>/<name>"\n'
+        "config = timm.data.resolve_data_config(model=model)\n"
+        "transform = timm.data.create_transform(**config)\n```\n"
+    )

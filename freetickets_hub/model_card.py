@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import struct
 from dataclasses import dataclass
 from importlib import resources
@@ -25,7 +26,7 @@ from .hub import ASSETS_DIR, EVAL_RESULTS_NAME, LIBRARY_NAME, SUMMARY_NAME, WEIG
 if TYPE_CHECKING:
     from .ensemble import EnsembleModel
 
-__all__ = ["SUMMARY_NAME", "TAGS", "render_model_card"]
+__all__ = ["SUMMARY_NAME", "TAGS", "member_sparsity", "public_text", "render_model_card"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,15 @@ _METHOD_TITLES = {
     "dense": "single dense model",
     "merged": "members merged from separate runs",
 }
+
+
+# an absolute POSIX path inside a text (not a URL's path, nor one after `${VAR}`): the card keeps only its last part
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/$}~-])~?/(?:[^\s/'\"()\[\],:]+/)*([^\s/'\"()\[\],:]+)/?")
+
+
+def public_text(text: str) -> str:
+    """``text`` without the saving machine's absolute paths: ``/home/me/data/fmnist [test]`` -> ``fmnist [test]``."""
+    return _ABSOLUTE_PATH.sub(r"\1", text)
 
 
 @dataclass
@@ -104,7 +114,6 @@ def render_model_card(model: EnsembleModel, folder: Path | None, *, repo_id: str
         members=_member_rows(model, sizes, evaluation),
         sparsity=cfg.ensemble.sparsity,
         distribution=cfg.ensemble.distribution,
-        realised_sparsity=_format_list(summary.get("sparsity", {}).get("realised")),
         weights_bytes=f"{file_bytes:,}" if file_bytes else "n/a",
         dense_bytes=f"{dense_bytes:,}",
         bytes_ratio=f"{file_bytes / dense_bytes:.2f}" if file_bytes else "n/a",
@@ -112,11 +121,11 @@ def render_model_card(model: EnsembleModel, folder: Path | None, *, repo_id: str
         flops_ensemble=_format_flops(costs.get("inference_flops_ensemble")),
         flops_dense=_format_flops(costs.get("inference_flops_dense_member")),
         temperature=f"{model.temperature:.4f}",
-        fit_on=calibration.fit_on if calibration else "",
+        fit_on=public_text(calibration.fit_on) if calibration else "",
         calibrated=calibration is not None,
         evaluation=evaluation,
         results=_result_rows(evaluation),
-        recipe=yaml.safe_dump(summary["recipe"], sort_keys=True).strip() if summary.get("recipe") else "",
+        recipe=public_text(yaml.safe_dump(summary["recipe"], sort_keys=True).strip()) if summary.get("recipe") else "",
         assets=sorted(p.relative_to(folder).as_posix() for p in (folder / ASSETS_DIR).glob("*.png")) if folder else [],
     )
 
@@ -137,11 +146,11 @@ def _read_evaluation(folder: Path | None, summary: dict[str, Any]) -> _Evaluatio
     if results.get("dataset") and _metric_rows(results):
         split = str(results.get("split", "test"))
         count = f", {results['num_images']} images" if _is_number(results.get("num_images")) else ""
-        description = f"{results['dataset']} [{split}]{count}"
+        description = public_text(f"{results['dataset']} [{split}]{count}")
         return _Evaluation(EVAL_RESULTS_NAME, str(results["dataset"]), split, description, _metric_rows(results))
     if summary.get("dataset") and _metric_rows(summary.get("test")):
         split = str((summary.get("recipe") or {}).get("test_split", "test"))
-        description = summary.get("test_split_description") or f"{summary['dataset']} [{split}]"
+        description = public_text(summary.get("test_split_description") or f"{summary['dataset']} [{split}]")
         return _Evaluation(SUMMARY_NAME, str(summary["dataset"]), split, description, _metric_rows(summary["test"]))
     return None
 
@@ -200,19 +209,35 @@ def _result_rows(evaluation: _Evaluation | None) -> list[dict[str, str]]:
     ]
 
 
+def member_sparsity(member: Any, masks: dict[str, Any]) -> tuple[int, int]:
+    """``(nonzero, total)`` over ALL of a member's conv and linear weights (the maskable ones).
+
+    The one sparsity definition of the card, ``train_summary.json`` (``sparsity.realised``) and the
+    README: ``1 - nonzero / total``. A layer the distribution left dense counts with all its weights.
+    """
+    from torch import nn
+
+    maskable = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    nonzero = total = 0
+    for name, module in member.named_modules():
+        if isinstance(module, maskable):
+            mask = masks.get(f"{name}.weight")
+            total += module.weight.numel()
+            nonzero += int(mask.sum()) if mask is not None else module.weight.numel()
+    return nonzero, total
+
+
 def _member_rows(model: EnsembleModel, sizes: list[int], evaluation: _Evaluation | None) -> list[dict[str, str]]:
     rows = []
     for index, member in enumerate(model.members):
         masks = model.masks[index]
-        weights = {n: p for n, p in member.state_dict().items() if n in masks}
-        total = sum(w.numel() for w in weights.values())
-        active = sum(int(m.sum()) for m in masks.values())
+        active, total = member_sparsity(member, masks)
         accuracy = evaluation.rows.get(f"member_{index}", {}).get("accuracy") if evaluation else None
         rows.append(
             {
                 "index": str(index),
-                "nonzero": f"{active:,}" if masks else "dense",
-                "density": f"{active / total:.3f}" if total else "1.000",
+                "nonzero": f"{active:,} of {total:,}",
+                "sparsity": f"{1 - active / total:.4f}" if total else "0.0000",
                 "bytes": f"{sizes[index]:,}" if sizes else "n/a",
                 "accuracy": f"{accuracy:.4f}" if accuracy is not None else "n/a",
             }
@@ -240,12 +265,6 @@ def _format_flops(value: Any) -> str:
         return "n/a"
     exponent = min(4, max(0, int(math.log10(max(float(value), 1.0)) // 3)))
     return f"{float(value) / 10 ** (3 * exponent):,.2f} {['', 'K', 'M', 'G', 'T'][exponent]}FLOPs"
-
-
-def _format_list(values: Any) -> str:
-    if not isinstance(values, list) or not all(_is_number(v) for v in values):
-        return ""
-    return ", ".join(f"{v:.4f}" for v in values)
 
 
 def _is_number(value: Any) -> bool:

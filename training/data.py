@@ -8,8 +8,10 @@ table decoded per image through timm's ``create_transform`` in DataLoader worker
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +24,19 @@ from freetickets_hub.evaluation.data import validation_carve
 
 from .recipe import Recipe
 
-__all__ = ["ImageData", "ImageSplit", "Split", "StreamedSplit", "augment_batch", "load_image_data", "normalize"]
+__all__ = [
+    "DATASETS_ENV",
+    "ImageData",
+    "ImageSplit",
+    "Split",
+    "StreamedSplit",
+    "augment_batch",
+    "load_image_data",
+    "normalize",
+    "resolve_dataset",
+]
+
+DATASETS_ENV = "FREETICKETS_DATASETS"  # the folder shipped recipes read their datasets from
 
 
 @dataclass
@@ -128,10 +142,38 @@ class ImageData:
         return normalize(images, torch.tensor(self.mean, device=device), torch.tensor(self.std, device=device))
 
 
+def resolve_dataset(name: str) -> str:
+    """A recipe's ``dataset`` as ``datasets.load_dataset`` takes it: ``${FREETICKETS_DATASETS}`` and ``~`` expanded.
+
+    Shipped recipes name their data ``${FREETICKETS_DATASETS}/fashion_mnist``, so they work from any
+    working folder: the variable names the folder holding the datasets; unset, it defaults to
+    ``shared/datasets`` beside a source checkout (the development layout). A Hub id or a plain path
+    is returned as given (``~`` expanded).
+
+    Raises:
+        RecipeError: the name uses the variable, it is unset and there is no checkout default.
+    """
+    if DATASETS_ENV in name:
+        root = os.environ.get(DATASETS_ENV) or _checkout_datasets()
+        if root is None:
+            raise RecipeError(
+                f"dataset {name!r} needs {DATASETS_ENV}: set it to the folder that holds the datasets "
+                f"(export {DATASETS_ENV}=/path/to/datasets), or pass --set dataset=<Hub id or folder>"
+            )
+        name = name.replace("${" + DATASETS_ENV + "}", root).replace("$" + DATASETS_ENV, root)
+    return os.path.expanduser(name)
+
+
+def _checkout_datasets() -> str | None:
+    """``<checkout>/../shared/datasets`` when this module runs from a source checkout (not from a wheel)."""
+    folder = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+    return str(folder) if folder.is_dir() else None
+
+
 def load_image_data(recipe: Recipe) -> ImageData:
     """Load the recipe's dataset, carve a seeded validation split from train, apply the sample caps."""
     try:
-        splits = load_dataset(recipe.dataset, recipe.dataset_config)
+        splits = load_dataset(resolve_dataset(recipe.dataset), recipe.dataset_config)
     except (FileNotFoundError, ValueError, ConnectionError) as err:  # includes datasets' DatasetNotFoundError
         raise RecipeError(f"cannot load dataset {recipe.dataset!r}: {err}") from err
     for name in (recipe.train_split, recipe.test_split):
@@ -152,6 +194,9 @@ def load_image_data(recipe: Recipe) -> ImageData:
         train = _to_tensors(train_ds, image_col, label_col, mode)
         test = _to_tensors(test_ds, image_col, label_col, mode)
     test = test.head(recipe.max_test_samples)
+    # normalisation statistics of the whole train split, before the seeded carve: runs of one recipe
+    # with different seeds then preprocess alike, so their members can be merged (DST)
+    stats = _channel_stats(train.images) if isinstance(train, ImageSplit) else None
     val = None
     if recipe.val_size:
         if recipe.val_size >= len(train):
@@ -159,12 +204,23 @@ def load_image_data(recipe: Recipe) -> ImageData:
         val_rows, train_rows = validation_carve(len(train), recipe.val_size, recipe.seed)
         val, train = _subset(train, val_rows), _subset(train, train_rows)
     train = train.head(recipe.max_train_samples)
-    if isinstance(train, StreamedSplit):
+    if isinstance(train, StreamedSplit) or stats is None:
         return _streamed_data(recipe, train, val, test, list(label_names), mode)
-    pixels = train.images.float().div_(255)
-    mean = tuple(pixels.mean(dim=(0, 2, 3)).tolist())
-    std = tuple(pixels.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
-    return ImageData(train, val, test, list(label_names), tuple(train.images.shape[1:]), mean, std)
+    return ImageData(train, val, test, list(label_names), tuple(train.images.shape[1:]), *stats)
+
+
+def _channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (sample) std of uint8 ``(N, C, H, W)`` images in [0, 1] units, in float64 chunks."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for start in range(0, len(images), chunk):
+        pixels = images[start : start + chunk].to(torch.float64).div_(255)
+        total += pixels.sum(dim=(0, 2, 3))
+        squares += pixels.square().sum(dim=(0, 2, 3))
+    count = images.numel() // images.shape[1]
+    mean = total / count
+    std = ((squares - count * mean.square()) / max(count - 1, 1)).clamp_min(0).sqrt().clamp_min(1e-3)
+    return tuple(mean.float().tolist()), tuple(std.float().tolist())
 
 
 def _subset(split: Split, indices: torch.Tensor) -> Split:
@@ -195,10 +251,17 @@ def _columns(ds: Dataset, recipe: Recipe) -> tuple[str, str]:
     features = ds.features
     image_col = recipe.image_column or next((k for k, v in features.items() if isinstance(v, Image)), None)
     label_col = recipe.label_column or next((k for k, v in features.items() if isinstance(v, ClassLabel)), None)
-    if image_col not in features or not isinstance(features[image_col], Image):
-        raise RecipeError(f"no image column found (columns: {list(features)}); set `image_column` in the recipe")
-    if label_col not in features or not isinstance(features[label_col], ClassLabel):
-        raise RecipeError(f"no ClassLabel column found (columns: {list(features)}); set `label_column` in the recipe")
+    for key, column, kind in (("image_column", image_col, Image), ("label_column", label_col, ClassLabel)):
+        if column is not None and getattr(recipe, key) and column not in features:
+            raise RecipeError(
+                f"recipe key {key!r}: dataset {recipe.dataset!r} has no column {column!r} ({list(features)})"
+            )
+        if column is None or not isinstance(features[column], kind):
+            found = f"column {column!r} is {type(features[column]).__name__}, not " if column else "no "
+            raise RecipeError(
+                f"{found}{kind.__name__} column in dataset {recipe.dataset!r} (columns: {list(features)}); "
+                f"set `{key}` in the recipe"
+            )
     return image_col, label_col
 
 
