@@ -99,18 +99,19 @@ def _refuse_duplicates(models: Sequence[EnsembleModel], names: Sequence[str]) ->
     Raises:
         ConfigError: naming the two inputs and members that hold the same weights.
     """
-    seen: dict[str, str] = {}
-    for name, model in zip(names, models, strict=True):
+    seen: dict[str, tuple[int, str]] = {}
+    for position, (name, model) in enumerate(zip(names, models, strict=True)):
         for index, member in enumerate(model.members):
             digest = hashlib.sha256()
             for key, tensor in sorted(member.state_dict().items()):
                 digest.update(key.encode())
                 digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-            where = f"member {index} of {name}"
+            where = (position, f"member {index} of {name}")
             first = seen.setdefault(digest.hexdigest(), where)
             if first != where:
                 raise ConfigError(
-                    f"{where} has exactly the weights of {first}: is the same run named twice? Merge each run once"
+                    f"{where[1]} has exactly the weights of {first[1]}: is the same run named twice? "
+                    "Merge each run once"
                 )
 
 
