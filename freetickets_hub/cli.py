@@ -74,6 +74,8 @@ def _export_onnx(args: argparse.Namespace) -> int:
     try:
         report = export_onnx(args.model, args.output, opset=args.opset, fp16=args.fp16, images=args.images)
     except (ValueError, OSError) as err:  # a bad --opset, a missing --output or an unreadable --images file
+        if args.verbose:
+            traceback.print_exc()
         print(f"freetickets export onnx: error: {err}", file=sys.stderr)
         return 2
     print(report.to_json(), end="")
@@ -290,7 +292,9 @@ def _push(args: argparse.Namespace) -> int:
             extras_from=args.model,
         )
     except HfHubHTTPError as err:
-        print(f"freetickets push: error: the Hub refused the upload: {err}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        print(f"freetickets push: error: the Hub refused the upload: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     print(f"pushed {args.model} to {args.repo_id}: {commit.pr_url or commit.commit_url}")
     return 0
