@@ -36,7 +36,7 @@ def load_images(images: ImageInput | Sequence[ImageInput], channels: int) -> lis
     """Turn PIL images, uint8 arrays or file paths into PIL images of ``channels``.
 
     A numpy array is one image ``(H, W)`` or ``(H, W, C)`` (C = 1, 3 or 4), or a batch ``(B, H, W)``
-    or ``(B, H, W, C)``; channels-first arrays are refused (which axis is which would be a guess).
+    or ``(B, H, W, C)``; channels-first arrays are refused where which axis is which would be a guess.
     A list may mix all of these kinds of single images; an empty list gives no images.
 
     Raises:
@@ -44,7 +44,7 @@ def load_images(images: ImageInput | Sequence[ImageInput], channels: int) -> lis
         TypeError: something that is no image.
     """
     if isinstance(images, np.ndarray):
-        images = _split_batch(images)
+        images = _split_batch(images, channels)
     elif isinstance(images, (Image.Image, str, os.PathLike)):
         images = [images]  # one image
     out = []
@@ -71,14 +71,18 @@ def load_images(images: ImageInput | Sequence[ImageInput], channels: int) -> lis
     return out
 
 
-def _split_batch(array: np.ndarray) -> list[np.ndarray]:
-    """One numpy array -> the list of its images (see :func:`load_images`)."""
+def _split_batch(array: np.ndarray, channels: int) -> list[np.ndarray]:
+    """One numpy array -> the list of its images (see :func:`load_images`).
+
+    ``(3, H, W)`` reads as three gray images for a grayscale model, and is refused as channels-first
+    for a colour model (for which one ``(1, H, W)`` image or batch of one is the same picture).
+    """
     if array.dtype != np.uint8:
         raise ValueError(f"expected uint8 image arrays, got {array.dtype} {array.shape}; scale to 0-255 first")
     channels_last = array.ndim >= 3 and array.shape[-1] in _CHANNELS
     if array.ndim == 2 or (array.ndim == 3 and channels_last):
         return [array]  # (H, W) or (H, W, C)
-    if array.ndim == 3 and array.shape[0] in _CHANNELS:
+    if array.ndim == 3 and channels != 1 and array.shape[0] in _CHANNELS[1:]:
         raise ValueError(
             f"array of shape {array.shape} looks channels-first (C, H, W); pass (H, W, C) "
             "(array.transpose(1, 2, 0)), or a batch of gray images as (B, H, W, 1) or a list"

@@ -91,14 +91,17 @@ def main() -> None:
         f"by {gain:+.4f}; accuracy {after['accuracy'] - mean['after']['accuracy']:+.4f}"
     )
 
-    model.set_temperature(
-        fit.temperature,
-        fit_on=f"{Path(source).name}: the run's validation carve ({len(val)} images of {recipe['train_split']!r})",
-    )
-    write_text_atomic(folder / CONFIG_NAME, model.config.to_json())
-    write_text_atomic(folder / README_NAME, str(model.generate_model_card(save_directory=folder)))
-    print(f"stored T = {fit.temperature:.4f} in {folder / CONFIG_NAME} and the model card")
-    _show_uncertainty(model, test, ood, logits, fit.temperature, args.num_images)
+    if fit.degenerate:  # as `freetickets calibrate`: reported, not stored
+        print(f"degenerate fit, temperature not stored: {fit.reason}")
+    else:
+        model.set_temperature(
+            fit.temperature,
+            fit_on=f"{Path(source).name}: the run's validation carve ({len(val)} images of {recipe['train_split']!r})",
+        )
+        write_text_atomic(folder / CONFIG_NAME, model.config.to_json())
+        write_text_atomic(folder / README_NAME, str(model.generate_model_card(save_directory=folder)))
+        print(f"stored T = {fit.temperature:.4f} in {folder / CONFIG_NAME} and the model card")
+    _show_uncertainty(model, test, ood, logits, model.temperature, args.num_images)
 
 
 def _show_uncertainty(
@@ -114,7 +117,10 @@ def _show_uncertainty(
     picks = [("fashion", i, test) for i in range(count)] + [("digits (OOD)", i, ood) for i in range(count)]
     images = [split.images[i, 0].numpy() for _, i, split in picks]  # uint8 (H, W) at the model's size
     predictions = model.predict(images).to_records()
-    print(f"\nReloaded {model.source_dir} and predicted (calibrated) {count} test images and {count} {OOD_SOURCE}:")
+    print(
+        f"\nReloaded {model.source_dir}; predictions (temperature {model.temperature:.3f}) on {count} test images "
+        f"and {count} {OOD_SOURCE} images, which no member has seen anything like:"
+    )
     print(f"{'source':<13} {'true':<12} {'predicted':<12} {'conf':>6} {'entropy':>8} {'MI':>8} {'disagree':>9}")
     for (kind, i, split), pred in zip(picks, predictions, strict=True):
         true = names[int(split.labels[i])] if split.labels is not None else "-"
