@@ -23,6 +23,8 @@ def _train(args: argparse.Namespace) -> int:
     from freetickets_hub.training import load_recipe, train
     from freetickets_hub.training.checkpoint import latest_checkpoint
 
+    if args.resume and args.overwrite:
+        raise FreeTicketsError("--resume continues the run in --output-dir, --overwrite replaces it: pass one")
     recipe = load_recipe(args.recipe, args.set)
     check_architecture(recipe.architecture)
     output_dir = Path(args.output_dir)

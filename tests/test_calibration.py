@@ -114,4 +114,4 @@ def test_degenerate_fit_is_reported_and_not_stored(folders, capsys):
 def test_hub_id_needs_output(folders, capsys):
     _, noisy, _ = folders
     assert main(["calibrate", "someone/ensemble", "--dataset", str(noisy), "--split", "train"]) == 2
-    assert "pass --output DIR" in capsys.readouterr().err
+    assert "pass --output-dir DIR" in capsys.readouterr().err
