@@ -99,7 +99,9 @@ def test_shipped_recipes_find_their_dataset_from_any_folder(
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(DATASETS_ENV, raising=False)
     shared = REPO.parent / "shared" / "datasets"
-    for path in sorted((REPO / "training" / "recipes").glob("fmnist_*.yaml")):
+    recipes = sorted((REPO / "training" / "recipes").glob("fmnist_*.yaml"))
+    assert len(recipes) >= 4
+    for path in recipes:
         dataset = load_recipe(path).dataset
         if shared.is_dir():  # a source checkout beside ../shared: the default
             assert resolve_dataset(dataset) == str(shared / "fashion_mnist"), path
