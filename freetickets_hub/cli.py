@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("train", help="train a DST/EDST/dense ensemble from a recipe")
     p.add_argument("--recipe", required=True, help="YAML recipe, e.g. training/recipes/fmnist_tiny_edst.yaml")
-    p.add_argument("--output-dir", required=True, help="folder to write the Hub-ready ensemble to")
+    p.add_argument("--output-dir", "--output", required=True, help="folder to write the Hub-ready ensemble to")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     p.add_argument("--report-to", default=None, help="accelerate tracker, e.g. tensorboard (optional)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")

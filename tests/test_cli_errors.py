@@ -154,7 +154,8 @@ def test_output_dir_is_the_spelling_everywhere_and_output_still_works(saved: Pat
         assert parser.parse_args([*argv, "--output-dir", "x"]).output == "x"
         assert parser.parse_args([*argv, "--output", "x"]).output == "x"
     assert parser.parse_args(["evaluate", "a", "--dataset", "d", "--output-dir", "x"]).output_dir == "x"
-    assert parser.parse_args(["train", "--recipe", "r", "--output-dir", "x"]).output_dir == "x"
+    for spelling in ("--output-dir", "--output"):
+        assert parser.parse_args(["train", "--recipe", "r", spelling, "x"]).output_dir == "x"
 
 
 def _images(folder: Path, count: int) -> list[str]:
