@@ -155,7 +155,7 @@ class EnsembleModel(
             for key in ("probs", "entropy", "expected_entropy", "mutual_information", "disagreement"):
                 chunks.setdefault(key, []).append(getattr(out, key).float().cpu().numpy())
         merged = {key: np.concatenate(parts) for key, parts in chunks.items()}
-        return Predictions.from_outputs(merged, self.config.label_names)
+        return Predictions.from_outputs(merged, self.config.label_names, self.config.ensemble.selective)
 
     def export_member(self, index: int, save_directory: str | Path) -> Path:
         """Write member ``index`` as a plain dense timm folder (see :func:`freetickets_hub.merge.export_member`)."""

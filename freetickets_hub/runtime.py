@@ -190,7 +190,7 @@ class OnnxEnsemble:
             for key in _PREDICT_OUTPUTS:
                 chunks[key].append(out[key])
         merged = {key: np.concatenate(parts) for key, parts in chunks.items()}
-        return Predictions.from_outputs(merged, self.config.label_names)
+        return Predictions.from_outputs(merged, self.config.label_names, self.config.ensemble.selective)
 
     def _check_graph(self, graph_path: str | os.PathLike[str]) -> None:
         """The graph must have one image input, the outputs ``predict`` reads and the config's temperature."""
