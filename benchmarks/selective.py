@@ -127,16 +127,17 @@ def repeated(logits: dict, val_labels: torch.Tensor, test_labels: np.ndarray, sc
                 cell = cells.setdefault(f"{score}@{risk}", {"coverage": [], "risk": [], "exceeded": [], "refused": []})
                 try:
                     fit = fit_threshold(cal, test_labels[cal_rows], score=score, target_risk=risk, delta=DELTA)
-                except InfeasibleRiskError:
+                except InfeasibleRiskError:  # answers nothing: coverage 0, and the risk bound cannot fail
                     cell["refused"].append(True)
                     cell["coverage"].append(0.0)
+                    cell["exceeded"].append(False)
                     continue
                 coverage, test_risk = realised(held_out, test_labels[eval_rows], fit)
                 cell["refused"].append(False)
                 cell["coverage"].append(coverage)
+                cell["exceeded"].append(test_risk is not None and test_risk > risk)
                 if test_risk is not None:
                     cell["risk"].append(test_risk)
-                    cell["exceeded"].append(test_risk > risk)
         for conformal in ("lac", "aps"):
             fit = fit_conformal(cal["probs"], test_labels[cal_rows], alpha=ALPHA, score=conformal)
             sets = prediction_sets(held_out["probs"], fit.quantile, conformal)
@@ -186,7 +187,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += [
         f"**Larger calibration, {splits} random draws** (temperature on the validation carve; threshold on a random "
         f"{results['repeated_n']} of the test images, scored on the other {results['repeated_n']}): mean coverage, "
-        "mean realised risk, share of draws whose realised risk exceeded R, share refused:",
+        "mean realised risk of the draws that answered, share of all draws whose realised risk exceeded R (a refusal "
+        "cannot exceed it), share refused:",
         "",
     ]
     header = ["model", "score", *(f"R={r:g}" for r in RISKS)]
@@ -197,8 +199,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             for risk in RISKS:
                 cell = model["repeated"][f"{score}@{risk}"]
                 risk_text = "n/a" if cell["risk"] is None else f"{cell['risk']:.4f}"
-                exceeded = "n/a" if cell["exceeded"] is None else f"{cell['exceeded']:.2f}"
-                cells.append(f"{cell['coverage']:.3f} / {risk_text} / {exceeded} / {cell['refused']:.2f}")
+                cells.append(f"{cell['coverage']:.3f} / {risk_text} / {cell['exceeded']:.2f} / {cell['refused']:.2f}")
             rows.append([model["label"], score, *cells])
     lines += [markdown_table(header, rows), ""]
     lines += ["Most coverage at a fixed risk (larger calibration, mean over draws):", ""]

@@ -132,7 +132,7 @@ def _selective_section(selective: Any, folder: Path | None) -> dict[str, Any] | 
     if selective.score is not None:
         relation = "at least" if selective.score == "confidence" else "at most"
         section["threshold"] = {
-            "rule": f"`{selective.score}` {relation} {selective.threshold:.6g}",
+            "rule": f"its `{selective.score}` is {relation} {selective.threshold:.6g}",
             "target_risk": f"{selective.target_risk:g}",
             "confidence": f"{1 - selective.delta:g}",
             "coverage": f"{100 * selective.calibration_coverage:.2f}",
