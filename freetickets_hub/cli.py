@@ -182,8 +182,7 @@ def _fit_selective(
 ) -> SelectiveConfig | None:
     """The abstention threshold and/or conformal sets on the calibrated outputs of ``rows``; printed.
 
-    Returns None (nothing selective) when neither was asked for: a new temperature makes any stored
-    rule stale, so it is dropped.
+    Returns None when neither was asked for (a new temperature has dropped any stored rule already).
 
     Raises:
         InfeasibleRiskError: no threshold meets ``--target-risk``.
@@ -193,8 +192,6 @@ def _fit_selective(
     from freetickets_hub.selective import fit_conformal, fit_threshold
 
     if rows is None:
-        if model.config.ensemble.selective is not None:
-            print("note: the stored selective rule was fitted on the old temperature's outputs; dropped it")
         return None
     output = combine_member_logits(logits[:, rows], model.temperature)
     outputs = {key: getattr(output, key).double().numpy() for key in ("probs", "entropy", "mutual_information")}

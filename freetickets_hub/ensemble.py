@@ -118,7 +118,14 @@ class EnsembleModel(
         return self.config.ensemble.temperature
 
     def set_temperature(self, temperature: float, *, fit_on: str) -> None:
-        """Store a fitted temperature; every output applies it from now on."""
+        """Store a fitted temperature; every output applies it from now on.
+
+        A stored selective rule (``config.ensemble.selective``) was fitted on the old temperature's
+        outputs, so a new temperature drops it (with a warning): refit it with ``freetickets calibrate``.
+        """
+        if self.config.ensemble.selective is not None and float(temperature) != self.temperature:
+            logger.warning("the stored selective rule was fitted on the old temperature's outputs; dropped it")
+            self.config.ensemble.selective = None
         self.config.ensemble.calibration = CalibrationConfig(temperature=float(temperature), fit_on=fit_on)
 
     def load_member(self, index: int, state_dict: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
