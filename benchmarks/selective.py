@@ -13,8 +13,8 @@ For the single dense model, the dense ensemble and the EDST ensemble of a ``qual
   (it is ``<= delta`` for the population risk; the realised risk of 5,000 images adds its own noise);
 - split-conformal LAC and APS sets at ``alpha`` on the same draws: coverage and mean set size.
 
-    python benchmarks/selective.py --preset smoke      # trains the three runs if missing (~5 min idle)
-    python benchmarks/selective.py --preset selective  # 8,192 training images, 5,000 validation (~15 min idle)
+    python benchmarks/selective.py --preset smoke   # trains the three runs if missing (~5 min idle)
+    python benchmarks/selective.py --preset full    # reuses quality.py's full runs (or trains them: ~75 min idle)
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from quality import PRESETS, SMOKE_NOTE, Preset, build_specs
+from quality import PRESETS, SMOKE_NOTE, build_specs
 from quality_report import markdown_table, provenance, write_results
 from quality_runs import REPO, load_shared_data, train_run
 
@@ -48,9 +48,6 @@ from freetickets_hub.selective import (
 )
 
 MODELS = ("single_dense", "dense_ensemble", "edst_ensemble")
-# between quality.py's smoke (1,024 images: ~60 % accuracy) and full (40,000: ~75 min idle): 8,192 training
-# images, E=5, and a 5,000-image validation carve so `calibrate`'s halves hold 2,500 images each
-PRESETS = {**PRESETS, "selective": Preset(5, 8192, 5000, None, update_interval=32, corruption_images=0)}
 RISKS = (0.01, 0.02, 0.05, 0.10)  # the issue's three, and 0.10 where weak (smoke) models first answer anything
 DELTA = 0.1
 ALPHA = 0.1
