@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +49,21 @@ def _calibrate(model: Path, data: Path, *extra: str) -> int:
     return main(["calibrate", str(model), "--dataset", str(data), "--split", "train", *extra])
 
 
-def test_calibrate_fits_temperature_then_rule_on_disjoint_halves(folders, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def calibrated(folders, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The model calibrated with a threshold and conformal sets into a new folder, and what calibrate printed."""
     model_dir, easy, _ = folders
-    out = tmp_path / "calibrated"
-    code = _calibrate(model_dir, easy, "--target-risk", "0.1", "--conformal-alpha", "0.1", "--output", str(out))
-    printed = capsys.readouterr()
-    assert code == 0, printed.err
+    out = tmp_path_factory.mktemp("calibrated") / "model"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # capsys is function-scoped
+        code = _calibrate(model_dir, easy, "--target-risk", "0.1", "--conformal-alpha", "0.1", "--output", str(out))
+    assert code == 0, printed.getvalue()
+    return out, printed.getvalue()
+
+
+def test_calibrate_fits_temperature_then_rule_on_disjoint_halves(folders, calibrated):
+    _, easy, _ = folders
+    out, printed = calibrated
     ensemble = json.loads((out / "config.json").read_text())["ensemble"]
     rule = ensemble["selective"]
     assert ensemble["calibration"]["fit_on"] == f"{easy}:train (200 of 400 images)"
@@ -59,7 +71,7 @@ def test_calibrate_fits_temperature_then_rule_on_disjoint_halves(folders, tmp_pa
     assert rule["score"] == "confidence" and rule["target_risk"] == 0.1 and rule["delta"] == 0.1
     assert rule["calibration_risk"] <= 0.1 and 0 < rule["calibration_coverage"] < 1
     assert rule["conformal_score"] == "lac" and rule["conformal_alpha"] == 0.1
-    assert f"answer when confidence >= {rule['threshold']:.6g}" in printed.out
+    assert f"answer when confidence >= {rule['threshold']:.6g}" in printed
     card = (out / "README.md").read_text()
     assert "## Selective prediction" in card and "do **not** hold under distribution shift" in card
     assert f"at most {rule['target_risk']:g}" in card
@@ -118,11 +130,10 @@ def test_out_of_range_flags_are_refused(folders, flag, value, capsys):
     assert "expected a number in (0, 1)" in capsys.readouterr().err
 
 
-def test_evaluate_reports_the_stored_rule_and_risk_at_coverage(folders, tmp_path, capsys):
-    model_dir, easy, _ = folders
+def test_evaluate_reports_the_stored_rule_and_risk_at_coverage(folders, calibrated, tmp_path, capsys):
+    _, easy, _ = folders
     out = tmp_path / "evaluated"
-    assert _calibrate(model_dir, easy, "--target-risk", "0.1", "--conformal-alpha", "0.1", "--output", str(out)) == 0
-    capsys.readouterr()
+    shutil.copytree(calibrated[0], out)
     argv = ["evaluate", str(out), "--dataset", str(easy), "--split", "train", "--plots", str(out / "assets")]
     assert main(argv) == 0
     printed = capsys.readouterr().out
