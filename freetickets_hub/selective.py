@@ -291,7 +291,9 @@ def decide(
 ) -> tuple[np.ndarray | None, list[list[int]] | None]:
     """``abstain`` ``(B,)`` bool and the prediction sets, from the stored rule (None for a part not stored).
 
-    The one decision every engine makes, from ``probs`` and the uncertainty outputs alone.
+    The one decision every engine makes, from ``probs`` and the uncertainty outputs alone. Engines
+    agree on their outputs to about 1e-6, so an image that close to the threshold (or the
+    conformal quantile) may be decided differently by PyTorch and ONNX Runtime.
     """
     if selective is None:
         return None, None
