@@ -378,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="float16 members (input and outputs stay float32)")
     p.add_argument("--images", nargs="+", default=None, metavar="FILE", help="check images (default: synthetic)")
     p.set_defaults(func=_export_onnx)
-    p = verbs.add_parser("calibrate", help="fit the temperature on a held-out split and store it in config.json")
+    p = verbs.add_parser(
+        "calibrate", help="fit the temperature (and a selective rule) on a held-out split; store them in config.json"
+    )
     p.add_argument("model", help="a saved ensemble folder or a Hub repo id")
     p.add_argument("--dataset", required=True, help="datasets source (Hub id or folder)")
     p.add_argument("--split", required=True, help="held-out split, slicing allowed: validation, 'train[:5000]'")
