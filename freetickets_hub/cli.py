@@ -11,8 +11,10 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
+from .config import SelectiveConfig
 from .errors import FreeTicketsError, RecipeError
 
 __all__ = ["main"]
@@ -169,23 +171,34 @@ def _calibrate(args: argparse.Namespace) -> int:
     )
     accelerator = create_accelerator()
     logits = run_inference(model, data.images, accelerator, batch_size=args.batch_size, desc="calibrate").member_logits
-    fit = fit_temperature(logits, data.labels, previous_temperature=model.temperature)
+    temperature_rows, selective_rows = _calibration_rows(args, len(data))
     if not accelerator.is_main_process:
         return 0
-    print(f"temperature {fit.previous_temperature:.4f} -> {fit.temperature:.4f} fitted on {data.description}")
-    print(f"{'':<7} {'NLL':>8} {'ECE':>8}")
-    print(f"{'before':<7} {fit.nll_before:>8.4f} {fit.ece_before:>8.4f}")
-    print(f"{'after':<7} {fit.nll_after:>8.4f} {fit.ece_after:>8.4f}")
-    if fit.degenerate:
-        print(f"freetickets calibrate: error: degenerate fit, temperature not stored: {fit.reason}", file=sys.stderr)
+    if not args.keep_temperature:
+        labels = data.labels[temperature_rows]
+        fit = fit_temperature(logits[:, temperature_rows], labels, previous_temperature=model.temperature)
+        fitted_on = f"{data.description}" if selective_rows is None else f"{len(labels)} of {data.description}"
+        print(f"temperature {fit.previous_temperature:.4f} -> {fit.temperature:.4f} fitted on {fitted_on}")
+        print(f"{'':<7} {'NLL':>8} {'ECE':>8}")
+        print(f"{'before':<7} {fit.nll_before:>8.4f} {fit.ece_before:>8.4f}")
+        print(f"{'after':<7} {fit.nll_after:>8.4f} {fit.ece_after:>8.4f}")
+        if fit.degenerate:
+            message = f"degenerate fit, temperature not stored: {fit.reason}"
+            print(f"freetickets calibrate: error: {message}", file=sys.stderr)
+            return 3
+        count = f"{len(data)} images" if selective_rows is None else f"{len(labels)} of {len(data)} images"
+        model.set_temperature(fit.temperature, fit_on=f"{args.dataset}:{args.split} ({count})")
+    try:
+        model.config.ensemble.selective = _fit_selective(args, model, logits, data.labels, selective_rows, len(data))
+    except ValueError as err:  # no threshold meets the target risk, or too few images for the conformal alpha
+        print(f"freetickets calibrate: error: nothing stored: {err}", file=sys.stderr)
         return 3
-    model.set_temperature(fit.temperature, fit_on=f"{args.dataset}:{args.split} ({len(data)} images)")
     if args.output is None:  # the weights stay as they are: only config.json and the card change
         write_text_atomic(os.path.join(args.model, CONFIG_NAME), model.config.to_json())
         card = model.generate_model_card(save_directory=Path(args.model))
         write_text_atomic(os.path.join(args.model, "README.md"), str(card))
         print(f"wrote {os.path.join(args.model, CONFIG_NAME)} and the model card")
-        if os.path.isfile(os.path.join(args.model, "onnx", "model.onnx")):
+        if not args.keep_temperature and os.path.isfile(os.path.join(args.model, "onnx", "model.onnx")):
             print(
                 f"note: {args.model}/onnx/model.onnx still has the old temperature; "
                 f"re-run `freetickets export onnx {args.model}` (OnnxEnsemble refuses the stale graph)"
@@ -194,6 +207,91 @@ def _calibrate(args: argparse.Namespace) -> int:
         model.save_pretrained(args.output)
         print(f"wrote {args.output}")
     return 0
+
+
+def _calibration_rows(args: argparse.Namespace, count: int) -> tuple[Any, Any]:
+    """Rows of the held-out split for the temperature and for the selective rule (None: not fitted).
+
+    Fitting both in one command gives each its own half (a seeded permutation), so the rule is
+    fitted on images the temperature never saw; ``--keep-temperature`` gives the rule every row.
+    """
+    import numpy as np
+
+    everything = np.arange(count)
+    if args.target_risk is None and args.conformal_alpha is None:
+        if args.keep_temperature:
+            raise FreeTicketsError("--keep-temperature leaves nothing to fit: add --target-risk or --conformal-alpha")
+        return everything, None
+    if args.keep_temperature:
+        return None, everything
+    order = np.random.default_rng(0).permutation(count)
+    return np.sort(order[: count // 2]), np.sort(order[count // 2 :])
+
+
+def _fit_selective(
+    args: argparse.Namespace, model: Any, logits: Any, labels: Any, rows: Any, count: int
+) -> SelectiveConfig | None:
+    """The abstention threshold and/or conformal sets on the calibrated outputs of ``rows``; printed.
+
+    Returns None when neither was asked for (a new temperature has dropped any stored rule already).
+
+    Raises:
+        InfeasibleRiskError: no threshold meets ``--target-risk``.
+        ValueError: ``--conformal-alpha`` needs more images than ``rows`` holds.
+    """
+    from freetickets_hub.outputs import combine_member_logits
+    from freetickets_hub.selective import fit_conformal, fit_threshold
+
+    if rows is None:
+        return None
+    output = combine_member_logits(logits[:, rows], model.temperature)
+    outputs = {key: getattr(output, key).double().numpy() for key in ("probs", "entropy", "mutual_information")}
+    y = labels[rows].numpy()
+    fit_on = f"{args.dataset}:{args.split} " + (
+        f"({count} images; temperature {model.temperature:.4f} kept)"
+        if args.keep_temperature
+        else f"({len(rows)} of {count} images; the other half fitted the temperature)"
+    )
+    stored: dict[str, Any] = {"n": len(rows), "fit_on": fit_on}
+    if args.target_risk is not None:
+        fit = fit_threshold(outputs, y, score=args.score, target_risk=args.target_risk, delta=args.delta)
+        relation = ">=" if fit.score == "confidence" else "<="
+        print(
+            f"abstention: answer when {fit.score} {relation} {fit.threshold:.6g}; on {fit.num_images} held-out images "
+            f"it answers {100 * fit.coverage:.2f}% with error rate {fit.risk:.4f}, so the error rate of answered "
+            f"images is <= {fit.target_risk} with probability >= {1 - fit.delta:g} (Learn-then-Test, binomial p-value "
+            f"{fit.p_value:.3g})"
+        )
+        stored.update(
+            score=fit.score,
+            threshold=fit.threshold,
+            target_risk=fit.target_risk,
+            delta=fit.delta,
+            calibration_coverage=fit.coverage,
+            calibration_risk=fit.risk,
+        )
+    if args.conformal_alpha is not None:
+        conformal = fit_conformal(outputs["probs"], y, alpha=args.conformal_alpha, score=args.conformal_score)
+        print(
+            f"conformal sets ({conformal.score}): quantile {conformal.quantile:.6g} on {conformal.num_images} held-out "
+            f"images, mean set size {conformal.mean_set_size:.3f}; sets cover the true label with probability "
+            f">= {1 - conformal.alpha:g}"
+        )
+        stored.update(
+            conformal_alpha=conformal.alpha, conformal_score=conformal.score, conformal_quantile=conformal.quantile
+        )
+    return SelectiveConfig(**stored)
+
+
+def _probability(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
+    return value
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -369,6 +467,29 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_selective_arguments(p: argparse.ArgumentParser) -> None:
+    from .config import CONFORMAL_SCORES, SELECTIVE_SCORES
+
+    group = p.add_argument_group(
+        "selective prediction (fitted after the temperature, on its own half of the split when both are fitted)"
+    )
+    group.add_argument(
+        "--target-risk", type=_probability, default=None, metavar="R",
+        help="fit an abstention threshold: error rate of the answered images <= R with probability >= 1 - delta",
+    )  # fmt: skip
+    group.add_argument("--delta", type=_probability, default=0.1, help="failure probability of that bound (0.1)")
+    group.add_argument("--score", choices=SELECTIVE_SCORES, default="confidence", help="what the threshold is on")
+    group.add_argument(
+        "--conformal-alpha", type=_probability, default=None, metavar="A",
+        help="fit conformal prediction sets holding the true label with probability >= 1 - A",
+    )  # fmt: skip
+    group.add_argument("--conformal-score", choices=CONFORMAL_SCORES, default="lac", help="conformity score (lac)")
+    group.add_argument(
+        "--keep-temperature", action="store_true",
+        help="keep the stored temperature and fit only the selective rule, on every image of the split",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freetickets", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -398,7 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="float16 members (input and outputs stay float32)")
     p.add_argument("--images", nargs="+", default=None, metavar="FILE", help="check images (default: synthetic)")
     p.set_defaults(func=_export_onnx)
-    p = verbs.add_parser("calibrate", help="fit the temperature on a held-out split and store it in config.json")
+    p = verbs.add_parser(
+        "calibrate", help="fit the temperature (and a selective rule) on a held-out split; store them in config.json"
+    )
     p.add_argument("model", help="a saved ensemble folder or a Hub repo id")
     p.add_argument("--dataset", required=True, help="datasets source (Hub id or folder)")
     p.add_argument("--split", required=True, help="held-out split, slicing allowed: validation, 'train[:5000]'")
@@ -411,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass and process")
+    _add_selective_arguments(p)
     p.set_defaults(func=_calibrate)
 
     p = verbs.add_parser("evaluate", help="quality, calibration, OOD, selective prediction, corruptions, diversity")

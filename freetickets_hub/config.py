@@ -14,13 +14,15 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["FORMAT_VERSION", "CalibrationConfig", "EnsembleConfig", "EnsembleInfo"]
+__all__ = ["FORMAT_VERSION", "CalibrationConfig", "EnsembleConfig", "EnsembleInfo", "SelectiveConfig"]
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 METHODS = ("edst", "dst", "dense", "dense_ensemble", "static_sparse", "merged")
 DISTRIBUTIONS = ("erk", "uniform", "dense")
+SELECTIVE_SCORES = ("confidence", "entropy", "mutual_information")
+CONFORMAL_SCORES = ("lac", "aps")
 
 
 @dataclass
@@ -41,6 +43,66 @@ class CalibrationConfig:
 
 
 @dataclass
+class SelectiveConfig:
+    """When to abstain and which labels to offer, fitted on held-out data after the temperature.
+
+    Two optional parts, each complete or absent: an abstention threshold on ``score`` (answer when
+    ``confidence >= threshold``, or ``entropy`` / ``mutual_information <= threshold``) whose selective
+    risk is at most ``target_risk`` with probability at least ``1 - delta``; and split-conformal
+    prediction sets (``conformal_score`` at ``conformal_quantile``) covering the true label with
+    probability at least ``1 - conformal_alpha``. Unknown keys are an error here, unlike elsewhere in
+    the config: a decision rule whose meaning is partly unknown must not be applied.
+    """
+
+    n: int  # held-out images both parts were fitted on
+    fit_on: str = ""  # e.g. "fashion_mnist:validation (2500 of 5000 images; the other half fitted the temperature)"
+    score: str | None = None  # confidence | entropy | mutual_information
+    threshold: float | None = None
+    target_risk: float | None = None  # R: bound on the error rate of the answered images
+    delta: float | None = None  # the bound holds with probability >= 1 - delta over the calibration draw
+    calibration_coverage: float | None = None  # share of the held-out images answered
+    calibration_risk: float | None = None  # error rate of those
+    conformal_alpha: float | None = None
+    conformal_score: str | None = None  # lac | aps
+    conformal_quantile: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_type("ensemble.selective.n", self.n, int)
+        if self.n < 1:
+            raise ConfigError(f"ensemble.selective.n must be at least 1, got {self.n}")
+        _check_type("ensemble.selective.fit_on", self.fit_on, str)
+        threshold_part = ("score", "threshold", "target_risk", "delta", "calibration_coverage", "calibration_risk")
+        conformal_part = ("conformal_alpha", "conformal_score", "conformal_quantile")
+        for part in (threshold_part, conformal_part):
+            given = [name for name in part if getattr(self, name) is not None]
+            if given and len(given) != len(part):
+                missing = [f"ensemble.selective.{name}" for name in part if name not in given]
+                raise ConfigError(f"ensemble.selective has {given} but lacks {missing}: store all of them or none")
+        if self.score is None and self.conformal_score is None:
+            raise ConfigError("ensemble.selective holds neither a threshold (score...) nor conformal sets")
+        if self.score is not None:
+            if self.score not in SELECTIVE_SCORES:
+                raise ConfigError(f"ensemble.selective.score must be one of {SELECTIVE_SCORES}, got {self.score!r}")
+            _check_number("ensemble.selective.threshold", self.threshold, 0.0, math.inf)
+            _check_number("ensemble.selective.target_risk", self.target_risk, 0.0, 1.0, open_low=True, open_high=True)
+            _check_number("ensemble.selective.delta", self.delta, 0.0, 1.0, open_low=True, open_high=True)
+            _check_number("ensemble.selective.calibration_coverage", self.calibration_coverage, 0.0, 1.0)
+            _check_number("ensemble.selective.calibration_risk", self.calibration_risk, 0.0, 1.0)
+            if self.score == "confidence" and self.threshold > 1.0:
+                raise ConfigError(f"ensemble.selective.threshold on confidence must be in [0, 1], got {self.threshold}")
+        if self.conformal_score is not None:
+            if self.conformal_score not in CONFORMAL_SCORES:
+                raise ConfigError(
+                    f"ensemble.selective.conformal_score must be one of {CONFORMAL_SCORES}, "
+                    f"got {self.conformal_score!r}"
+                )
+            _check_number(
+                "ensemble.selective.conformal_alpha", self.conformal_alpha, 0.0, 1.0, open_low=True, open_high=True
+            )
+            _check_number("ensemble.selective.conformal_quantile", self.conformal_quantile, 0.0, 1.0)
+
+
+@dataclass
 class EnsembleInfo:
     """Our namespaced block: how the members were made and how to combine them."""
 
@@ -50,10 +112,15 @@ class EnsembleInfo:
     distribution: str = "erk"
     calibration: CalibrationConfig | None = None
     format_version: int = FORMAT_VERSION
+    selective: SelectiveConfig | None = None  # abstention threshold / conformal sets on the calibrated outputs
 
     def __post_init__(self) -> None:
         if isinstance(self.calibration, dict):
             self.calibration = CalibrationConfig(**_known(self.calibration, CalibrationConfig, "calibration"))
+        if isinstance(self.selective, dict):
+            self.selective = _strict_selective(self.selective)
+        if self.selective is not None and not isinstance(self.selective, SelectiveConfig):
+            raise ConfigError(f"ensemble.selective must be a JSON object, got {self.selective!r}")
         _check_type("ensemble.method", self.method, str)
         if self.method not in METHODS:
             raise ConfigError(f"ensemble.method must be one of {METHODS}, got {self.method!r}")
@@ -160,3 +227,22 @@ def _check_type(name: str, value: Any, expected: type | tuple[type, ...]) -> Non
     if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
         names = expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
         raise ConfigError(f"{name} must be of type {names}, got {value!r}")
+
+
+def _strict_selective(data: dict[str, Any]) -> SelectiveConfig:
+    unknown = sorted(set(data) - set(SelectiveConfig.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"ensemble.selective has unknown keys {unknown} (this freetickets-hub cannot apply them)")
+    if "n" not in data:
+        raise ConfigError("ensemble.selective is missing the required key 'n'")
+    return SelectiveConfig(**data)
+
+
+def _check_number(
+    name: str, value: Any, low: float, high: float, *, open_low: bool = False, open_high: bool = False
+) -> None:
+    _check_type(name, value, (int, float))
+    inside = (low < value if open_low else low <= value) and (value < high if open_high else value <= high)
+    if not (math.isfinite(value) and inside):
+        bounds = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        raise ConfigError(f"{name} must be a finite number in {bounds}, got {value}")

@@ -6,7 +6,9 @@ a PIL image (the toolkit decodes binary request bodies), raw bytes or a base64 s
 ``data:image/...;base64,`` URL); a list of images gives a list of answers. Each answer is the
 image-classification list of ``{"label", "score"}`` (best first), and every entry also carries the
 ensemble's uncertainty for that image: ``entropy`` (total), ``expected_entropy`` (aleatoric),
-``mutual_information`` (epistemic) and ``disagreement``.
+``mutual_information`` (epistemic) and ``disagreement``. When the model stores a selective rule
+(``config.ensemble.selective``), every entry also says whether the model abstains on the image (``abstain``)
+and gives its conformal ``prediction_set`` (label names), as ``EnsembleModel.predict`` does.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from freetickets_hub import EnsembleModel
 __all__ = ["EndpointHandler"]
 
 _UNCERTAINTY = ("entropy", "expected_entropy", "mutual_information", "disagreement")
+_SELECTIVE = ("abstain", "prediction_set")  # present when the model stores a selective rule
 
 
 class EndpointHandler:
@@ -41,20 +44,16 @@ class EndpointHandler:
         if "inputs" not in data:
             raise ValueError(f"expected a request with an 'inputs' image, got keys {sorted(data)}")
         inputs = data["inputs"]
-        top_k = int((data.get("parameters") or {}).get("top_k", 5))
+        num_classes = self.model.config.num_classes
+        top_k = (data.get("parameters") or {}).get("top_k", min(5, num_classes))
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_classes:
+            raise ValueError(f"parameters.top_k must be an integer from 1 to {num_classes} classes, got {top_k!r}")
         images = [_to_image(x) for x in inputs] if isinstance(inputs, list) else [_to_image(inputs)]
-        predictions = self.model.predict(images)
+        records = self.model.predict(images).to_records(top_k=top_k)
         answers = []
-        for i in range(len(images)):
-            uncertainty = {key: float(getattr(predictions, key)[i]) for key in _UNCERTAINTY}
-            order = predictions.probs[i].argsort()[::-1][:top_k]
-            names = self.model.config.label_names
-            answers.append(
-                [
-                    {"label": names[k] if names else str(k), "score": float(predictions.probs[i][k]), **uncertainty}
-                    for k in order
-                ]
-            )
+        for record in records:
+            shared = {key: record[key] for key in (*_UNCERTAINTY, *_SELECTIVE) if key in record}
+            answers.append([{"label": top["label"], "score": top["probability"], **shared} for top in record["top_k"]])
         return answers if isinstance(inputs, list) else answers[0]
 
 

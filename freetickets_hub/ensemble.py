@@ -119,7 +119,14 @@ class EnsembleModel(
         return self.config.ensemble.temperature
 
     def set_temperature(self, temperature: float, *, fit_on: str) -> None:
-        """Store a fitted temperature; every output applies it from now on."""
+        """Store a fitted temperature; every output applies it from now on.
+
+        A stored selective rule (``config.ensemble.selective``) was fitted on the old temperature's
+        outputs, so a new temperature drops it (with a warning): refit it with ``freetickets calibrate``.
+        """
+        if self.config.ensemble.selective is not None and float(temperature) != self.temperature:
+            logger.warning("the stored selective rule was fitted on the old temperature's outputs; dropped it")
+            self.config.ensemble.selective = None
         self.config.ensemble.calibration = CalibrationConfig(temperature=float(temperature), fit_on=fit_on)
 
     def load_member(self, index: int, state_dict: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
@@ -182,7 +189,7 @@ class EnsembleModel(
             chunks = {"probs": [np.zeros((0, self.config.num_classes), np.float32)]}
             chunks.update({key: [np.zeros(0, np.float32)] for key in _UNCERTAINTY})
         merged = {key: np.concatenate(parts) for key, parts in chunks.items()}
-        return Predictions.from_outputs(merged, self.config.label_names)
+        return Predictions.from_outputs(merged, self.config.label_names, self.config.ensemble.selective)
 
     def export_member(self, index: int, save_directory: str | Path) -> Path:
         """Write member ``index`` as a plain dense timm folder (see :func:`freetickets_hub.merge.export_member`)."""

@@ -127,7 +127,45 @@ def render_model_card(model: EnsembleModel, folder: Path | None, *, repo_id: str
         results=_result_rows(evaluation),
         recipe=public_text(yaml.safe_dump(summary["recipe"], sort_keys=True).strip()) if summary.get("recipe") else "",
         assets=sorted(p.relative_to(folder).as_posix() for p in (folder / ASSETS_DIR).glob("*.png")) if folder else [],
+        selective=_selective_section(cfg.ensemble.selective, folder),
     )
+
+
+def _selective_section(selective: Any, folder: Path | None) -> dict[str, Any] | None:
+    """What the card says about the stored selective rule: the fitted numbers and, if evaluated, the test's."""
+    if selective is None:
+        return None
+    rule = ((_read_json(folder, EVAL_RESULTS_NAME).get("selective") or {}).get("stored_rule")) or {}
+    plot = folder is not None and (folder / ASSETS_DIR / "risk_coverage.png").is_file()
+    section: dict[str, Any] = {"n": selective.n, "fit_on": selective.fit_on, "plot": plot}
+    if selective.score is not None:
+        relation = "at least" if selective.score == "confidence" else "at most"
+        section["threshold"] = {
+            "rule": f"its `{selective.score}` is {relation} {selective.threshold:.6g}",
+            "target_risk": f"{selective.target_risk:g}",
+            "confidence": f"{1 - selective.delta:g}",
+            "coverage": f"{100 * selective.calibration_coverage:.2f}",
+            "risk": f"{selective.calibration_risk:.4f}",
+        }
+        if "threshold" in rule and _is_number(rule["threshold"].get("coverage")):
+            test = rule["threshold"]
+            section["threshold"]["test"] = {
+                "coverage": f"{100 * test['coverage']:.2f}",
+                "risk": "n/a" if not _is_number(test.get("risk")) else f"{test['risk']:.4f}",
+            }
+    if selective.conformal_score is not None:
+        section["conformal"] = {
+            "score": selective.conformal_score.upper(),
+            "coverage": f"{1 - selective.conformal_alpha:g}",
+            "quantile": f"{selective.conformal_quantile:.6g}",
+        }
+        if "conformal" in rule and _is_number(rule["conformal"].get("coverage")):
+            test = rule["conformal"]
+            section["conformal"]["test"] = {
+                "coverage": f"{100 * test['coverage']:.2f}",
+                "size": f"{test['mean_set_size']:.3f}",
+            }
+    return section
 
 
 def _read_json(folder: Path | None, name: str) -> dict[str, Any]:

@@ -7,6 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from .config import SelectiveConfig
+from .selective import decide
+
 __all__ = ["Predictions"]
 
 
@@ -31,9 +34,17 @@ class Predictions:
     prediction_sets: list[list[int]] | None = None  # per image, the label ids of its conformal set
 
     @classmethod
-    def from_outputs(cls, outputs: dict[str, np.ndarray], label_names: list[str] | None) -> Predictions:
+    def from_outputs(
+        cls,
+        outputs: dict[str, np.ndarray],
+        label_names: list[str] | None,
+        selective: SelectiveConfig | None = None,
+    ) -> Predictions:
+        """Predictions from an engine's outputs; a ``selective`` rule (``config.ensemble.selective``)
+        fills ``abstain`` and ``prediction_sets`` through :func:`freetickets_hub.selective.decide`."""
         probs = np.asarray(outputs["probs"])
         ids = probs.argmax(-1).astype(np.int64)
+        abstain, prediction_sets = decide(outputs, selective)
         return cls(
             labels=[label_names[i] if label_names else str(i) for i in ids],
             label_ids=ids,
@@ -44,6 +55,8 @@ class Predictions:
             mutual_information=np.asarray(outputs["mutual_information"]),
             disagreement=np.asarray(outputs["disagreement"]),
             label_names=label_names,
+            abstain=abstain,
+            prediction_sets=prediction_sets,
         )
 
     def __len__(self) -> int:

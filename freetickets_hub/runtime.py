@@ -198,7 +198,7 @@ class OnnxEnsemble:
                 key: [np.zeros((0, self.config.num_classes) if key == "probs" else 0, np.float32)] for key in chunks
             }
         merged = {key: np.concatenate(parts) for key, parts in chunks.items()}
-        return Predictions.from_outputs(merged, self.config.label_names)
+        return Predictions.from_outputs(merged, self.config.label_names, self.config.ensemble.selective)
 
     def _check_graph(self, graph_path: str | os.PathLike[str]) -> None:
         """The graph must have one image input, the outputs ``predict`` reads and the config's temperature."""

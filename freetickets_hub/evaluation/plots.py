@@ -94,6 +94,11 @@ def _risk_coverage(ax: Any, results: dict[str, Any]) -> None:
     error = selective["risk"][-1]  # at full coverage: the error rate; an oracle accepts the right ones first
     oracle = [max(0.0, (c - (1 - error)) / c) for c in selective["coverage"]]
     ax.plot(selective["coverage"], oracle, "--", color="gray", label=f"oracle (AURC {selective['aurc_optimal']:.4f})")
+    threshold = (selective.get("stored_rule") or {}).get("threshold")
+    if threshold and threshold["risk"] is not None:  # the stored abstention rule on this split, and its target
+        ax.axhline(threshold["target_risk"], color="tab:red", linestyle=":", linewidth=1, label="target risk")
+        ax.plot(threshold["coverage"], threshold["risk"], "o", color="tab:red",
+                label=f"stored rule ({threshold['score']}): coverage {threshold['coverage']:.2f}")  # fmt: skip
     ax.set(xlim=(0, 1), ylim=(0, None), xlabel="coverage", ylabel="risk (error rate of accepted)")
     ax.set_title("Risk–coverage (accept by max probability)")
     ax.grid(alpha=0.3)

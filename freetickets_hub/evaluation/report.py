@@ -33,6 +33,7 @@ def format_results(results: dict[str, Any]) -> str:
     lines.append(
         f"selective prediction (max probability): AURC {selective['aurc']:.4f} (oracle {selective['aurc_optimal']:.4f})"
     )
+    lines += _selective_lines(selective)
     if results.get("ood"):
         lines += [
             "",
@@ -72,3 +73,27 @@ def format_results(results: dict[str, Any]) -> str:
         f"{runtime['images_per_process']}, {runtime['seconds']:.1f} s"
     )
     return "\n".join(lines)
+
+
+def _selective_lines(selective: dict[str, Any]) -> list[str]:
+    """Risk at fixed coverage, and how the model's stored selective rule did on this split."""
+    at = selective.get("risk_at_coverage") or {}
+    lines = [f"  risk at {100 * float(c):.0f}% coverage: {r:.4f}" for c, r in at.items()]
+    rule = selective.get("stored_rule") or {}
+    if "threshold" in rule:
+        t = rule["threshold"]
+        relation = ">=" if t["score"] == "confidence" else "<="
+        risk = "n/a (nothing answered)" if t["risk"] is None else f"{t['risk']:.4f}"
+        verdict = "within" if t["risk_within_target"] else "ABOVE"
+        lines.append(
+            f"  stored abstention rule ({t['score']} {relation} {t['threshold']:.6g}): coverage {t['coverage']:.4f}, "
+            f"selective risk {risk}, {verdict} the target {t['target_risk']} (guaranteed with probability "
+            f">= {1 - t['delta']:g} for data like the calibration split)"
+        )
+    if "conformal" in rule:
+        c = rule["conformal"]
+        lines.append(
+            f"  stored conformal sets ({c['score']}, alpha {c['alpha']:g}): coverage {c['coverage']:.4f} "
+            f"(target >= {1 - c['alpha']:g}), mean set size {c['mean_set_size']:.3f}, {c['empty_sets']} empty"
+        )
+    return lines

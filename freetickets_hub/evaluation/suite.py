@@ -4,7 +4,7 @@
 
     {"dataset", "split", "num_images", "ece_bins": 15, "temperature", "conventions": {...},
      "ensemble": {"accuracy", "nll", "brier", "ece"}, "members": [{"member": 0, ...}, ...],
-     "reliability": {...}, "selective": {"aurc", "coverage", "risk", ...},
+     "reliability": {...}, "selective": {"aurc", "coverage", "risk", "risk_at_coverage", "stored_rule"?, ...},
      "ood": {name: {"num_images", "msp": {"auroc", "aupr", "fpr_at_95_tpr"}, "entropy", "mutual_information"}},
      "corruptions": {"mean": {...}, "per_corruption": {name: {"mean": {...}, "severities": {"1": {...}}}}, ...},
      "diversity": {"disagreement", "kl", "mask_distance"}, "runtime": {...}}
@@ -23,6 +23,7 @@ from ..ensemble import EnsembleModel
 from ..errors import DatasetError
 from ..metrics import ECE_BINS, classification_metrics, detection_metrics, reliability_bins, risk_coverage
 from ..outputs import EnsembleOutput, combine_member_logits
+from ..selective import evaluate_rule
 from .corruptions import CORRUPTIONS, SEVERITIES, CorruptionTransform
 from .data import EvalSplit
 from .diversity import mask_distance, prediction_diversity
@@ -30,6 +31,7 @@ from .inference import create_accelerator, run_inference
 
 __all__ = ["CONVENTIONS", "OOD_SCORES", "evaluate"]
 
+RISK_AT_COVERAGE = ("0.80", "0.95")  # coverage levels whose risk is reported
 # OOD scores, each oriented so that higher means "looks more in-distribution"
 OOD_SCORES = ("msp", "entropy", "mutual_information")
 CONVENTIONS = {
@@ -41,7 +43,11 @@ CONVENTIONS = {
         "aupr is the area under the precision-recall curve of in-distribution detection; fpr_at_95_tpr is the "
         "share of OOD images accepted when 95% of in-distribution images are"
     ),
-    "selective": "risk = error rate of the predictions accepted by max probability; aurc = mean risk over coverage k/N",
+    "selective": (
+        "risk = error rate of the predictions accepted by max probability; aurc = mean risk over coverage k/N; "
+        "stored_rule = the model's ensemble.selective rule on this split: coverage = share answered, risk = error "
+        "rate of those; conformal coverage = share of prediction sets holding the true label"
+    ),
     "corruptions": "ensemble metrics on corrupted copies of the evaluation split; means are over severities 1-5",
 }
 
@@ -100,7 +106,7 @@ def evaluate(
             for index, probs in enumerate(output.member_probs)
         ],
         "reliability": reliability_bins(output.probs, labels),
-        "selective": risk_coverage(output.probs, labels),
+        "selective": _selective_metrics(model, output, labels),
     }
     results["ensemble"]["mean_disagreement"] = output.disagreement.mean().item()
     results["ood"] = {}
@@ -124,6 +130,19 @@ def evaluate(
         "seconds": round(time.perf_counter() - start, 2),
     }
     return results
+
+
+def _selective_metrics(model: EnsembleModel, output: EnsembleOutput, labels: torch.Tensor) -> dict[str, Any]:
+    """The max-probability risk–coverage curve (AURC, risk at 80 % and 95 % coverage) and the stored rule's results."""
+    curve = risk_coverage(output.probs, labels)
+    at = {f"{level:.2f}": r for level, r in zip(curve["coverage"], curve["risk"], strict=True)}
+    curve["risk_at_coverage"] = {level: at[level] for level in RISK_AT_COVERAGE}
+    rule = model.config.ensemble.selective
+    if rule is not None:
+        keys = ("probs", "entropy", "mutual_information")
+        outputs = {key: getattr(output, key).double().cpu().numpy() for key in keys}
+        curve["stored_rule"] = evaluate_rule(outputs, labels.cpu().numpy(), rule)
+    return curve
 
 
 def _ood_scores(output: EnsembleOutput) -> dict[str, torch.Tensor]:
