@@ -22,6 +22,7 @@ from freetickets_hub import __version__
 from . import v1, v2
 from .errors import PayloadTooLarge, ServingError
 from .metrics import route_template
+from .server import drain_on_sigterm
 from .service import ServeSettings, Service
 
 __all__ = ["ServingApp", "app_from_env", "create_app"]
@@ -84,7 +85,10 @@ def create_app(settings: ServeSettings) -> ServingApp:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        supervisor = drain_on_sigterm(service)
         yield
+        if supervisor is not None:
+            supervisor.cancel()
         await service.stop()
 
     app = FastAPI(
