@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--max-batch-size", type=int, default=32, help="most images per engine call and request")
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill (default: 5)")
-    p.add_argument("--max-queue", type=int, default=256, help="images waiting before 503 + Retry-After (default: 256)")
+    p.add_argument("--max-queue", type=int, default=256, help="images in the queue or engine before 503 (default: 256)")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body, MiB; more gets 413")
     p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own model and batcher")
     p.add_argument("--name", default=None, help="the model's name in /v2/models/{name} (default: last part of MODEL)")

@@ -4,8 +4,9 @@ Requests wait in one queue; a single worker task takes as many whole requests as
 ``max_batch_size`` images, waiting at most ``max_delay_s`` after the oldest one arrived, runs the
 engine once on their concatenation in a worker thread (the event loop keeps answering meanwhile)
 and hands each request its own rows back. While the engine computes, new requests queue up, so
-under load batches form without waiting. A request that would push the queue past ``max_queue``
-images is refused at once (``ServerBusy``: 503 + ``Retry-After``), so latency stays bounded.
+under load batches form without waiting. A request that would take the images admitted and not
+yet answered (queued or being computed) past ``max_queue`` is refused at once (``ServerBusy``: 503
++ ``Retry-After``), so an admitted request waits at most about ``max_queue / throughput``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class MicroBatcher:
         batch_axes: the batch axis of each output (``member_probs`` is ``(M, B, K)``: axis 1).
         max_batch_size: most images per engine call, and per request.
         max_delay_s: longest wait for companions after the oldest queued request arrived.
-        max_queue: most images waiting; a request that would exceed it is refused.
+        max_queue: most images admitted and not yet answered (waiting or in the running engine call).
         on_batch: called after each engine call with ``(images, compute seconds)`` (metrics).
     """
 
@@ -91,6 +92,14 @@ class MicroBatcher:
         return self._queued_images
 
     @property
+    def admitted_images(self) -> int:
+        """Images queued or being computed: what ``max_queue`` bounds."""
+        return self._queued_images + self._computing
+
+    def has_room(self, count: int = 1) -> bool:
+        return not self._closing and self.admitted_images + count <= self.max_queue
+
+    @property
     def idle(self) -> bool:
         return not self._pending and not self._computing
 
@@ -117,11 +126,8 @@ class MicroBatcher:
             raise InvalidInput(f"a request must hold 1 to {self.max_batch_size} images (--max-batch-size), got {count}")
         if self._closing:
             raise ServerBusy("the server is shutting down")
-        if self._queued_images + count > self.max_queue:
-            raise ServerBusy(
-                f"the queue is full ({self._queued_images} of {self.max_queue} images waiting); retry later",
-                retry_after_s=self._retry_after(),
-            )
+        if not self.has_room(count):
+            raise self.busy()
         loop = asyncio.get_running_loop()
         item = _Pending(pixel_values, loop.create_future(), time.perf_counter())
         self._pending.append(item)
@@ -129,11 +135,13 @@ class MicroBatcher:
         self._arrived.set()
         return await item.future
 
-    def _retry_after(self) -> int:
-        """Seconds until the queue has likely drained (at least 1): Retry-After is whole seconds."""
-        if self._throughput <= 0:
-            return 1
-        return max(1, math.ceil((self._queued_images + self._computing) / self._throughput))
+    def busy(self) -> ServerBusy:
+        """The refusal of a full queue, with ``Retry-After``: the seconds (at least 1) it likely takes to drain."""
+        drain_s = self.admitted_images / self._throughput if self._throughput > 0 else 1.0
+        return ServerBusy(
+            f"the queue is full ({self.admitted_images} of {self.max_queue} images admitted); retry later",
+            retry_after_s=max(1, math.ceil(drain_s)),
+        )
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -57,6 +57,10 @@ class ServingMetrics:
             "freetickets_batch_size", "Images per engine call", buckets=_BATCH_BUCKETS, registry=self.registry
         )
         self.queue_depth = Gauge("freetickets_queue_depth", "Images waiting for a batch", registry=self.registry)
+        self.admitted = Gauge(
+            "freetickets_admitted_images", "Images admitted and not answered yet (what --max-queue bounds)",
+            registry=self.registry,
+        )  # fmt: skip
         self.images = Counter("freetickets_images", "Images answered", registry=self.registry)
         self.abstentions = Counter(
             "freetickets_abstentions", "Images the model abstained on (selective prediction)", registry=self.registry

@@ -41,7 +41,7 @@ class ServeSettings:
     port: int = 8000
     max_batch_size: int = 32
     max_delay_ms: float = 5.0
-    max_queue: int = 256  # images waiting for a batch
+    max_queue: int = 256  # images admitted and not answered yet (queued or in the engine call)
     max_body_mb: float = 16.0
     workers: int = 1
     name: str | None = None  # default: the last part of MODEL
@@ -117,6 +117,7 @@ class Service:
         )
         await batcher.start()
         self.metrics.queue_depth.set_function(lambda: batcher.queued_images)
+        self.metrics.admitted.set_function(lambda: batcher.admitted_images)
         self.engine, self.batcher = engine, batcher
         logger.info("serving %s (%s backend, providers %s)", self.name, engine.backend, engine.providers)
 
@@ -155,6 +156,20 @@ class Service:
         if version not in (None, "", "1"):
             raise ModelNotFound(f"model {name!r} has no version {version!r}; it has version '1'")
         return self.require_engine()
+
+    def check_capacity(self) -> None:
+        """Refuse work before its body is read when not even one more image fits (an overload's cheap 503).
+
+        Raises:
+            ServerBusy: shutting down, or the queue is full.
+            ServerNotReady: still loading.
+        """
+        if self.draining:
+            raise ServerBusy("the server is shutting down; retry on another replica")
+        self.require_engine()
+        assert self.batcher is not None
+        if not self.batcher.has_room():
+            raise self.batcher.busy()
 
     async def infer(self, pixel_values: np.ndarray) -> BatchResult:
         """Run ``pixel_values`` through the batcher.

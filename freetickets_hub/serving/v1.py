@@ -61,6 +61,7 @@ async def predict(request: Request, top_k: str | None = None) -> JSONResponse:
     service = _service(request)
     engine = service.require_engine()
     k = parse_top_k(top_k, engine.config.num_classes)
+    service.check_capacity()
     limit = service.settings.max_batch_size
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):

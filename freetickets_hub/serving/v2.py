@@ -68,6 +68,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     encoding = request.headers.get("content-encoding", "identity")
     if encoding != "identity":
         raise InvalidInput(f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
+    service.check_capacity()
     body = await request.body()
     decoded = decode_infer_request(
         body, request.headers.get(HEADER_LENGTH), engine.input, engine.output_names, service.settings.max_batch_size
