@@ -299,6 +299,7 @@ V1_CASES = {
     "text field as files": ({"data": {"files": "hello"}, "files": [("x", ("a", b"1"))]}, "text field"),
     "too many files": ({"files": [("files", (f"{i}.png", png(1), "image/png")) for i in range(17)]}, "limit is 16"),
     "bad base64": ({"json": {"images": ["%%%"]}}, "images[0] is not valid base64"),
+    "a URL is never fetched": ({"json": {"images": ["http://127.0.0.1:9/a.png"]}}, "images[0] is not valid base64"),
     "base64 of a non-image": ({"json": {"images": [base64.b64encode(b"hello").decode()]}}, "not an image"),
     "JSON without images": ({"json": {"image": "x"}}, '{"images": ['),
     "JSON not an object": ({"json": [1, 2]}, '{"images": ['),
