@@ -69,10 +69,12 @@ def free_port() -> int:
 class Server:
     """A ``freetickets serve`` subprocess; ``url`` once ready."""
 
-    def __init__(self, model: Path, *flags: str, pythonpath: Path | None = None, log: Path) -> None:
+    def __init__(
+        self, model: Path | str, *flags: str, pythonpath: Path | None = None, log: Path, env: dict | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+        env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", **(env or {}))
         if pythonpath is not None:
             env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         command = [sys.executable, "-m", "freetickets_hub.cli", "serve", str(model), "--port", str(self.port), *flags]
@@ -108,8 +110,10 @@ class Server:
 
 
 @contextlib.contextmanager
-def running(model: Path, *flags: str, log: Path, pythonpath: Path | None = None) -> Iterator[Server]:
-    server = Server(model, *flags, pythonpath=pythonpath, log=log)
+def running(
+    model: Path | str, *flags: str, log: Path, pythonpath: Path | None = None, env: dict | None = None
+) -> Iterator[Server]:
+    server = Server(model, *flags, pythonpath=pythonpath, log=log, env=env)
     try:
         yield server.wait_ready()
     finally:

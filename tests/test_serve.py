@@ -29,6 +29,7 @@ from freetickets_hub.cli import main
 from freetickets_hub.preprocessing import preprocess
 from freetickets_hub.runtime import OnnxEnsemble
 
+from .conftest_hub import put_in_hub_cache
 from .serve_support import LABEL_NAMES, exported_model, running, torch_blocker
 
 NAME = "fmnist"
@@ -368,6 +369,41 @@ def test_model_without_a_graph_names_the_export_command(tmp_path: Path, model_di
     assert len(err.strip().splitlines()) == 1
     assert main(["serve", str(model_dir), "--max-queue", "4"]) == 2
     assert "--max-queue (4) must be at least --max-batch-size (32)" in capsys.readouterr().err
+
+
+def test_hub_id_is_served_from_the_offline_cache(model_dir: Path, engine: OnnxEnsemble, tmp_path: Path) -> None:
+    put_in_hub_cache(model_dir, tmp_path / "hf" / "hub", "freetickets/fmnist-edst", "a" * 40)
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    x = pixels(2, seed=6)
+    with running("freetickets/fmnist-edst", log=tmp_path / "hub.log", env=env) as srv:
+        reply = v2_infer(srv.url, json_request(x), name="fmnist-edst")  # NAME defaults to the id's last part
+    assert reply.status_code == 200, reply.text
+    probs = next(o for o in reply.json()["outputs"] if o["name"] == "probs")
+    np.testing.assert_allclose(np.reshape(probs["data"], probs["shape"]), engine(x)["probs"], rtol=0, atol=1e-6)
+
+
+NASTY = [
+    (b"", {}),
+    (b"null", {}),
+    (b'{"inputs": {"name": "pixel_values"}}', {}),
+    (b'{"inputs": [{"name": "pixel_values", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [[1], [2, 3]]}]}', {}),
+    (b'{"inputs": [{"name": "pixel_values", "shape": [1e9, 1, 28, 28], "datatype": "FP32", "data": []}]}', {}),
+    (b'{"inputs": [{"name": "pixel_values", "shape": [true, 1, 28, 28], "datatype": "FP32", "data": []}]}', {}),
+    (b'{"inputs": [{"name": "pixel_values", "shape": [1, 1, 28, 28], "datatype": "FP32", "parameters": []}]}', {}),
+    (b'{"inputs": [{"name": "pixel_values", "shape": [1, 1, 28, 28], "datatype": "FP32",'
+     b' "parameters": {"binary_data_size": "3136"}}]}' + bytes(3136), {"Inference-Header-Content-Length": "103"}),
+    (b'{"inputs": [{"name": "pixel_values", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0]}],'
+     b' "outputs": [{"name": ["probs"]}], "parameters": 5}', {}),
+    (bytes(range(256)) * 8, {"Inference-Header-Content-Length": "2"}),
+    (b'{"inputs": []}', {"Inference-Header-Content-Length": "0"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("index", range(len(NASTY)))
+def test_no_input_makes_a_500(server, index: int) -> None:
+    body, headers = NASTY[index]
+    reply = v2_infer(server.url, body, headers)
+    assert 400 <= reply.status_code < 500 and reply.json()["error"], reply.text
 
 
 def test_torch_backend_serves_the_same_outputs(model_dir: Path, engine: OnnxEnsemble, tmp_path: Path) -> None:
