@@ -34,6 +34,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 _PROBES = ("/v2/health/live", "/v2/health/ready", "/metrics")  # not counted as in-flight work when draining
+_WORK = ("/v2/models/{name}/infer", "/v1/predict")  # routes that queue images
 
 
 class ServingApp:
@@ -41,7 +42,9 @@ class ServingApp:
 
     A declared ``Content-Length`` over the limit is answered 413 without reading the body; a body
     without one (chunked) is counted while it streams and refused as soon as it passes the limit.
-    Every response, including these, is counted in ``freetickets_requests_total{route,status}``.
+    While the queue is full, work is refused here with 503 + ``Retry-After``, before routing: under
+    an overload, refusals must cost next to nothing. Every response, including these, is counted in
+    ``freetickets_requests_total{route,status}``.
     """
 
     def __init__(self, app: FastAPI, service: Service) -> None:
@@ -69,6 +72,10 @@ class ServingApp:
             declared = _content_length(scope)
             if declared is not None and declared > limit:
                 await _reply_error(send_counted, PayloadTooLarge(_too_large(declared, limit)))
+                return
+            batcher = self.service.batcher
+            if route in _WORK and batcher is not None and not batcher.has_room():
+                await _reply_error(send_counted, batcher.busy())
                 return
             await self.app(scope, _bounded(receive, limit), send_counted)
         finally:
@@ -160,6 +167,8 @@ def _bounded(receive: Receive, limit: int) -> Receive:
 async def _reply_error(send: Send, err: ServingError) -> None:
     body = json.dumps({"error": str(err)}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(b"connection", b"close")]
+    headers += [(key.lower().encode(), value.encode()) for key, value in err.headers.items()]
+    if isinstance(err, PayloadTooLarge):
+        headers.append((b"connection", b"close"))  # the unread body would follow on this connection
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
