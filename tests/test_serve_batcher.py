@@ -96,7 +96,7 @@ def test_full_queue_and_oversized_requests_are_refused_at_once() -> None:
         await batcher.start()
         waiting = asyncio.ensure_future(batcher.submit(np.zeros((3, 1, 1, 1), np.float32)))
         await asyncio.sleep(0.01)
-        assert batcher.queued_images == 3
+        assert batcher.queued_images == 3 and not batcher.has_room()
         with pytest.raises(ServerBusy, match="queue is full") as busy:
             await batcher.submit(np.zeros((2, 1, 1, 1), np.float32))
         assert busy.value.headers["Retry-After"] == "1"
@@ -132,5 +132,5 @@ def test_an_engine_failure_reaches_the_requests_of_its_batch_only() -> None:
 
 
 def test_bad_settings_are_refused() -> None:
-    with pytest.raises(ValueError, match="max_batch_size and max_queue must be >= 1"):
+    with pytest.raises(ValueError, match="need 1 <= max_batch_size <= max_queue"):
         MicroBatcher(FakeEngine(), batch_axes={}, max_batch_size=0)

@@ -4,9 +4,11 @@ Requests wait in one queue; a single worker task takes as many whole requests as
 ``max_batch_size`` images, waiting at most ``max_delay_s`` after the oldest one arrived, runs the
 engine once on their concatenation in a worker thread (the event loop keeps answering meanwhile)
 and hands each request its own rows back. While the engine computes, new requests queue up, so
-under load batches form without waiting. A request that would take the images admitted and not
-yet answered (queued or being computed) past ``max_queue`` is refused at once (``ServerBusy``: 503
-+ ``Retry-After``), so an admitted request waits at most about ``max_queue / throughput``.
+under load batches form without waiting. A request is admitted only while the images admitted and
+not yet answered (queued or being computed), plus a full batch for it, stay within ``max_queue``;
+otherwise it is refused at once (``ServerBusy``: 503 + ``Retry-After``). Its batch then completes
+after at most ``max_queue`` images' worth of engine time: an admitted request waits at most about
+``max_queue / throughput`` (+ ``max_delay_s``), however heavy the overload.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class MicroBatcher:
         batch_axes: the batch axis of each output (``member_probs`` is ``(M, B, K)``: axis 1).
         max_batch_size: most images per engine call, and per request.
         max_delay_s: longest wait for companions after the oldest queued request arrived.
-        max_queue: most images admitted and not yet answered (waiting or in the running engine call).
+        max_queue: bound on the images admitted and not yet answered (waiting or in the running engine
+            call) plus a full batch for the next request; at least ``max_batch_size``.
         on_batch: called after each engine call with ``(images, compute seconds)`` (metrics).
     """
 
@@ -65,9 +68,9 @@ class MicroBatcher:
         max_queue: int = 256,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1 or max_delay_s < 0:
+        if not 1 <= max_batch_size <= max_queue or max_delay_s < 0:
             raise ValueError(
-                f"max_batch_size and max_queue must be >= 1 and max_delay_s >= 0, got "
+                f"need 1 <= max_batch_size <= max_queue and max_delay_s >= 0, got "
                 f"{max_batch_size}, {max_queue}, {max_delay_s}"
             )
         self._run = run
@@ -96,8 +99,9 @@ class MicroBatcher:
         """Images queued or being computed: what ``max_queue`` bounds."""
         return self._queued_images + self._computing
 
-    def has_room(self, count: int = 1) -> bool:
-        return not self._closing and self.admitted_images + count <= self.max_queue
+    def has_room(self) -> bool:
+        """Whether a request is admitted now: the images ahead of it plus its own batch fit in ``max_queue``."""
+        return not self._closing and self.admitted_images + self.max_batch_size <= self.max_queue
 
     @property
     def idle(self) -> bool:
@@ -126,7 +130,7 @@ class MicroBatcher:
             raise InvalidInput(f"a request must hold 1 to {self.max_batch_size} images (--max-batch-size), got {count}")
         if self._closing:
             raise ServerBusy("the server is shutting down")
-        if not self.has_room(count):
+        if not self.has_room():
             raise self.busy()
         loop = asyncio.get_running_loop()
         item = _Pending(pixel_values, loop.create_future(), time.perf_counter())
