@@ -96,7 +96,7 @@ def test_full_queue_and_oversized_requests_are_refused_at_once() -> None:
         await batcher.start()
         waiting = asyncio.ensure_future(batcher.submit(np.zeros((3, 1, 1, 1), np.float32)))
         await asyncio.sleep(0.01)
-        assert batcher.queued_images == 3 and not batcher.has_room()
+        assert batcher.queued_images == 3 and batcher.has_room(1) and not batcher.has_room(2)
         with pytest.raises(ServerBusy, match="queue is full") as busy:
             await batcher.submit(np.zeros((2, 1, 1, 1), np.float32))
         assert busy.value.headers["Retry-After"] == "1"

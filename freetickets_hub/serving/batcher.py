@@ -4,11 +4,11 @@ Requests wait in one queue; a single worker task takes as many whole requests as
 ``max_batch_size`` images, waiting at most ``max_delay_s`` after the oldest one arrived, runs the
 engine once on their concatenation in a worker thread (the event loop keeps answering meanwhile)
 and hands each request its own rows back. While the engine computes, new requests queue up, so
-under load batches form without waiting. A request is admitted only while the images admitted and
-not yet answered (queued or being computed), plus a full batch for it, stay within ``max_queue``;
-otherwise it is refused at once (``ServerBusy``: 503 + ``Retry-After``). Its batch then completes
-after at most ``max_queue`` images' worth of engine time: an admitted request waits at most about
-``max_queue / throughput`` (+ ``max_delay_s``), however heavy the overload.
+under load batches form without waiting. A request that would take the images admitted and not
+yet answered (queued or being computed) past ``max_queue`` is refused at once (``ServerBusy``: 503
++ ``Retry-After``). An admitted request then has at most ``max_queue`` images ahead of it or with
+it, and its batch at most ``max_batch_size`` more after it: it waits at most about
+``(max_queue + max_batch_size) / throughput``, however heavy the overload.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ class MicroBatcher:
         batch_axes: the batch axis of each output (``member_probs`` is ``(M, B, K)``: axis 1).
         max_batch_size: most images per engine call, and per request.
         max_delay_s: longest wait for companions after the oldest queued request arrived.
-        max_queue: bound on the images admitted and not yet answered (waiting or in the running engine
-            call) plus a full batch for the next request; at least ``max_batch_size``.
+        max_queue: most images admitted and not yet answered (waiting or in the running engine call);
+            at least ``max_batch_size``.
         on_batch: called after each engine call with ``(images, compute seconds)`` (metrics).
     """
 
@@ -99,9 +99,9 @@ class MicroBatcher:
         """Images queued or being computed: what ``max_queue`` bounds."""
         return self._queued_images + self._computing
 
-    def has_room(self) -> bool:
-        """Whether a request is admitted now: the images ahead of it plus its own batch fit in ``max_queue``."""
-        return not self._closing and self.admitted_images + self.max_batch_size <= self.max_queue
+    def has_room(self, count: int = 1) -> bool:
+        """Whether a request of ``count`` images is admitted now."""
+        return not self._closing and self.admitted_images + count <= self.max_queue
 
     @property
     def idle(self) -> bool:
@@ -130,7 +130,7 @@ class MicroBatcher:
             raise InvalidInput(f"a request must hold 1 to {self.max_batch_size} images (--max-batch-size), got {count}")
         if self._closing:
             raise ServerBusy("the server is shutting down")
-        if not self.has_room():
+        if not self.has_room(count):
             raise self.busy()
         loop = asyncio.get_running_loop()
         item = _Pending(pixel_values, loop.create_future(), time.perf_counter())

@@ -41,7 +41,7 @@ class ServeSettings:
     port: int = 8000
     max_batch_size: int = 32
     max_delay_ms: float = 5.0
-    max_queue: int = 256  # images admitted and not answered (queued or computing) + a full batch for a newcomer
+    max_queue: int = 256  # images admitted and not answered yet (queued or in the engine call)
     max_body_mb: float = 16.0
     workers: int = 1
     name: str | None = None  # default: the last part of MODEL
