@@ -8,7 +8,7 @@ of 3x the concurrency-32 request rate. Every level is bounded in time and in cou
 same run:
 
 - ``OnnxEnsemble`` called directly in this process at the mean batch size the server formed
-  (images/s of the engine alone: the ceiling);
+  (images/s of the engine alone, the better of two runs: the ceiling);
 - a naive server: FastAPI + uvicorn, one request = one torch ``EnsembleModel`` forward, no batching
   (sync endpoint in uvicorn's thread pool), same requests.
 
@@ -299,8 +299,10 @@ def run(model: Path, duration: float, max_requests: int) -> int:
         print(overload.row(), flush=True)
         after_overload = asyncio.run(closed_loop(url, 1, 2.0, 20, "service after overload", bad_every=0))
         print(after_overload.row(), flush=True)
-    direct = direct_images_per_s(model, max(1, round(c32.mean_batch)))
-    print(f"OnnxEnsemble direct at batch {round(c32.mean_batch)}: {direct:.0f} images/s")
+    batch = max(1, round(c32.mean_batch))
+    # the ceiling: the better of two measurements (the machine is shared; a lower one would flatter the service)
+    direct = max(direct_images_per_s(model, batch), direct_images_per_s(model, batch))
+    print(f"OnnxEnsemble direct at batch {batch}: {direct:.0f} images/s (best of two 3 s runs)")
     naive_port = free_port()
     naive_base = f"http://127.0.0.1:{naive_port}"
     naive_cmd = [sys.executable, __file__, "--naive-server", str(model), str(naive_port)]
