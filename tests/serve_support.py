@@ -82,7 +82,7 @@ class Server:
         self._log = open(log, "wb")  # noqa: SIM115  (closed in stop)
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
-    def wait_ready(self, timeout: float = 60.0) -> Server:
+    def wait_ready(self, timeout: float = 180.0) -> Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -12,8 +12,8 @@ import pytest
 from .serve_support import Server, exported_model, running
 from .test_serve import counters, json_request, pixels
 
-# a batch fills at 4 images; a request of 3 waits up to 3 s for companions; 4 images may wait in all
-SLOW = ("--name", "m", "--max-batch-size", "4", "--max-queue", "4", "--max-delay-ms", "3000")
+# a batch fills at 4 images; a request of 3 waits up to 5 s for companions; 4 images may wait in all
+SLOW = ("--name", "m", "--max-batch-size", "4", "--max-queue", "4", "--max-delay-ms", "5000")
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def infer(url: str, batch: int, seed: int = 0) -> httpx.Response:
     return httpx.post(f"{url}/v2/models/m/infer", content=json_request(pixels(batch, seed)), timeout=30)
 
 
-def wait_for_queue(url: str, images: int, timeout: float = 10.0) -> None:
+def wait_for_queue(url: str, images: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while counters(url)[("freetickets_queue_depth",)] != images:
         assert time.monotonic() < deadline, f"the queue never held {images} images"
@@ -41,7 +41,7 @@ def test_full_queue_answers_503_with_retry_after_at_once(model_dir: Path, tmp_pa
         elapsed = time.monotonic() - started
         assert refused.status_code == 503 and "the queue is full" in refused.json()["error"]
         assert int(refused.headers["Retry-After"]) >= 1
-        assert elapsed < 1.0, f"the refusal took {elapsed:.2f} s"
+        assert elapsed < 2.0, f"the refusal took {elapsed:.2f} s (the queued request waits 5 s)"
         assert waiting.result(30).status_code == 200  # the queued request is served
         assert infer(srv.url, 2).status_code == 200  # and the server answers normally afterwards
 
@@ -50,10 +50,10 @@ def test_sigterm_turns_readiness_503_drains_and_exits_0(model_dir: Path, tmp_pat
     server = Server(model_dir, *SLOW, log=tmp_path / "server.log").wait_ready()
     try:
         with concurrent.futures.ThreadPoolExecutor() as pool:
-            in_flight = pool.submit(infer, server.url, 1)  # waits up to 3 s for companions
+            in_flight = pool.submit(infer, server.url, 1)  # waits up to 5 s for companions
             wait_for_queue(server.url, 1)
             server.terminate()
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 15
             while httpx.get(f"{server.url}/v2/health/ready").status_code != 503:
                 assert time.monotonic() < deadline, "readiness never turned 503"
                 time.sleep(0.02)
