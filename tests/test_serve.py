@@ -173,6 +173,18 @@ def test_concurrent_clients_are_batched_and_get_their_own_rows(server, engine: O
     assert batches < len(sizes), "no two requests shared an engine call"
 
 
+def test_the_readme_client_code_runs_against_the_server(server, engine: OnnxEnsemble) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### The same client for this server and Triton", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace('"127.0.0.1:8000"', repr(server.url.removeprefix("http://"))).replace('"demo"', repr(NAME))
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    expected = engine(np.zeros((4, 1, 28, 28), np.float32))
+    np.testing.assert_allclose(namespace["probs"], expected["probs"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(namespace["epistemic"], expected["mutual_information"], rtol=0, atol=1e-6)
+
+
 # --- /v1/predict ----------------------------------------------------------------------------------------------
 
 
