@@ -5,21 +5,23 @@ The server runs in a subprocess (``freetickets serve``, onnx backend, ``--max-ba
 Protocol binary requests of 8 images each, one in eight of them malformed (wrong shape or datatype,
 answered 400), at concurrency 1, 8 and 32 (closed loop), then an overload: an open-loop arrival rate
 of 3x the concurrency-32 request rate. Every level is bounded in time and in count. Compared in the
-same run:
+same run, alternating with the service round by round (``--rounds``, medians), so that a change in
+the shared machine's load hits every candidate alike:
 
-- ``OnnxEnsemble`` called directly in this process at the mean batch size the server formed
-  (images/s of the engine alone, the better of two runs: the ceiling);
+- ``OnnxEnsemble`` called directly in this process, right after each service round, at the mean
+  batch size the server formed in it (images/s of the engine alone: the ceiling);
 - a naive server: FastAPI + uvicorn, one request = one torch ``EnsembleModel`` forward, no batching
-  (sync endpoint in uvicorn's thread pool), same requests.
+  (each request's forward in a worker thread, side by side), same requests.
 
 Targets (issue 11, demo-sized model: cifar_wrn10_2, 1x28x28, M=3, 80 % ERK, 2 cores): at concurrency 32
 the service reaches >= 70 % of direct ``OnnxEnsemble`` images/s and >= 2x the naive server's; under
 overload every excess request is a fast 503, the accepted ones' p99 < max_queue / throughput + 2 x
 max delay (the throughput the server keeps during the overload; the bound at the concurrency-32
-throughput is printed too), no other 5xx, and the server answers normally afterwards. The client shares the 2 cores
-with the server, so the service's numbers include the client's cost; the direct baseline does not.
+throughput is printed too), no other 5xx, and the server answers normally afterwards. The client
+shares the 2 cores with the server, so the service's numbers include the client's cost; the direct
+baseline does not.
 
-    .venv/bin/python benchmarks/serve_load.py [--model DIR] [--duration 6]
+    .venv/bin/python benchmarks/serve_load.py [--model DIR] [--duration 4] [--rounds 3]
 
 Exits 1 when a target is missed.
 """
@@ -158,6 +160,15 @@ async def open_loop(url: str, rate: float, duration_s: float, max_in_flight: int
     return level
 
 
+def _median_level(rounds: list[Level]) -> Level:
+    """The round with the median throughput (its latencies and statuses kept together)."""
+    return sorted(rounds, key=lambda level: level.images_per_s)[len(rounds) // 2]
+
+
+def _fmt(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} (rounds: {', '.join(f'{v:.2f}' for v in values)})"
+
+
 def batch_counters(base: str) -> tuple[float, float]:
     import httpx
 
@@ -266,8 +277,9 @@ def naive_server(model: str, port: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="an exported ensemble folder (default: build the demo shape)")
-    parser.add_argument("--duration", type=float, default=6.0, help="seconds per load level")
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per load level and round")
     parser.add_argument("--max-requests", type=int, default=20000, help="requests per load level at most")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per concurrency (medians)")
     parser.add_argument("--naive-server", nargs=2, metavar=("MODEL", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.naive_server:
@@ -276,44 +288,57 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average before: {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else build_model(Path(tmp) / "demo")
-        return run(model, args.duration, args.max_requests)
+        return run(model, args.duration, args.max_requests, args.rounds)
 
 
-def run(model: Path, duration: float, max_requests: int) -> int:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
+def run(model: Path, duration: float, max_requests: int, rounds: int) -> int:
+    port, naive_port = free_port(), free_port()
+    base, naive_base = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{naive_port}"
     serve = [sys.executable, "-m", "freetickets_hub.cli", "serve", str(model), "--name", NAME, "--port", str(port)]
     serve += ["--max-batch-size", str(MAX_BATCH), "--max-delay-ms", str(MAX_DELAY_MS), "--max-queue", str(MAX_QUEUE)]
-    url = f"{base}/v2/models/{NAME}/infer"
-    levels: list[Level] = []
-    with subprocess_server(serve, base, "/v2/health/ready"):
+    naive_cmd = [sys.executable, __file__, "--naive-server", str(model), str(naive_port)]
+    url, naive_url = f"{base}/v2/models/{NAME}/infer", f"{naive_base}/naive/{NAME}"
+    levels: list[Level] = []  # the median round of each concurrency
+    naive_levels: list[Level] = []
+    ratios: dict[int, tuple[list[float], list[float]]] = {}  # per round: service / direct, service / naive
+    direct_at: dict[int, float] = {}
+    # both servers stay up (the idle one sleeps); candidates alternate round by round, so a change in the
+    # machine's load hits all of them alike; each ratio compares measurements taken seconds apart
+    with (
+        subprocess_server(serve, base, "/v2/health/ready"),
+        subprocess_server(naive_cmd, naive_base, "/v2/health/ready"),
+    ):
         for concurrency in (1, 8, 32):
-            before = batch_counters(base)
-            level = asyncio.run(closed_loop(url, concurrency, duration, max_requests, f"service c={concurrency}"))
-            after = batch_counters(base)
-            level.mean_batch = (after[0] - before[0]) / max(after[1] - before[1], 1)
-            levels.append(level)
-            print(level.row(), flush=True)
+            service_rounds, naive_rounds, directs, to_direct, to_naive = [], [], [], [], []
+            for _ in range(rounds):
+                before = batch_counters(base)
+                level = asyncio.run(closed_loop(url, concurrency, duration, max_requests, f"service c={concurrency}"))
+                after = batch_counters(base)
+                level.mean_batch = (after[0] - before[0]) / max(after[1] - before[1], 1)
+                direct = direct_images_per_s(model, max(1, round(level.mean_batch)), seconds=duration / 2)
+                naive = asyncio.run(
+                    closed_loop(naive_url, concurrency, duration, max_requests, f"naive c={concurrency}")
+                )
+                service_rounds.append(level)
+                naive_rounds.append(naive)
+                directs.append(direct)
+                to_direct.append(level.images_per_s / direct)
+                to_naive.append(level.images_per_s / naive.images_per_s)
+                print(f"{level.row()} | direct {direct:.0f} images/s | {naive.row()}", flush=True)
+            ratios[concurrency] = (to_direct, to_naive)
+            levels.append(_median_level(service_rounds))
+            naive_levels.append(_median_level(naive_rounds))
+            direct_at[concurrency] = statistics.median(directs)
         c32 = levels[-1]
         overload = asyncio.run(open_loop(url, 3 * c32.images_per_s / IMAGES_PER_REQUEST, duration, 4000))
         print(overload.row(), flush=True)
         after_overload = asyncio.run(closed_loop(url, 1, 2.0, 20, "service after overload", bad_every=0))
         print(after_overload.row(), flush=True)
-    batch = max(1, round(c32.mean_batch))
-    # the ceiling: the better of two measurements (the machine is shared; a lower one would flatter the service)
-    direct = max(direct_images_per_s(model, batch), direct_images_per_s(model, batch))
-    print(f"OnnxEnsemble direct at batch {batch}: {direct:.0f} images/s (best of two 3 s runs)")
-    naive_port = free_port()
-    naive_base = f"http://127.0.0.1:{naive_port}"
-    naive_cmd = [sys.executable, __file__, "--naive-server", str(model), str(naive_port)]
-    naive_levels = []
-    with subprocess_server(naive_cmd, naive_base, "/v2/health/ready"):
-        for concurrency in (1, 8, 32):
-            level = asyncio.run(
-                closed_loop(f"{naive_base}/naive/{NAME}", concurrency, duration, max_requests, f"naive c={concurrency}")
-            )
-            naive_levels.append(level)
-            print(level.row(), flush=True)
+    for concurrency, (to_direct, to_naive) in ratios.items():
+        print(
+            f"c={concurrency}: direct OnnxEnsemble ~{direct_at[concurrency]:.0f} images/s; service / direct "
+            f"{_fmt(to_direct)}; service / naive {_fmt(to_naive)} (median of {rounds} rounds)"
+        )
     print(f"load average after: {os.getloadavg()}")
 
     print(f"\n{'level':<22} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6}  statuses")
@@ -329,8 +354,8 @@ def run(model: Path, duration: float, max_requests: int) -> int:
     refused_below_overload = sum(lv.statuses[503] for lv in levels)
     bad_expected = all(lv.statuses[400] > 0 for lv in levels)
     checks = [
-        ("c=32 vs direct OnnxEnsemble", c32.images_per_s / direct, ">=", 0.70),
-        ("c=32 vs naive server", c32.images_per_s / naive_levels[-1].images_per_s, ">=", 2.0),
+        ("c=32 vs direct OnnxEnsemble", statistics.median(ratios[32][0]), ">=", 0.70),
+        ("c=32 vs naive server", statistics.median(ratios[32][1]), ">=", 2.0),
         ("overload: accepted p99 ms", overload.p(99), "<", bound_ms),
         ("  (info) bound at c=32 throughput", overload.p(99), "<", c32_bound_ms),
         ("  (info) design bound (+ own batch)", overload.p(99), "<", design_ms),
