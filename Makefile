@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint format clean
+.PHONY: setup demo test test-slow lint format clean browser
 
 setup: $(STAMP)
 
@@ -20,8 +20,13 @@ demo: $(STAMP)
 	$(BIN)/freetickets train --recipe training/recipes/fmnist_demo_edst.yaml --output-dir runs/demo --overwrite
 	$(BIN)/python -m freetickets_hub.training.demo runs/demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -m "not slow" -q
+
+# the serving page's test drives Debian's chromium through Playwright (Playwright's own download fails offline)
+CHROMIUM := /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow -q

@@ -87,6 +87,52 @@ def _export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_triton(args: argparse.Namespace) -> int:
+    from freetickets_hub.export.triton import export_triton
+
+    try:
+        config_path = export_triton(
+            args.model,
+            args.output_dir,
+            name=args.name,
+            max_batch_size=args.max_batch_size,
+            instances=args.instances,
+            kind=args.kind,
+            max_queue=args.max_queue,
+            max_delay_ms=args.max_delay_ms,
+        )
+    except (ValueError, OSError) as err:  # bad flags, no onnx/model.onnx, an unwritable folder
+        print(f"freetickets export triton: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {config_path.parent} (Triton model repository {args.output_dir})")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from freetickets_hub.serving.engine import check_model
+    from freetickets_hub.serving.server import run_server
+    from freetickets_hub.serving.service import ServeSettings
+
+    try:
+        settings = ServeSettings(
+            args.model,
+            backend=args.backend,
+            host=args.host,
+            port=args.port,
+            max_batch_size=args.max_batch_size,
+            max_delay_ms=args.max_delay_ms,
+            max_queue=args.max_queue,
+            max_body_mb=args.max_body_mb,
+            workers=args.workers,
+            name=args.name,
+        )
+    except ValueError as err:
+        print(f"freetickets serve: error: {err}", file=sys.stderr)
+        return 2
+    check_model(settings.model, settings.backend)  # one line naming the fix, before any process starts
+    return run_server(settings)
+
+
 def _held_out_rows(args: argparse.Namespace) -> tuple[str, list[int] | None]:
     """``--split validation`` on data without such a split means the run's own validation carve.
 
@@ -519,6 +565,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="float16 members (input and outputs stay float32)")
     p.add_argument("--images", nargs="+", default=None, metavar="FILE", help="check images (default: synthetic)")
     p.set_defaults(func=_export_onnx)
+    p = formats.add_parser("triton", help="write a Triton model repository for MODEL's onnx/model.onnx")
+    p.add_argument("model", help="a saved ensemble folder or a Hub repo id, exported with `export onnx`")
+    p.add_argument("--output-dir", "--output", dest="output_dir", required=True, help="the model repository folder")
+    p.add_argument("--name", default=None, help="the model's name in the repository (default: last part of MODEL)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="Triton max_batch_size (default: 32)")
+    p.add_argument("--instances", type=int, default=1, help="model instances per device (default: 1)")
+    p.add_argument("--kind", choices=("gpu", "cpu"), default="gpu", help="instance kind (default: gpu)")
+    p.add_argument("--max-queue", type=int, default=256, help="dynamic batcher queue bound, requests (default: 256)")
+    p.add_argument("--max-delay-ms", type=float, default=5.0, help="dynamic batcher max queue delay (default: 5)")
+    p.set_defaults(func=_export_triton)
     p = verbs.add_parser(
         "calibrate", help="fit the temperature (and a selective rule) on a held-out split; store them in config.json"
     )
@@ -572,6 +628,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None, help="Hub token (default: the saved login or HF_TOKEN)")
     p.set_defaults(func=_push)
 
+    p = verbs.add_parser("serve", help="serve predictions over HTTP: /v1/predict, Open Inference Protocol v2, page")
+    p.add_argument("model", help="a saved ensemble folder or a Hub repo id (offline cache honoured)")
+    p.add_argument("--backend", choices=("onnx", "torch"), default="onnx", help="onnx (default, no torch) or torch")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="most images per engine call and request")
+    p.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill (default: 5)")
+    p.add_argument("--max-queue", type=int, default=256, help="images in the queue or engine before 503 (default: 256)")
+    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body, MiB; more gets 413")
+    p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own model and batcher")
+    p.add_argument("--name", default=None, help="the model's name in /v2/models/{name} (default: last part of MODEL)")
+    p.set_defaults(func=_serve)
+
     p = verbs.add_parser("merge", help="combine members of separate runs (same architecture) into one ensemble")
     p.add_argument("runs", nargs="+", metavar="RUN", help="saved ensemble folders or Hub repo ids, two or more")
     p.add_argument(
@@ -608,6 +677,8 @@ _EXAMPLES = {
     "push": "freetickets push runs/tiny me/fmnist-edst --private",
     "merge": "freetickets merge runs/seed0 runs/seed1 runs/seed2 --output-dir runs/dst",
     "predict": "freetickets predict runs/tiny shirt.png boot.png --top-k 3",
+    "serve": "freetickets serve runs/tiny --port 8000 --max-batch-size 32",
+    "export triton": "freetickets export triton runs/tiny --output-dir triton_repo --kind cpu",
 }
 
 

@@ -1,0 +1,136 @@
+"""``MicroBatcher`` on plain asyncio, with a fake engine: batching, row routing, bounds and draining."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from freetickets_hub.serving import MicroBatcher
+from freetickets_hub.serving.errors import InvalidInput, ServerBusy
+
+
+class FakeEngine:
+    """Outputs that identify their input rows: ``row_sum`` (B,), and ``member`` (2, B) like member_probs."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.batches: list[int] = []
+        self.delay_s = delay_s
+
+    def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        time.sleep(self.delay_s)
+        self.batches.append(len(pixel_values))
+        sums = pixel_values.reshape(len(pixel_values), -1).sum(-1)
+        return {"row_sum": sums, "member": np.stack([sums, -sums])}
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, 30))
+
+
+def make(engine: FakeEngine, **options) -> MicroBatcher:
+    return MicroBatcher(engine, batch_axes={"row_sum": 0, "member": 1}, **options)
+
+
+def test_concurrent_requests_share_a_batch_and_get_their_own_rows() -> None:
+    engine = FakeEngine()
+    sizes = [1, 3, 2, 2]
+
+    async def main():
+        batcher = make(engine, max_batch_size=8, max_delay_s=0.2)
+        await batcher.start()
+        inputs = [np.full((n, 1, 2, 2), float(i + 1), np.float32) for i, n in enumerate(sizes)]
+        results = await asyncio.gather(*(batcher.submit(x) for x in inputs))
+        await batcher.close()
+        return inputs, results
+
+    inputs, results = run(main())
+    assert engine.batches == [8]  # one engine call for all four
+    for x, result in zip(inputs, results, strict=True):
+        expected = x.reshape(len(x), -1).sum(-1)
+        np.testing.assert_array_equal(result.outputs["row_sum"], expected)
+        np.testing.assert_array_equal(result.outputs["member"], np.stack([expected, -expected]))
+        assert result.batch_size == 8 and result.queue_s >= 0 and result.compute_s >= 0
+
+
+def test_a_full_batch_does_not_wait_and_a_lone_request_waits_at_most_max_delay() -> None:
+    engine = FakeEngine()
+
+    async def main():
+        batcher = make(engine, max_batch_size=4, max_delay_s=0.15)
+        await batcher.start()
+        start = time.perf_counter()
+        await batcher.submit(np.zeros((4, 1, 1, 1), np.float32))
+        full = time.perf_counter() - start
+        start = time.perf_counter()
+        await batcher.submit(np.zeros((1, 1, 1, 1), np.float32))
+        alone = time.perf_counter() - start
+        await batcher.close()
+        return full, alone
+
+    full, alone = run(main())
+    assert full < 0.1 and 0.14 <= alone < 1.0
+    assert engine.batches == [4, 1]
+
+
+def test_requests_are_never_split_and_batches_respect_the_limit() -> None:
+    engine = FakeEngine(delay_s=0.05)  # while it computes, the rest queues up
+
+    async def main():
+        batcher = make(engine, max_batch_size=5, max_delay_s=0.01, max_queue=64)
+        await batcher.start()
+        await asyncio.gather(*(batcher.submit(np.ones((n, 1, 1, 1), np.float32)) for n in [3, 3, 2, 4, 1, 5]))
+        await batcher.close()
+
+    run(main())
+    assert sum(engine.batches) == 18 and max(engine.batches) <= 5
+
+
+def test_full_queue_and_oversized_requests_are_refused_at_once() -> None:
+    engine = FakeEngine()
+
+    async def main():
+        batcher = make(engine, max_batch_size=4, max_delay_s=5.0, max_queue=4)
+        await batcher.start()
+        waiting = asyncio.ensure_future(batcher.submit(np.zeros((3, 1, 1, 1), np.float32)))
+        await asyncio.sleep(0.01)
+        assert batcher.queued_images == 3 and batcher.has_room(1) and not batcher.has_room(2)
+        with pytest.raises(ServerBusy, match="queue is full") as busy:
+            await batcher.submit(np.zeros((2, 1, 1, 1), np.float32))
+        assert busy.value.headers["Retry-After"] == "1"
+        with pytest.raises(InvalidInput, match="1 to 4 images"):
+            await batcher.submit(np.zeros((5, 1, 1, 1), np.float32))
+        await batcher.close()  # finishes the queued request instead of dropping it
+        with pytest.raises(ServerBusy, match="shutting down"):
+            await batcher.submit(np.zeros((1, 1, 1, 1), np.float32))
+        return await waiting
+
+    assert run(main()).batch_size == 3
+
+
+def test_an_engine_failure_reaches_the_requests_of_its_batch_only() -> None:
+    calls = []
+
+    def engine(pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        calls.append(len(pixel_values))
+        if len(calls) == 1:
+            raise RuntimeError("device lost")
+        return {"row_sum": pixel_values.reshape(len(pixel_values), -1).sum(-1)}
+
+    async def main():
+        batcher = MicroBatcher(engine, batch_axes={}, max_batch_size=2, max_delay_s=0.0)
+        await batcher.start()
+        with pytest.raises(RuntimeError, match="device lost"):
+            await batcher.submit(np.ones((1, 1, 1, 1), np.float32))
+        ok = await batcher.submit(np.ones((2, 1, 1, 1), np.float32))
+        await batcher.close()
+        return ok
+
+    np.testing.assert_array_equal(run(main()).outputs["row_sum"], [1.0, 1.0])
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="need 1 <= max_batch_size <= max_queue"):
+        MicroBatcher(FakeEngine(), batch_axes={}, max_batch_size=0)
