@@ -118,6 +118,7 @@ def summarize(
             "mask_hashes_by_process": stats.mask_hashes,
         },
         "total_steps": stats.progress.total_steps,
+        "skipped_steps": stats.progress.skipped_steps,
         "wall_time_s": round(stats.wall_time, 2),
     }
 

@@ -15,6 +15,8 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import timm
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
+from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -186,8 +189,11 @@ class _Loop:
         model = timm.create_model(
             recipe.architecture, pretrained=False, num_classes=len(data.label_names), **model_args(recipe, data)
         )
+        params = model.parameters()
+        if recipe.filter_bias_and_bn:  # timm's rule: no decay on biases and 1-D (norm) parameters
+            params = param_groups_weight_decay(model, recipe.weight_decay)
         optimizer = torch.optim.SGD(
-            model.parameters(),
+            params,
             lr=recipe.lr,
             momentum=recipe.momentum,
             nesterov=recipe.nesterov,
@@ -230,7 +236,8 @@ class _Loop:
             return
         if phase.escape_before and not self.progress.escaped:
             self._escape(member, phase)
-        member.engine.start_phase(self.progress.step, phase.epochs * member.steps_per_epoch)
+        if phase.prune_cycle_epochs is not None:
+            member.engine.start_phase(self.progress.step, phase.prune_cycle_epochs * member.steps_per_epoch)
 
     def _train_epoch(self, member: _Member, phase: Phase, phase_index: int) -> bool:
         """The rest of the current epoch, batch by batch; False when ``max_steps`` stopped it."""
@@ -244,11 +251,14 @@ class _Loop:
                 loss = self._loss(member, images, labels)
                 accelerator.backward(loss)
                 optimizer.step()
-                if accelerator.sync_gradients:
+                stepped = accelerator.sync_gradients and not optimizer.step_was_skipped
+                if stepped:
                     self._after_step(member, phase, loss.item(), lr)
+                elif accelerator.sync_gradients:
+                    self._skipped_step(member, phase)
                 optimizer.zero_grad()
             progress.batch += 1
-            if accelerator.sync_gradients:
+            if stepped:
                 if self._should_stop():
                     return False
                 if self.recipe.checkpoint_every and not progress.total_steps % self.recipe.checkpoint_every:
@@ -297,6 +307,13 @@ class _Loop:
         if progress.step % 10 == 0:
             member.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", phase=phase.name, density=f"{density:.3f}")
 
+    def _skipped_step(self, member: _Member, phase: Phase) -> None:
+        """fp16: the grad scaler found inf/NaN gradients and skipped the step; it neither counts nor updates masks."""
+        progress = self.progress
+        progress.skipped_steps += 1
+        progress.images += self.recipe.batch_size * self.recipe.grad_accum_steps * self.accelerator.num_processes
+        member.bar.write(f"[{phase.name}] after step {progress.step}: step skipped by the fp16 grad scaler")
+
     def _end_epoch(self, member: _Member, phase: Phase) -> None:
         """``ticket_selection: best_val``: keep the ticket phase's best epoch on the validation split."""
         if not (phase.ticket and self.recipe.ticket_selection == "best_val" and self.data.val is not None):
@@ -332,7 +349,8 @@ class _Loop:
             device, count = self.accelerator.device, self.recipe.batch_size
             images = next(self.data.eval_batches(self.data.train, count, device))  # the same batch on every process
             labels = self.data.train.labels[:count].to(device)
-            self.accelerator.backward(torch.nn.functional.cross_entropy(member.model(images), labels))
+            with _buffers_kept(member.model):  # a gradient probe: BatchNorm statistics must not move
+                self.accelerator.backward(torch.nn.functional.cross_entropy(member.model(images), labels))
             self.progress.dense_gradients += 1
         stats = engine.escape()
         member.optimizer.zero_grad()
@@ -365,6 +383,18 @@ class _Loop:
         hashes = gather_object([_mask_hash(engine)])
         if len(set(hashes)) != 1:
             raise RuntimeError(f"masks diverged across processes at step {self.progress.step}: {hashes}")
+
+
+@contextmanager
+def _buffers_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Restore every buffer (BatchNorm running statistics, batch counts) on exit."""
+    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 def _mask_hash(engine: SparseEngine) -> str:
