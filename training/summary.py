@@ -17,7 +17,7 @@ from freetickets_hub.metrics import ECE_BINS, classification_metrics
 from freetickets_hub.outputs import combine_member_logits
 
 from .checkpoint import Progress, Ticket
-from .costs import layer_flops
+from .costs import layer_flops, training_flops
 from .data import ImageData, Split
 from .recipe import Recipe
 from .sparsity import maskable_weights
@@ -130,7 +130,7 @@ def _costs(recipe: Recipe, model: EnsembleModel, data: ImageData, stats: JobStat
     f_sparse = flops.sparse(stats.densities)
     images = stats.progress.images
     dense_gradient_images = stats.progress.dense_gradients * recipe.batch_size * stats.num_processes
-    training = 3 * f_sparse * images + (f_dense - f_sparse) * dense_gradient_images
+    training = training_flops(f_sparse, f_dense, images, dense_gradient_images)
     member_flops = [flops.sparse({n: m.float().mean().item() for n, m in masks.items()}) for masks in model.masks]
     total_params = sum(p.numel() for p in model.members[0].parameters())
     nonzero = [sum(int(torch.count_nonzero(p)) for p in m.parameters()) for m in model.members]
