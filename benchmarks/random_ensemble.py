@@ -5,10 +5,8 @@ Shared by the benchmarks that measure an artifact or an engine rather than a tra
 
 from __future__ import annotations
 
-import torch
-
 from freetickets_hub import EnsembleConfig, EnsembleModel
-from freetickets_hub.training.sparsity import random_masks
+from freetickets_hub.training.random_ensemble import random_sparse_ensemble as _random_sparse_ensemble
 
 __all__ = ["random_sparse_ensemble"]
 
@@ -24,10 +22,4 @@ def random_sparse_ensemble(
         pretrained_cfg={"input_size": [1, 28, 28], "mean": [0.2860], "std": [0.3530], "crop_pct": 1.0},
         ensemble={"num_members": members, "sparsity": sparsity, "distribution": "erk"},
     )
-    model = EnsembleModel(config)
-    generator = torch.Generator().manual_seed(seed)
-    for index, member in enumerate(model.members):
-        masks = random_masks(member, sparsity, "erk", generator)
-        state = {name: t * masks[name] if name in masks else t.clone() for name, t in member.state_dict().items()}
-        model.load_member(index, state, masks)
-    return model
+    return _random_sparse_ensemble(config, seed=seed)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
-
 from freetickets_hub import EnsembleConfig, EnsembleModel
-from freetickets_hub.training.sparsity import random_masks
+from freetickets_hub.training.random_ensemble import random_sparse_ensemble
 
 __all__ = ["INPUT", "LABELS", "make_ensemble", "put_in_hub_cache", "tiny_config"]
 
@@ -40,20 +38,7 @@ def tiny_config(
 
 def make_ensemble(seed: int = 0, **config: object) -> EnsembleModel:
     """A random ensemble with exact-count ERK masks applied and non-trivial batch-norm statistics."""
-    torch.manual_seed(seed)
-    model = EnsembleModel(tiny_config(**config))
-    generator = torch.Generator().manual_seed(seed)
-    sparsity = model.config.ensemble.sparsity
-    for index, member in enumerate(model.members):
-        masks = random_masks(member, sparsity, "erk", generator) if sparsity else {}
-        state = {name: t * masks[name] if name in masks else t.clone() for name, t in member.state_dict().items()}
-        for name, tensor in state.items():
-            if name.endswith("running_mean"):
-                tensor.normal_(0.0, 0.1, generator=generator)
-            elif name.endswith("running_var"):
-                tensor.uniform_(0.5, 1.5, generator=generator)
-        model.load_member(index, state, masks)
-    return model
+    return random_sparse_ensemble(tiny_config(**config), seed=seed, batchnorm_stats=True)
 
 
 def put_in_hub_cache(folder: Path, cache_dir: Path, repo_id: str, commit: str, *, main: bool = True) -> Path:

@@ -24,6 +24,7 @@ from freetickets_hub.evaluation import (
 )
 from freetickets_hub.metrics import classification_metrics, detection_metrics, reliability_bins, risk_coverage
 from freetickets_hub.preprocessing import preprocess
+from freetickets_hub.training.random_ensemble import random_sparse_ensemble
 
 LABELS = ["circle", "square", "cross"]
 
@@ -34,8 +35,7 @@ LABELS = ["circle", "square", "cross"]
 def save_tiny_ensemble(
     folder: Path, *, labels: list[str] = LABELS, num_members: int = 3, size: int = 12, logit_spread: float = 2.0
 ) -> EnsembleModel:
-    """Random sparse (80 %) grayscale members whose head is scaled so that logits vary with the input."""
-    torch.manual_seed(0)
+    """Random sparse (80 %, ERK) grayscale members whose head is scaled so that logits vary with the input."""
     config = EnsembleConfig(
         "cifar_wrn10_2",
         len(labels),
@@ -44,17 +44,7 @@ def save_tiny_ensemble(
         pretrained_cfg={"input_size": [1, size, size], "mean": [0.5], "std": [0.25]},
         ensemble={"num_members": num_members, "sparsity": 0.8},
     )
-    model = EnsembleModel(config)
-    probe = torch.randn(64, 1, size, size)
-    for index, member in enumerate(model.members):
-        state = {name: tensor.clone() for name, tensor in member.state_dict().items()}
-        masks = {
-            name: torch.rand(t.shape) < 0.2 for name, t in state.items() if name.endswith("weight") and t.dim() > 1
-        }
-        model.load_member(index, {name: t * masks[name] if name in masks else t for name, t in state.items()}, masks)
-        with torch.no_grad():  # random sparse features are tiny: scale the head to a useful logit spread
-            logits = member(probe)
-            member.fc.weight *= logit_spread / (logits - logits.mean(0)).std()
+    model = random_sparse_ensemble(config, logit_spread=logit_spread)
     model.save_pretrained(folder)
     return model
 

@@ -21,7 +21,7 @@ from freetickets_hub.export.verify import check_interface, synthetic_images
 from freetickets_hub.outputs import OUTPUT_NAMES, combine_member_logits
 from freetickets_hub.preprocessing import preprocess
 from freetickets_hub.runtime import OnnxEnsemble
-from freetickets_hub.training.sparsity import random_masks
+from freetickets_hub.training.random_ensemble import random_sparse_ensemble
 
 TEMPERATURE = 1.7
 
@@ -29,10 +29,9 @@ TEMPERATURE = 1.7
 def make_ensemble(seed: int = 0) -> EnsembleModel:
     """The Fashion-MNIST recipe's model (WRN-10-2, 1x28x28, M=3) with random 80 % ERK masks.
 
-    The classifier weights are scaled up so members are confident and disagree, as trained ones do
+    The classifiers are scaled so members are confident and disagree, as trained ones do
     (at initialisation every probability is close to 1/K, which would hide errors).
     """
-    torch.manual_seed(seed)
     config = EnsembleConfig(
         "cifar_wrn10_2",
         10,
@@ -46,14 +45,7 @@ def make_ensemble(seed: int = 0) -> EnsembleModel:
         },
         ensemble={"num_members": 3, "sparsity": 0.8},
     )
-    model = EnsembleModel(config)
-    generator = torch.Generator().manual_seed(seed)
-    for index, member in enumerate(model.members):
-        masks = random_masks(member, 0.8, "erk", generator)
-        state = {name: t * masks[name] if name in masks else t.clone() for name, t in member.state_dict().items()}
-        state["fc.weight"] *= 30.0
-        model.load_member(index, state, masks)
-    return model
+    return random_sparse_ensemble(config, seed=seed, logit_spread=3.0)
 
 
 @pytest.fixture(scope="module")
