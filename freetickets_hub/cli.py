@@ -10,8 +10,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import FreeTicketsError
+
+if TYPE_CHECKING:
+    from freetickets_hub.export.quantize import Int8Calibration
 
 __all__ = ["main"]
 
@@ -42,13 +46,56 @@ def _export_onnx(args: argparse.Namespace) -> int:
     from freetickets_hub.export.onnx import export_onnx
 
     try:
-        report = export_onnx(args.model, args.output, opset=args.opset, fp16=args.fp16, images=args.images)
+        int8 = _int8_calibration(args) if args.quantize == "int8" else None
+        report = export_onnx(
+            args.model,
+            args.output,
+            opset=args.opset,
+            fp16=args.fp16,
+            images=args.images,
+            compact=not args.dense_graph,
+            int8=int8,
+        )
     except (ValueError, OSError) as err:  # a bad --opset, a missing --output or an unreadable --images file
         print(f"freetickets export onnx: error: {err}", file=sys.stderr)
         return 2
     print(report.to_json(), end="")
     print(f"wrote {args.output or args.model}/{report.graph}")
     return 0
+
+
+def _int8_calibration(args: argparse.Namespace) -> Int8Calibration:
+    """Calibration and gate images for ``export onnx --quantize int8``, from a held-out split."""
+    from freetickets_hub.config import EnsembleConfig
+    from freetickets_hub.errors import DatasetError
+    from freetickets_hub.evaluation.data import load_eval_split
+    from freetickets_hub.export.quantize import calibration_from_split
+    from freetickets_hub.hub import CONFIG_NAME, resolve_file
+
+    if args.calibration_dataset is None:
+        raise FreeTicketsError("--quantize int8 needs --calibration-dataset (real images to calibrate and check on)")
+    if "test" in args.calibration_split.lower():
+        raise DatasetError(
+            f"refusing to calibrate on split {args.calibration_split!r}: it looks like a test split "
+            "(use held-out data, e.g. --calibration-split validation)"
+        )
+    config = EnsembleConfig.from_json_file(str(resolve_file(args.model, CONFIG_NAME)))
+    held_out = argparse.Namespace(
+        model=args.model,
+        dataset=args.calibration_dataset,
+        dataset_config=args.calibration_dataset_config,
+        split=args.calibration_split,
+    )
+    split, rows = _held_out_rows(held_out)
+    data = load_eval_split(
+        args.calibration_dataset,
+        config,
+        split=split,
+        dataset_config=args.calibration_dataset_config,
+        max_samples=args.calibration_samples + args.held_out_samples,
+        rows=rows,
+    )
+    return calibration_from_split(data, config, args.calibration_samples)
 
 
 def _held_out_rows(args: argparse.Namespace) -> tuple[str, list[int] | None]:
@@ -256,6 +303,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=20, help="ONNX opset, 18 or newer (default: 20)")
     p.add_argument("--fp16", action="store_true", help="float16 members (input and outputs stay float32)")
     p.add_argument("--images", nargs="+", default=None, metavar="FILE", help="check images (default: synthetic)")
+    p.add_argument(
+        "--dense-graph", action="store_true", help="store masked weights densely (default: bit mask + values)"
+    )
+    p.add_argument(
+        "--quantize", choices=("int8",), default=None,
+        help="also write onnx/model.int8.onnx (static QDQ), kept only if it passes its quality gate",
+    )  # fmt: skip
+    p.add_argument("--calibration-dataset", default=None, help="datasets source for --quantize (Hub id or folder)")
+    p.add_argument(
+        "--calibration-split", default="validation",
+        help="held-out split to calibrate and check on (default: validation; the run's own carve if DS has none)",
+    )  # fmt: skip
+    p.add_argument("--calibration-dataset-config", default=None, help="datasets configuration name, if several")
+    p.add_argument("--calibration-samples", type=int, default=512, help="images to calibrate on (default: 512)")
+    p.add_argument(
+        "--held-out-samples", type=int, default=2000,
+        help="further images of the split for the int8 quality gate (default: 2000)",
+    )  # fmt: skip
     p.set_defaults(func=_export_onnx)
     p = verbs.add_parser("calibrate", help="fit the temperature on a held-out split and store it in config.json")
     p.add_argument("model", help="a saved ensemble folder or a Hub repo id")
