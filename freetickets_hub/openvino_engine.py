@@ -176,8 +176,10 @@ class OpenVinoEnsemble(OnnxEnsemble):
 
 
 def _metadata(model: Any) -> dict[str, str]:
-    """The ONNX ``metadata_props`` OpenVINO keeps as the model's runtime info."""
-    info = model.get_rt_info()
+    """The ONNX ``metadata_props``, which OpenVINO's ONNX reader keeps under the ``framework`` runtime info."""
+    if not model.has_rt_info("framework"):
+        return {}
+    info = model.get_rt_info()["framework"]
     return {key: info[key].astype(str) for key in (METADATA_TEMPERATURE, METADATA_NUM_MEMBERS) if key in info}
 
 
