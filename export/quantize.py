@@ -44,6 +44,7 @@ __all__ = [
     "calibration_from_split",
     "quantize_graph",
     "tail_nodes",
+    "write_int8_graph",
 ]
 
 MIN_AGREEMENT = 0.99  # share of held-out images whose int8 top-1 equals the float32 graph's
@@ -170,40 +171,10 @@ def quantize_graph(
     Raises:
         ExportError: quantization failed or the int8 graph fails the quality gate.
     """
-    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".quantize-") as work:
-        prepared = Path(work) / "prepared.onnx"
-        # ORT's basic optimisations fold BatchNorm into Conv, so the int8 Conv covers both
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        model = onnx.load(str(prepared))
-        for index, node in enumerate(model.graph.node):
-            node.name = node.name or f"{node.op_type}_{index}"  # nodes_to_exclude works by name
-        excluded = tail_nodes(model)
-        onnx.save(model, str(prepared))
-        try:
-            quantize_static(
-                str(prepared),
-                str(destination),
-                _Batches(data.calibration),
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=_QUANTIZED_OPS,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=excluded,
-                calibrate_method=CalibrationMethod.MinMax,
-                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
-            )
-        except Exception as err:  # onnxruntime.quantization raises bare exceptions of many types
-            raise ExportError(f"onnxruntime.quantization could not quantize {source.name}: {err}") from err
-    quantized = onnx.load(str(destination))
-    metadata = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
-    del quantized.metadata_props[:]
-    for key in (METADATA_TEMPERATURE, METADATA_NUM_MEMBERS):
-        quantized.metadata_props.add(key=key, value=metadata[key])
-    onnx.save(quantized, str(destination))
+    fp32_nodes = write_int8_graph(source, destination, data.calibration)
     try:
         check_interface(destination)
-        report = _compare(destination, fp32_graph, config, data, len(excluded))
+        report = _compare(destination, fp32_graph, config, data, fp32_nodes)
     except ExportError:
         destination.unlink(missing_ok=True)
         raise
@@ -221,6 +192,52 @@ def quantize_graph(
             f"ECE {report.fp32['ece']:.4f} -> {report.int8['ece']:.4f}); nothing was written"
         )
     return report
+
+
+def write_int8_graph(source: Path, destination: Path, calibration: np.ndarray) -> int:
+    """Statically quantize ``source`` to ``destination`` (QDQ), ranges from ``calibration``; no quality gate.
+
+    ``quantize_graph`` is the checked entry point; this step alone serves benchmarks of untrained nets.
+
+    Returns:
+        How many nodes stay float32 (the aggregation and uncertainty tail).
+
+    Raises:
+        ExportError: onnxruntime.quantization failed.
+    """
+    destination = Path(destination)
+    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".quantize-") as work:
+        prepared = Path(work) / "prepared.onnx"
+        # ORT's basic optimisations fold BatchNorm into Conv, so the int8 Conv covers both
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        model = onnx.load(str(prepared))
+        for index, node in enumerate(model.graph.node):
+            node.name = node.name or f"{node.op_type}_{index}"  # nodes_to_exclude works by name
+        excluded = tail_nodes(model)
+        onnx.save(model, str(prepared))
+        try:
+            quantize_static(
+                str(prepared),
+                str(destination),
+                _Batches(calibration),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=_QUANTIZED_OPS,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=excluded,
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+            )
+        except Exception as err:  # onnxruntime.quantization raises bare exceptions of many types
+            raise ExportError(f"onnxruntime.quantization could not quantize {source.name}: {err}") from err
+    quantized = onnx.load(str(destination))
+    metadata = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
+    del quantized.metadata_props[:]
+    for key in (METADATA_TEMPERATURE, METADATA_NUM_MEMBERS):
+        quantized.metadata_props.add(key=key, value=metadata[key])
+    onnx.save(quantized, str(destination))
+    return len(excluded)
 
 
 def _compare(
