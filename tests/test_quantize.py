@@ -23,6 +23,7 @@ from freetickets_hub.cli import main
 from freetickets_hub.evaluation.data import load_eval_split, validation_carve
 from freetickets_hub.export import quantize as quantize_module
 from freetickets_hub.export.quantize import calibration_from_split
+from freetickets_hub.export.verify import synthetic_images
 from freetickets_hub.training.sparsity import random_masks
 
 from .conftest import LABELS, SHARED_FMNIST, write_image_dataset
@@ -107,6 +108,22 @@ def test_report_matches_a_rerun_on_the_same_held_out_images(quantized: tuple[Pat
     for name in ("member_probs", "entropy", "mutual_information", "disagreement"):
         assert b[name].shape == a[name].shape
     np.testing.assert_allclose(b["probs"].sum(1), 1.0, atol=1e-5)
+
+
+def test_endpoint_handler_serves_the_int8_graph(
+    quantized: tuple[Path, dict, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, _, _ = quantized
+    from freetickets_hub.endpoint_handler import VARIANT_ENV, EndpointHandler
+
+    image = synthetic_images(make_ensemble().config.pretrained_cfg, 1, seed=2)[0]
+    monkeypatch.setenv(VARIANT_ENV, "int8")
+    handler = EndpointHandler(str(folder))
+    assert isinstance(handler.model, OnnxEnsemble)
+    expected = OnnxEnsemble.from_pretrained(folder, variant="int8").predict([image]).probs[0]
+    answer = handler({"inputs": image, "parameters": {"top_k": 3}})
+    assert [a["label"] for a in answer] == [LABELS[k] for k in expected.argsort()[::-1]]
+    assert answer[0]["score"] == pytest.approx(float(expected.max()))
 
 
 def test_members_are_int8_and_the_tail_stays_float32(quantized: tuple[Path, dict, str], tmp_path: Path) -> None:
