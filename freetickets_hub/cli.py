@@ -95,7 +95,10 @@ def _int8_calibration(args: argparse.Namespace) -> Int8Calibration:
         max_samples=args.calibration_samples + args.held_out_samples,
         rows=rows,
     )
-    return calibration_from_split(data, config, args.calibration_samples)
+    calibration = calibration_from_split(data, config, args.calibration_samples)
+    if rows is not None:  # name the carve, not the training split it was taken from
+        calibration.source = f"{args.calibration_dataset}:validation (the run's carve of {split!r})"
+    return calibration
 
 
 def _held_out_rows(args: argparse.Namespace) -> tuple[str, list[int] | None]:
