@@ -54,7 +54,7 @@ _WEIGHT_OPS = ("Conv", "Gemm", "MatMul")  # the members' layers; the aggregation
 # pre-activation nets) stays float32 between a DequantizeLinear and the next QuantizeLinear
 _QUANTIZED_OPS = [*_WEIGHT_OPS, "Add", "Mul", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool"]
 MIN_HELD_OUT = 200  # fewer held-out images make a 99 % agreement gate meaningless (one image = 0.5 %)
-_BATCH = 32
+_BATCH = 8  # calibration images per run: ORT keeps every activation of the batch alive (4x ResNet-50 at 32: 17 GB)
 
 
 @dataclass
