@@ -80,6 +80,9 @@ def resnet50_ensemble(members: int = 4, sparsity: float = 0.8, seed: int = 0) ->
     model = EnsembleModel(config)
     generator = torch.Generator().manual_seed(seed)
     for index, member in enumerate(model.members):
+        for module in member.modules():  # timm zero-inits each block's last BN scale, which the exporter
+            if isinstance(module, torch.nn.BatchNorm2d):  # folds into the conv: all-zero weights would
+                torch.nn.init.uniform_(module.weight, 0.5, 1.5, generator=generator)  # flatter the file size
         masks = random_masks(member, sparsity, "erk", generator)
         state = {name: t * masks[name] if name in masks else t.clone() for name, t in member.state_dict().items()}
         model.load_member(index, state, masks)
