@@ -93,10 +93,10 @@ def export_onnx(
         batch_sizes: batch sizes ONNX Runtime is compared with PyTorch at.
         int8: also write ``onnx/model.int8.onnx``, statically quantized with these calibration images
             and kept only if it passes the quality gate on the held-out images (``export.quantize``);
-            when it fails, nothing is written at all.
+            when it fails, nothing is written at all. Without it, a previous ``model.int8.onnx`` is removed.
 
     Raises:
-        ValueError: no ``output_dir`` for an in-memory model or a Hub repo, or a bad opset.
+        ValueError: no ``output_dir`` for an in-memory model or a Hub repo, a bad opset, or int8 with fp16.
         MissingDependencyError: onnxruntime (or onnxruntime-gpu) is not installed.
         ExportError: export failed, the graph is malformed, ONNX Runtime disagrees with PyTorch, the
             int8 graph fails its quality gate, or ``output_dir`` holds another ensemble's ``config.json``.
@@ -107,6 +107,8 @@ def export_onnx(
         True
     """
     check_opset(opset)
+    if int8 is not None and fp16:
+        raise ValueError("int8 quantization starts from the float32 graph: drop --fp16 to use --quantize int8")
     has_onnxruntime(necessary=True)  # the check runs the graph; onnxruntime or onnxruntime-gpu will do
     import onnxruntime
 
@@ -151,6 +153,8 @@ def export_onnx(
         has_data = (staging / Path(ONNX_DATA_NAME).name).is_file()
         if int8_report is not None:
             os.replace(staging / Path(ONNX_INT8_NAME).name, output_dir / ONNX_INT8_NAME)
+        else:
+            (output_dir / ONNX_INT8_NAME).unlink(missing_ok=True)  # derived from the graph being replaced
         _move_into_place(staging, destination, has_data)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,9 @@ import torch
 from freetickets_hub import EnsembleConfig, EnsembleModel, OnnxEnsemble
 from freetickets_hub.cli import main
 from freetickets_hub.evaluation.data import load_eval_split, validation_carve
+from freetickets_hub.export import export_onnx
 from freetickets_hub.export import quantize as quantize_module
-from freetickets_hub.export.quantize import calibration_from_split
+from freetickets_hub.export.quantize import MIN_HELD_OUT, Int8Calibration, calibration_from_split
 from freetickets_hub.export.verify import synthetic_images
 from freetickets_hub.training.sparsity import random_masks
 
@@ -124,6 +126,18 @@ def test_endpoint_handler_serves_the_int8_graph(
     answer = handler({"inputs": image, "parameters": {"top_k": 3}})
     assert [a["label"] for a in answer] == [LABELS[k] for k in expected.argsort()[::-1]]
     assert answer[0]["score"] == pytest.approx(float(expected.max()))
+
+
+def test_reexport_without_int8_removes_the_stale_int8_graph(quantized: tuple[Path, dict, str], tmp_path: Path) -> None:
+    folder = tmp_path / "copy"
+    shutil.copytree(quantized[0], folder)
+    assert main(["export", "onnx", str(folder)]) == 0
+    assert sorted(p.name for p in (folder / "onnx").iterdir()) == ["export_report.json", "model.onnx"]
+    assert "model.int8.onnx" not in (folder / "README.md").read_text()
+    pixels = np.zeros((MIN_HELD_OUT, 1, 28, 28), np.float32)
+    data = Int8Calibration(pixels[:8], pixels, np.zeros(MIN_HELD_OUT, np.int64), "zeros")
+    with pytest.raises(ValueError, match="drop --fp16"):
+        export_onnx(folder, fp16=True, int8=data)
 
 
 def test_members_are_int8_and_the_tail_stays_float32(quantized: tuple[Path, dict, str], tmp_path: Path) -> None:
