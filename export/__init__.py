@@ -6,5 +6,6 @@ them on :class:`freetickets_hub.OnnxEnsemble`.
 
 from .graph import EnsembleGraph, export_graph
 from .onnx import ExportReport, export_onnx
+from .quantize import Int8Calibration, QuantizeReport
 
-__all__ = ["EnsembleGraph", "ExportReport", "export_graph", "export_onnx"]
+__all__ = ["EnsembleGraph", "ExportReport", "Int8Calibration", "QuantizeReport", "export_graph", "export_onnx"]

@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -23,11 +24,13 @@ from freetickets_hub.config import EnsembleConfig
 from freetickets_hub.ensemble import EnsembleModel
 from freetickets_hub.errors import ExportError
 from freetickets_hub.files import write_text_atomic
-from freetickets_hub.hub import CONFIG_NAME, ONNX_NAME
+from freetickets_hub.hub import CONFIG_NAME, ONNX_NAME, README_NAME, WEIGHTS_NAME
 from freetickets_hub.preprocessing import ImageInput
-from freetickets_hub.runtime import ONNX_DATA_NAME, OnnxEnsemble, has_onnxruntime
+from freetickets_hub.runtime import ONNX_DATA_NAME, ONNX_INT8_NAME, OnnxEnsemble, has_onnxruntime
 
+from .compact import compact_graph_file
 from .graph import DEFAULT_OPSET, check_opset, export_graph
+from .quantize import Int8Calibration, quantize_graph
 from .verify import GATED_OUTPUTS, check_interface, check_pixels, compare_with_torch
 
 __all__ = ["BATCH_SIZES", "FP16_TOLERANCE", "FP32_TOLERANCE", "REPORT_NAME", "ExportReport", "export_onnx"]
@@ -46,6 +49,9 @@ class ExportReport:
     external_data: bool  # weights in onnx/model.onnx.data beside the graph
     opset: int
     fp16: bool
+    compact: bool  # sparse weights stored as bit mask + values, folded to dense at session creation
+    graph_bytes: int  # size of onnx/model.onnx (+ its .data)
+    weights_bytes: int | None  # size of model.safetensors in the output folder, when there
     temperature: float  # the calibration temperature baked into the graph
     num_members: int
     batch_sizes: list[int]  # ORT and PyTorch were compared at each
@@ -54,6 +60,7 @@ class ExportReport:
     gated_outputs: list[str]
     max_abs_diff: dict[str, float]  # per output, over all batch sizes
     versions: dict[str, str]
+    int8: dict[str, Any] | None = None  # the int8 graph's quality gate (``QuantizeReport``), when written
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, indent=2) + "\n"
@@ -66,8 +73,10 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     fp16: bool = False,
     external_data: bool = False,
+    compact: bool = True,
     images: Sequence[ImageInput] | None = None,
     batch_sizes: Sequence[int] = BATCH_SIZES,
+    int8: Int8Calibration | None = None,
 ) -> ExportReport:
     """Export ``model`` to ``<output_dir>/onnx/model.onnx``, verify it, and write its report.
 
@@ -78,14 +87,19 @@ def export_onnx(
         opset: ONNX opset (18 or newer).
         fp16: float16 members, checked against the float32 PyTorch ensemble with ``FP16_TOLERANCE``.
         external_data: write the weights to ``onnx/model.onnx.data`` even below 1.5 GiB.
+        compact: store mostly-zero weights as bit mask + values (see ``export.compact``), so the graph
+            is about as large as ``model.safetensors``; ONNX Runtime folds them back once at load.
         images: check images (default: synthetic photo-like scenes).
         batch_sizes: batch sizes ONNX Runtime is compared with PyTorch at.
+        int8: also write ``onnx/model.int8.onnx``, statically quantized with these calibration images
+            and kept only if it passes the quality gate on the held-out images (``export.quantize``);
+            when it fails, nothing is written at all. Without it, a previous ``model.int8.onnx`` is removed.
 
     Raises:
-        ValueError: no ``output_dir`` for an in-memory model or a Hub repo, or a bad opset.
+        ValueError: no ``output_dir`` for an in-memory model or a Hub repo, a bad opset, or int8 with fp16.
         MissingDependencyError: onnxruntime (or onnxruntime-gpu) is not installed.
-        ExportError: export failed, the graph is malformed, ONNX Runtime disagrees with PyTorch, or
-            ``output_dir`` holds another ensemble's ``config.json``.
+        ExportError: export failed, the graph is malformed, ONNX Runtime disagrees with PyTorch, the
+            int8 graph fails its quality gate, or ``output_dir`` holds another ensemble's ``config.json``.
 
     Example:
         >>> report = export_onnx("runs/tiny")  # doctest: +SKIP
@@ -93,6 +107,8 @@ def export_onnx(
         True
     """
     check_opset(opset)
+    if int8 is not None and fp16:
+        raise ValueError("int8 quantization starts from the float32 graph: drop --fp16 to use --quantize int8")
     has_onnxruntime(necessary=True)  # the check runs the graph; onnxruntime or onnxruntime-gpu will do
     import onnxruntime
 
@@ -112,7 +128,10 @@ def export_onnx(
     staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=".export-"))
     try:
         graph = staging / destination.name
-        export_graph(model, graph, opset=opset, fp16=fp16, external_data=external_data)
+        dense = staging / "dense.onnx" if compact else graph
+        export_graph(model, dense, opset=opset, fp16=fp16, external_data=external_data)
+        if compact:
+            compact_graph_file(dense, graph, external_data=external_data)
         check_interface(graph)
         engine = OnnxEnsemble(graph, model.config, providers=["CPUExecutionProvider"])
         diffs = compare_with_torch(model, engine, pixels, batch_sizes)
@@ -123,9 +142,19 @@ def export_onnx(
                 f"ONNX Runtime disagrees with PyTorch beyond the tolerance {tolerance:g} "
                 f"(max |diff| {failed}, batch sizes {list(batch_sizes)}); nothing was written"
             )
+        int8_report = None
+        if int8 is not None:
+            int8_report = quantize_graph(dense, staging / Path(ONNX_INT8_NAME).name, graph, model.config, int8)
+        if compact:
+            for path in staging.glob("dense.onnx*"):
+                path.unlink()
         if write_config:
             write_text_atomic(output_dir / CONFIG_NAME, model.config.to_json())
         has_data = (staging / Path(ONNX_DATA_NAME).name).is_file()
+        if int8_report is not None:
+            os.replace(staging / Path(ONNX_INT8_NAME).name, output_dir / ONNX_INT8_NAME)
+        else:
+            (output_dir / ONNX_INT8_NAME).unlink(missing_ok=True)  # derived from the graph being replaced
         _move_into_place(staging, destination, has_data)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -136,6 +165,9 @@ def export_onnx(
         external_data=has_data,
         opset=opset,
         fp16=fp16,
+        compact=compact,
+        graph_bytes=_graph_bytes(destination),
+        weights_bytes=_file_bytes(output_dir / WEIGHTS_NAME),
         temperature=model.temperature,
         num_members=model.num_members,
         batch_sizes=list(batch_sizes),
@@ -144,9 +176,21 @@ def export_onnx(
         gated_outputs=list(GATED_OUTPUTS),
         max_abs_diff=diffs,
         versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+        int8=None if int8_report is None else asdict(int8_report),
     )
     write_text_atomic(output_dir / REPORT_NAME, report.to_json())
+    if (output_dir / README_NAME).is_file():  # a saved model's folder: its card lists the graphs
+        write_text_atomic(output_dir / README_NAME, str(model.generate_model_card(save_directory=output_dir)))
     return report
+
+
+def _file_bytes(path: Path) -> int | None:
+    return path.stat().st_size if path.is_file() else None
+
+
+def _graph_bytes(graph: Path) -> int:
+    data = graph.parent / Path(ONNX_DATA_NAME).name
+    return graph.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
 def _needs_config(output_dir: Path, config: EnsembleConfig) -> bool:

@@ -11,11 +11,14 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .config import SelectiveConfig
 from .errors import FreeTicketsError, RecipeError
+
+if TYPE_CHECKING:
+    from freetickets_hub.export.quantize import Int8Calibration
 
 __all__ = ["main"]
 
@@ -76,7 +79,16 @@ def _export_onnx(args: argparse.Namespace) -> int:
     from freetickets_hub.export.onnx import export_onnx
 
     try:
-        report = export_onnx(args.model, args.output, opset=args.opset, fp16=args.fp16, images=args.images)
+        int8 = _int8_calibration(args) if args.quantize == "int8" else None
+        report = export_onnx(
+            args.model,
+            args.output,
+            opset=args.opset,
+            fp16=args.fp16,
+            images=args.images,
+            compact=not args.dense_graph,
+            int8=int8,
+        )
     except (ValueError, OSError) as err:  # a bad --opset, a missing --output or an unreadable --images file
         if args.verbose:
             traceback.print_exc()
@@ -125,12 +137,50 @@ def _serve(args: argparse.Namespace) -> int:
             max_body_mb=args.max_body_mb,
             workers=args.workers,
             name=args.name,
+            variant=args.variant,
         )
     except ValueError as err:
         print(f"freetickets serve: error: {err}", file=sys.stderr)
         return 2
-    check_model(settings.model, settings.backend)  # one line naming the fix, before any process starts
+    check_model(settings.model, settings.backend, settings.variant)  # one line naming the fix, before any process
     return run_server(settings)
+
+
+def _int8_calibration(args: argparse.Namespace) -> Int8Calibration:
+    """Calibration and gate images for ``export onnx --quantize int8``, from a held-out split."""
+    from freetickets_hub.config import EnsembleConfig
+    from freetickets_hub.errors import DatasetError
+    from freetickets_hub.evaluation.data import load_eval_split
+    from freetickets_hub.export.quantize import calibration_from_split
+    from freetickets_hub.hub import CONFIG_NAME, resolve_file
+
+    if args.calibration_dataset is None:
+        raise FreeTicketsError("--quantize int8 needs --calibration-dataset (real images to calibrate and check on)")
+    if "test" in args.calibration_split.lower():
+        raise DatasetError(
+            f"refusing to calibrate on split {args.calibration_split!r}: it looks like a test split "
+            "(use held-out data, e.g. --calibration-split validation)"
+        )
+    config = EnsembleConfig.from_json_file(str(resolve_file(args.model, CONFIG_NAME)))
+    held_out = argparse.Namespace(
+        model=args.model,
+        dataset=args.calibration_dataset,
+        dataset_config=args.calibration_dataset_config,
+        split=args.calibration_split,
+    )
+    split, rows = _held_out_rows(held_out)
+    data = load_eval_split(
+        args.calibration_dataset,
+        config,
+        split=split,
+        dataset_config=args.calibration_dataset_config,
+        max_samples=args.calibration_samples + args.held_out_samples,
+        rows=rows,
+    )
+    calibration = calibration_from_split(data, config, args.calibration_samples)
+    if rows is not None:  # name the carve, not the training split it was taken from
+        calibration.source = f"{args.calibration_dataset}:validation (the run's carve of {split!r})"
+    return calibration
 
 
 def _held_out_rows(args: argparse.Namespace) -> tuple[str, list[int] | None]:
@@ -564,6 +614,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=20, help="ONNX opset, 18 or newer (default: 20)")
     p.add_argument("--fp16", action="store_true", help="float16 members (input and outputs stay float32)")
     p.add_argument("--images", nargs="+", default=None, metavar="FILE", help="check images (default: synthetic)")
+    p.add_argument(
+        "--dense-graph", action="store_true", help="store masked weights densely (default: bit mask + values)"
+    )
+    p.add_argument(
+        "--quantize", choices=("int8",), default=None,
+        help="also write onnx/model.int8.onnx (static QDQ), kept only if it passes its quality gate",
+    )  # fmt: skip
+    p.add_argument("--calibration-dataset", default=None, help="datasets source for --quantize (Hub id or folder)")
+    p.add_argument(
+        "--calibration-split", default="validation",
+        help="held-out split to calibrate and check on (default: validation; the run's own carve if DS has none)",
+    )  # fmt: skip
+    p.add_argument("--calibration-dataset-config", default=None, help="datasets configuration name, if several")
+    p.add_argument("--calibration-samples", type=int, default=512, help="images to calibrate on (default: 512)")
+    p.add_argument(
+        "--held-out-samples", type=int, default=2000,
+        help="further images of the split for the int8 quality gate (default: 2000)",
+    )  # fmt: skip
     p.set_defaults(func=_export_onnx)
     p = formats.add_parser("triton", help="write a Triton model repository for MODEL's onnx/model.onnx")
     p.add_argument("model", help="a saved ensemble folder or a Hub repo id, exported with `export onnx`")
@@ -639,6 +707,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body, MiB; more gets 413")
     p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own model and batcher")
     p.add_argument("--name", default=None, help="the model's name in /v2/models/{name} (default: last part of MODEL)")
+    p.add_argument(
+        "--variant", choices=("fp32", "int8"), default="fp32",
+        help="onnx backend graph: fp32 (onnx/model.onnx) or int8 (onnx/model.int8.onnx, `export onnx --quantize int8`)",
+    )  # fmt: skip
     p.set_defaults(func=_serve)
 
     p = verbs.add_parser("merge", help="combine members of separate runs (same architecture) into one ensemble")

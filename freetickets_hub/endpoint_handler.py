@@ -16,15 +16,17 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from freetickets_hub import EnsembleModel
+from freetickets_hub import EnsembleModel, OnnxEnsemble
 
 __all__ = ["EndpointHandler"]
 
+VARIANT_ENV = "FREETICKETS_VARIANT"  # e.g. int8: serve onnx/model.int8.onnx
 _UNCERTAINTY = ("entropy", "expected_entropy", "mutual_information", "disagreement")
 _SELECTIVE = ("abstain", "prediction_set")  # present when the model stores a selective rule
 
@@ -34,9 +36,16 @@ class EndpointHandler:
 
     Args:
         path: the folder holding ``config.json`` and ``model.safetensors`` (default: the current one).
+        variant: run an exported graph on ONNX Runtime instead, ``"fp32"`` (``onnx/model.onnx``) or
+            ``"int8"`` (``onnx/model.int8.onnx``); default: the ``FREETICKETS_VARIANT`` environment
+            variable (an endpoint's setting), else the PyTorch ensemble.
     """
 
-    def __init__(self, path: str = "") -> None:
+    def __init__(self, path: str = "", variant: str | None = None) -> None:
+        variant = variant or os.environ.get(VARIANT_ENV)
+        if variant:
+            self.model = OnnxEnsemble.from_pretrained(path or ".", variant=variant)
+            return
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = EnsembleModel.from_pretrained(path or ".", map_location=device)
 

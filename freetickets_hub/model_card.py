@@ -128,6 +128,7 @@ def render_model_card(model: EnsembleModel, folder: Path | None, *, repo_id: str
         recipe=public_text(yaml.safe_dump(summary["recipe"], sort_keys=True).strip()) if summary.get("recipe") else "",
         assets=sorted(p.relative_to(folder).as_posix() for p in (folder / ASSETS_DIR).glob("*.png")) if folder else [],
         selective=_selective_section(cfg.ensemble.selective, folder),
+        graphs=_graph_rows(folder, file_bytes),
     )
 
 
@@ -166,6 +167,42 @@ def _selective_section(selective: Any, folder: Path | None) -> dict[str, Any] | 
                 "size": f"{test['mean_set_size']:.3f}",
             }
     return section
+
+
+_EXPORT_REPORT_NAME = "onnx/export_report.json"  # written by freetickets_hub.export (needs torch: not imported)
+
+
+def _graph_rows(folder: Path | None, weights_bytes: int) -> list[dict[str, str]]:
+    """One row per exported ONNX graph (``onnx/export_report.json``): file, size and measured quality."""
+    report = _read_json(folder, _EXPORT_REPORT_NAME)
+    if not report or not (folder / report.get("graph", "")).is_file():
+        return []
+
+    def size(nbytes: int) -> str:
+        ratio = f", {nbytes / weights_bytes:.2f}× model.safetensors" if weights_bytes else ""
+        return f"{nbytes / 1e6:.1f} MB{ratio}"
+
+    diff = max((report.get("max_abs_diff") or {}).get(name, 0.0) for name in report.get("gated_outputs", []))
+    rows = [
+        {
+            "file": report["graph"],
+            "precision": "fp16" if report.get("fp16") else "fp32",
+            "size": size(report.get("graph_bytes", 0)),
+            "quality": f"max abs difference to PyTorch {diff:.1e} (batch sizes {report.get('batch_sizes')})",
+        }
+    ]
+    int8 = report.get("int8")
+    if int8 and (folder / int8["graph"]).is_file():
+        fp32, q = int8["fp32"], int8["int8"]
+        quality = (
+            f"top-1 agreement with fp32 {int8['agreement']:.2%}; accuracy {q['accuracy']:.2%} (fp32 "
+            f"{fp32['accuracy']:.2%}), NLL {q['nll']:.4f} ({fp32['nll']:.4f}), ECE {q['ece']:.4f} ({fp32['ece']:.4f}) "
+            f"on {int8['held_out_images']} held-out images of {int8['source']}"
+        )
+        rows.append(
+            {"file": int8["graph"], "precision": "int8 (QDQ)", "size": size(int8["graph_bytes"]), "quality": quality}
+        )
+    return rows
 
 
 def _read_json(folder: Path | None, name: str) -> dict[str, Any]:

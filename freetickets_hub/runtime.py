@@ -27,13 +27,18 @@ __all__ = [
     "METADATA_NUM_MEMBERS",
     "METADATA_TEMPERATURE",
     "ONNX_DATA_NAME",
+    "ONNX_INT8_NAME",
+    "ONNX_VARIANTS",
     "OnnxEnsemble",
     "has_onnxruntime",
+    "variant_graph_name",
 ]
 
 logger = logging.getLogger(__name__)
 
 ONNX_DATA_NAME = ONNX_NAME + ".data"  # the external weights of a graph over 1.5 GiB (torch's threshold)
+ONNX_INT8_NAME = "onnx/model.int8.onnx"  # the statically quantized graph (`export onnx --quantize int8`)
+ONNX_VARIANTS = {"fp32": ONNX_NAME, "int8": ONNX_INT8_NAME}  # `variant=` of from_pretrained -> graph file
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 # model metadata written by the exporter, checked against config.json so a stale graph is caught
@@ -132,6 +137,7 @@ class OnnxEnsemble:
         providers: Sequence[ProviderSpec] | None = None,
         allow_cpu_fallback: bool = False,
         session_options: Any = None,
+        variant: str = "fp32",
         revision: str | None = None,
         cache_dir: str | Path | None = None,
         force_download: bool = False,
@@ -140,13 +146,19 @@ class OnnxEnsemble:
     ) -> OnnxEnsemble:
         """Load from a local folder or a Hub repo, fetching only ``config.json`` and the graph files.
 
-        The graph's external data file (``onnx/model.onnx.data``) is fetched only when the graph
-        refers to it. Other arguments are those of :class:`OnnxEnsemble` and ``hf_hub_download``.
+        ``variant`` picks the graph: ``"fp32"`` (``onnx/model.onnx``) or ``"int8"``
+        (``onnx/model.int8.onnx``, written by ``freetickets export onnx --quantize int8``). The graph's
+        external data file (``onnx/model.onnx.data``) is fetched only when the graph refers to it.
+        Other arguments are those of :class:`OnnxEnsemble` and ``hf_hub_download``.
+
+        Raises:
+            ValueError: an unknown ``variant``.
         """
+        graph_name = variant_graph_name(variant)
         download: dict[str, Any] = dict(revision=revision, cache_dir=cache_dir, force_download=force_download)
         download.update(token=token, local_files_only=local_files_only)
         config = EnsembleConfig.from_json_file(str(resolve_file(repo_or_dir, CONFIG_NAME, **download)))
-        graph = resolve_file(repo_or_dir, ONNX_NAME, **download)
+        graph = resolve_file(repo_or_dir, graph_name, **download)
         if _refers_to_external_data(graph):
             resolve_file(repo_or_dir, ONNX_DATA_NAME, **download)  # lands beside the graph, where ORT looks
         return cls(
@@ -241,6 +253,17 @@ class OnnxEnsemble:
         if bad:
             raise ValueError(f"pixel_values contains {bad} NaN or infinite value(s)")
         return pixel_values
+
+
+def variant_graph_name(variant: str) -> str:
+    """The graph file of ``variant`` inside an artifact (``fp32``: ``onnx/model.onnx``, ``int8``: ...).
+
+    Raises:
+        ValueError: an unknown variant, naming the known ones.
+    """
+    if variant not in ONNX_VARIANTS:
+        raise ValueError(f"unknown graph variant {variant!r}; expected one of {sorted(ONNX_VARIANTS)}")
+    return ONNX_VARIANTS[variant]
 
 
 def _select_providers(

@@ -18,7 +18,8 @@ import numpy as np
 
 from freetickets_hub.config import EnsembleConfig
 from freetickets_hub.errors import ArtifactError, FreeTicketsError
-from freetickets_hub.hub import CONFIG_NAME, ONNX_NAME, resolve_file
+from freetickets_hub.hub import CONFIG_NAME, resolve_file
+from freetickets_hub.runtime import ONNX_VARIANTS, variant_graph_name
 
 __all__ = ["BACKENDS", "INPUT_NAME", "ServingEngine", "TensorSpec", "check_model", "load_engine"]
 
@@ -73,12 +74,15 @@ class ServingEngine:
         return found
 
 
-def check_model(model: str | os.PathLike[str], backend: str = "onnx") -> EnsembleConfig:
+def check_model(model: str | os.PathLike[str], backend: str = "onnx", variant: str = "fp32") -> EnsembleConfig:
     """The model's config, once the files ``backend`` needs are found (fetched for a Hub id).
 
+    ``variant`` picks the onnx backend's graph: ``fp32`` (``onnx/model.onnx``) or ``int8``
+    (``onnx/model.int8.onnx``).
+
     Raises:
-        FreeTicketsError: unknown backend, no ``config.json``, or (onnx backend) no ``onnx/model.onnx``;
-            the last names ``freetickets export onnx`` and ``--backend torch``.
+        FreeTicketsError: unknown backend or variant, no ``config.json``, or (onnx backend) no graph of
+            that variant; the last names the ``freetickets export onnx`` command that writes it.
     """
     from huggingface_hub.errors import EntryNotFoundError
 
@@ -88,26 +92,33 @@ def check_model(model: str | os.PathLike[str], backend: str = "onnx") -> Ensembl
         config = EnsembleConfig.from_json_file(str(resolve_file(model, CONFIG_NAME)))
     except (FileNotFoundError, EntryNotFoundError) as err:
         raise FreeTicketsError(f"{model} is not a saved ensemble: {err}") from err
+    if variant not in ONNX_VARIANTS:
+        raise FreeTicketsError(f"unknown graph variant {variant!r}; choose from {sorted(ONNX_VARIANTS)}")
+    if backend != "onnx" and variant != "fp32":
+        raise FreeTicketsError(f"--variant {variant} is a graph of the onnx backend, not of --backend {backend}")
     if backend == "onnx":
+        graph = variant_graph_name(variant)
         try:
-            resolve_file(model, ONNX_NAME)
+            resolve_file(model, graph)
         except (FileNotFoundError, EntryNotFoundError) as err:
+            export = f"freetickets export onnx {model}" + (
+                " --quantize int8 --calibration-dataset DS" if variant == "int8" else ""
+            )
             raise FreeTicketsError(
-                f"{model} has no {ONNX_NAME}: run `freetickets export onnx {model}` first, "
-                "or serve it with --backend torch"
+                f"{model} has no {graph}: run `{export}` first, or serve it with --backend torch"
             ) from err
     return config
 
 
-def load_engine(model: str | os.PathLike[str], backend: str = "onnx") -> ServingEngine:
+def load_engine(model: str | os.PathLike[str], backend: str = "onnx", variant: str = "fp32") -> ServingEngine:
     """Load ``model`` (a folder or a Hub id; ``HF_HUB_OFFLINE`` honoured) and warm it up.
 
     Raises:
         FreeTicketsError: unknown backend, no ``onnx/model.onnx`` for the onnx backend (the message
             names ``freetickets export onnx``), or a model whose outputs are not the DESIGN.md ones.
     """
-    config = check_model(model, backend)
-    run, providers = _load_onnx(model) if backend == "onnx" else _load_torch(model)
+    config = check_model(model, backend, variant)
+    run, providers = _load_onnx(model, variant) if backend == "onnx" else _load_torch(model)
     channels, height, width = config.pretrained_cfg["input_size"]
     warm = run(np.zeros((2, channels, height, width), np.float32))  # also the first, slow call
     num_members, num_classes = config.ensemble.num_members, config.num_classes
@@ -124,10 +135,12 @@ def load_engine(model: str | os.PathLike[str], backend: str = "onnx") -> Serving
     return ServingEngine(run, config, backend, spec, outputs, providers)
 
 
-def _load_onnx(model: str | os.PathLike[str]) -> tuple[Callable[[np.ndarray], dict[str, np.ndarray]], list[str]]:
+def _load_onnx(
+    model: str | os.PathLike[str], variant: str
+) -> tuple[Callable[[np.ndarray], dict[str, np.ndarray]], list[str]]:
     from freetickets_hub.runtime import OnnxEnsemble
 
-    engine = OnnxEnsemble.from_pretrained(model, session_options=_session_options())
+    engine = OnnxEnsemble.from_pretrained(model, variant=variant, session_options=_session_options())
     return engine, engine.providers
 
 

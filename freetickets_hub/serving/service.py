@@ -45,6 +45,7 @@ class ServeSettings:
     max_body_mb: float = 16.0
     workers: int = 1
     name: str | None = None  # default: the last part of MODEL
+    variant: str = "fp32"  # the onnx backend's graph: fp32 (onnx/model.onnx) or int8 (onnx/model.int8.onnx)
     drain_timeout_s: float = 30.0  # on SIGTERM, the longest wait for in-flight requests
 
     def __post_init__(self) -> None:
@@ -102,7 +103,9 @@ class Service:
 
     async def _load(self) -> None:
         try:
-            engine = await asyncio.to_thread(load_engine, self.settings.model, self.settings.backend)
+            engine = await asyncio.to_thread(
+                load_engine, self.settings.model, self.settings.backend, self.settings.variant
+            )
         except Exception as err:  # the server cannot serve: say why, then exit (server.py)
             self.failure = f"cannot load {self.settings.model}: {err}"
             logger.error("%s", self.failure)
@@ -205,6 +208,7 @@ class Service:
             "calibration": dataclasses.asdict(info.calibration) if info.calibration else None,
             "selective": selective,
             "backend": engine.backend,
+            "variant": self.settings.variant,
             "providers": engine.providers,
             "versions": engine.versions(),
             "input": engine.input.to_dict(),
