@@ -426,7 +426,7 @@ def test_torch_backend_serves_the_same_outputs(model_dir: Path, engine: OnnxEnse
     assert reply.status_code == 200, reply.text
     got = {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in reply.json()["outputs"]}
     for name, value in engine(x).items():
-        np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5, err_msg=name)  # fp32 torch vs ORT
 
 
 def test_a_stored_selective_rule_reaches_predict_metadata_and_metrics(

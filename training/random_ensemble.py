@@ -50,5 +50,9 @@ def random_sparse_ensemble(
             probe = torch.randn(64, *config.pretrained_cfg["input_size"], generator=generator)
             with torch.no_grad():
                 logits = member.eval()(probe)
-                member.get_classifier().weight *= logit_spread / (logits - logits.mean(0)).std()
+                scale = logit_spread / (logits - logits.mean(0)).std()
+                head = member.get_classifier()
+                head.weight *= scale
+                if head.bias is not None:  # centred too: random ReLU features share a large input-independent part
+                    head.bias.copy_(scale * (head.bias - logits.mean(0)))
     return model
