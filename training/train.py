@@ -12,7 +12,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import timm
 import torch
@@ -36,7 +36,28 @@ from .phases import Phase, Run, plan_runs
 from .recipe import Recipe
 from .sparsity import SparseEngine, maskable_weights
 
-__all__ = ["train"]
+__all__ = ["MemberStart", "train"]
+
+
+class MemberStart(Protocol):
+    """Where members start instead of a random init, and what else the run reports (fine-tuning).
+
+    ``training/finetune.py`` implements it; the loop, checkpoints and summary stay the trainer's own.
+    """
+
+    config: EnsembleConfig  # the config of the ensemble the run writes
+
+    def create_member(self, index: int, seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+        """Member ``index``'s model (on CPU) and its initial masks (empty for a dense member)."""
+
+    def param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; a group's ``lr_scale`` multiplies the scheduled LR (as in timm)."""
+
+    def set_train_mode(self, model: torch.nn.Module) -> None:
+        """Called after ``model.train()`` at each epoch, e.g. to keep a frozen backbone in eval mode."""
+
+    def extend_summary(self, summary: dict[str, Any], model: EnsembleModel, data: ImageData) -> None:
+        """Add to (or correct) ``train_summary.json`` before it is written."""
 
 
 def train(
@@ -46,6 +67,8 @@ def train(
     resume: bool = False,
     max_steps: int | None = None,
     report_to: str | None = None,
+    data: ImageData | None = None,
+    start: MemberStart | None = None,
 ) -> dict[str, Any]:
     """Train ``recipe`` and write the ensemble to ``output_dir``.
 
@@ -56,6 +79,8 @@ def train(
         max_steps: stop after this many optimizer steps of the whole job, with a checkpoint, as if
             interrupted (continue later with ``resume=True``).
         report_to: an accelerate tracker name, e.g. "tensorboard".
+        data: the data to train on (default: ``load_image_data(recipe)``).
+        start: where members start (default: a random init and random masks).
 
     Returns:
         The summary written to ``train_summary.json`` (empty on other processes or when stopped early).
@@ -71,7 +96,7 @@ def train(
     )
     if report_to:
         accelerator.init_trackers("freetickets", config=_flat_config(recipe))
-    data = load_image_data(recipe)
+    data = data if data is not None else load_image_data(recipe)
     accelerator.print(
         f"{recipe.method}: {recipe.architecture}, M={recipe.num_members}, "
         f"sparsity {recipe.sparsity if recipe.is_sparse else 0.0}; {accelerator.num_processes} process(es); "
@@ -85,7 +110,7 @@ def train(
     elif resume:
         accelerator.print(f"no checkpoint in {output_dir / 'checkpoints'}: starting from scratch")
     runs = plan_runs(recipe)
-    loop = _Loop(recipe, data, accelerator, output_dir, progress, tickets, best, max_steps, started)
+    loop = _Loop(recipe, data, accelerator, output_dir, progress, tickets, best, max_steps, started, start)
     for index in range(progress.run, len(runs)):
         if not loop.run(runs[index], index, checkpoint if index == progress.run else None):
             accelerator.print(f"stopped after {progress.total_steps} steps; continue with --resume")
@@ -93,8 +118,10 @@ def train(
             return {}
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
-        model = _build_ensemble(recipe, data, loop.tickets)
+        model = _build_ensemble(recipe, data, loop.tickets, start.config if start is not None else None)
         summary = _summarize(recipe, data, model, loop, loop.seconds())
+        if start is not None:
+            start.extend_summary(summary, model, data)
         output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output_dir / SUMMARY_NAME, json.dumps(summary, indent=2, sort_keys=True) + "\n")
         model.save_pretrained(output_dir)
@@ -117,8 +144,10 @@ class _Loop:
         best: Ticket | None,
         max_steps: int | None,
         started: float,
+        start: MemberStart | None = None,
     ) -> None:
         self.recipe, self.data, self.accelerator, self.output_dir = recipe, data, accelerator, output_dir
+        self.start = start
         self.progress, self.tickets, self.best, self.max_steps = progress, tickets, best, max_steps
         self.started, self.seconds_before = started, progress.seconds
         self.batches_per_epoch = 0
@@ -132,11 +161,17 @@ class _Loop:
             progress.run, progress.phase, progress.epoch, progress.batch, progress.step = index, 0, 0, 0, 0
             progress.escaped = False
         set_seed(run.seed)
-        model = timm.create_model(
-            recipe.architecture, pretrained=False, num_classes=len(data.label_names), **_model_args(recipe, data)
-        )
+        initial_masks = None
+        if self.start is None:
+            model = timm.create_model(
+                recipe.architecture, pretrained=False, num_classes=len(data.label_names), **_model_args(recipe, data)
+            )
+            params: Any = model.parameters()
+        else:
+            model, initial_masks = self.start.create_member(index, run.seed)
+            params = self.start.param_groups(model)
         optimizer = torch.optim.SGD(
-            model.parameters(),
+            params,
             lr=recipe.lr,
             momentum=recipe.momentum,
             nesterov=recipe.nesterov,
@@ -147,7 +182,7 @@ class _Loop:
             config = recipe.sparsity_config()
             if recipe.method == "static_sparse":
                 config.update_end = 0  # masks never change
-            engine = SparseEngine(model, optimizer, config, seed=run.seed)
+            engine = SparseEngine(model, optimizer, config, seed=run.seed, masks=initial_masks)
             self.densities = {n: engine.counts[n] / w.numel() for n, w in engine.weights.items()}
         loader = DataLoader(
             data.training_set(),
@@ -182,13 +217,15 @@ class _Loop:
                     engine.start_phase(progress.step, phase_steps)
             while progress.epoch < phase.epochs:
                 model.train()
+                if self.start is not None:
+                    self.start.set_train_mode(accelerator.unwrap_model(model))
                 loader.set_epoch(phase_index * 100_000 + progress.epoch)  # a new, reproducible order
                 batches = accelerator.skip_first_batches(loader, progress.batch) if progress.batch else loader
                 for images, labels in batches:
                     epochs_done = (progress.step - phase_start) / steps_per_epoch  # fractional, for warm-up
                     lr = phase.lr_at(epochs_done / phase.epochs, epochs_done)
                     for group in optimizer.param_groups:
-                        group["lr"] = lr
+                        group["lr"] = lr * group.get("lr_scale", 1.0)
                     with accelerator.accumulate(model):
                         augment_rng = torch.Generator().manual_seed(
                             run.seed * 1_000_003
@@ -340,8 +377,10 @@ def _accuracy(model: torch.nn.Module, split: Split, data: ImageData, batch_size:
     return (split_logits(model, split, data, batch_size).argmax(1) == split.labels).float().mean().item()
 
 
-def _build_ensemble(recipe: Recipe, data: ImageData, tickets: list[Ticket]) -> EnsembleModel:
-    config = EnsembleConfig(
+def _build_ensemble(
+    recipe: Recipe, data: ImageData, tickets: list[Ticket], config: EnsembleConfig | None = None
+) -> EnsembleModel:
+    config = config or EnsembleConfig(
         architecture=recipe.architecture,
         num_classes=len(data.label_names),
         model_args=_model_args(recipe, data),

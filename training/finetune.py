@@ -1,0 +1,517 @@
+"""Fine-tune a released ensemble on a new task, on the training loop of ``train.py``.
+
+Every member starts from its own weights and masks. When the label set differs, each member gets a
+new classifier drawn with its own seed, sparse at the density the base model's distribution gave
+that layer, so the ensemble keeps its sparsity. The base model's preprocessing (``pretrained_cfg``)
+is kept unless the recipe overrides it, as timm does. Three modes:
+
+- ``frozen-masks`` (default): masks bitwise unchanged, the weights under them train;
+- ``dst``: prune and regrow continue at the recipe's p and ΔT (each layer keeps its nonzero count);
+- ``linear-probe``: only the heads train; the backbone, batch-norm statistics included, is frozen.
+
+The backbone trains at ``backbone_lr``, below the heads' ``lr``, after a linear warm-up. The summary
+records the base model's id, revision and weights hash, and the members' diversity on the new test
+split before (the base members, their own heads) and after fine-tuning.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from timm.data import create_transform
+
+from freetickets_hub.config import EnsembleConfig, EnsembleInfo
+from freetickets_hub.ensemble import EnsembleModel
+from freetickets_hub.errors import FreeTicketsError, RecipeError
+from freetickets_hub.evaluation.diversity import mask_distance, prediction_diversity
+from freetickets_hub.files import write_text_atomic
+from freetickets_hub.hub import ASSETS_DIR, CONFIG_NAME, EVAL_RESULTS_NAME, ONNX_DIR, SUMMARY_NAME, WEIGHTS_NAME
+from freetickets_hub.outputs import combine_member_logits
+from freetickets_hub.preprocessing import preprocess
+
+from .checkpoint import CHECKPOINTS, latest_checkpoint
+from .costs import layer_flops
+from .data import ImageData, ImageSplit, Split, StreamedSplit, load_image_data
+from .recipe import Recipe, _check_types, load_recipe
+from .sparsity import draw_masks, nonzero_counts
+from .train import train
+
+__all__ = ["MODES", "FineTuneRecipe", "finetune", "format_diversity", "load_finetune_recipe"]
+
+MODES = ("frozen-masks", "dst", "linear-probe")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+LINEAGE_NAME = "finetune_base.json"  # in checkpoints/: what a resumed run must fine-tune again
+_PREPROCESSING = ("input_size", "mean", "std", "interpolation", "crop_pct")
+_CHUNK = 1024  # images resized per call
+
+
+@dataclass
+class FineTuneRecipe:
+    """Everything a fine-tuning run needs; each field can be overridden with ``--set key=value``."""
+
+    # what to fine-tune
+    base_model: str | None = None  # a saved ensemble folder or a Hub id (the CLI's MODEL)
+    revision: str | None = None  # Hub branch, tag or commit of base_model
+    mode: str = "frozen-masks"  # frozen-masks | dst | linear-probe
+    seed: int = 0  # member i's new head, data order and augmentation use seed + i
+
+    # data (any `datasets.load_dataset` source; labels come from its ClassLabel column)
+    dataset: str | None = None
+    dataset_config: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    image_column: str | None = None
+    label_column: str | None = None
+    val_size: int = 0  # carved from the train split with `seed` (ticket selection, calibration)
+    max_train_samples: int | None = None
+    max_test_samples: int | None = None
+    augment: str = "pad_crop_flip"  # pad_crop_flip | crop | none (in-memory) | timm (streamed)
+    pad: int = 2
+    auto_augment: str | None = None  # augment "timm" only
+    num_workers: int = 0
+
+    # preprocessing: null keeps the base model's pretrained_cfg value
+    input_size: list[int] | None = None  # [channels, height, width]
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    interpolation: str | None = None
+    crop_pct: float | None = None
+
+    # schedule: each member trains `epochs`, warm-up first, LR x0.1 at each milestone
+    epochs: int = 10
+    lr: float = 0.01  # the heads' LR
+    backbone_lr: float = 0.001  # the backbone's LR, at most `lr` (unused in linear-probe)
+    warmup_epochs: int = 1
+    lr_milestones: list[float] = field(default_factory=lambda: [0.6, 0.8])  # fractions of `epochs`
+    ticket_selection: str = "last"  # last | best_val
+
+    # dst mode: prune/regrow of the base masks
+    growth: str = "gradient"
+    prune_rate: float = 0.2
+    prune_rate_schedule: str = "constant"
+    prune_rate_final: float = 0.005
+    update_interval: int = 100
+
+    # optimisation
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    grad_accum_steps: int = 1
+    mixed_precision: str = "no"
+    checkpoint_every: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if self.mode not in MODES:
+            raise RecipeError(f"recipe key 'mode' must be one of {MODES}, got {self.mode!r}")
+        if not 0.0 <= self.backbone_lr <= self.lr:
+            raise RecipeError(
+                f"recipe key 'backbone_lr' must be in [0, lr={self.lr}] (the backbone learns slower than "
+                f"the new heads), got {self.backbone_lr}"
+            )
+        if self.input_size is not None and (len(self.input_size) != 3 or not all(v >= 1 for v in self.input_size)):
+            raise RecipeError(f"recipe key 'input_size' must be [channels, height, width], got {self.input_size}")
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if values is not None and self.input_size is not None and len(values) != self.input_size[0]:
+                channels = self.input_size[0]
+                raise RecipeError(f"recipe key {key!r} needs one value per channel ({channels}), got {values}")
+        if self.std is not None and not all(v > 0 for v in self.std):
+            raise RecipeError(f"recipe key 'std' must be positive, got {self.std}")
+        if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
+            raise RecipeError(f"recipe key 'interpolation' must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
+            raise RecipeError(f"recipe key 'crop_pct' must be in (0, 1], got {self.crop_pct}")
+        # the keys shared with training recipes are checked by the training recipe itself
+        Recipe(**{**self._shared(), "method": "dst", "dataset": self.dataset or "", "num_members": 1})
+
+    def _shared(self) -> dict[str, Any]:
+        names = {f.name for f in fields(Recipe)}
+        return {k: v for k, v in asdict(self).items() if k in names}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def training_recipe(self, base: EnsembleConfig, *, sparse: bool) -> Recipe:
+        """The recipe the training loop runs: one run per member (seed + i), one phase each.
+
+        ``frozen-masks`` and ``linear-probe`` run as ``static_sparse`` (no mask updates), ``dst`` as
+        ``dst``; a dense base model runs as ``dense`` / ``dense_ensemble``.
+        """
+        members = base.ensemble.num_members
+        if not sparse:
+            if self.mode == "dst":
+                raise RecipeError("mode 'dst' needs a sparse base model; this one is dense (use frozen-masks)")
+            method = "dense" if members == 1 else "dense_ensemble"
+        else:
+            method = "dst" if self.mode == "dst" else "static_sparse"
+        size = self.input_size or base.pretrained_cfg.get("input_size")
+        return Recipe(
+            **self._shared(),
+            method=method,
+            architecture=base.architecture,
+            model_args=dict(base.model_args),
+            num_members=members,
+            sparsity=base.ensemble.sparsity if sparse else 0.0,
+            distribution=base.ensemble.distribution if base.ensemble.distribution != "dense" else "erk",
+            image_size=int(size[1]) if size else None,
+        )
+
+
+def load_finetune_recipe(path: str | Path | None, overrides: list[str] | None = None, **values: Any) -> FineTuneRecipe:
+    """Read a fine-tuning recipe (defaults when ``path`` is None), apply ``--set`` overrides, then
+    ``values`` that are not None (the CLI's MODEL, ``--dataset``, ``--mode``, ``--revision``)."""
+    recipe = load_recipe(path, overrides, cls=FineTuneRecipe)
+    return dataclasses.replace(recipe, **{k: v for k, v in values.items() if v is not None})
+
+
+def finetune(
+    recipe: FineTuneRecipe,
+    output_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    max_steps: int | None = None,
+    report_to: str | None = None,
+    from_scratch: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune ``recipe.base_model`` on ``recipe.dataset`` and write the new ensemble to ``output_dir``.
+
+    Args:
+        recipe: what to fine-tune, on what, how.
+        output_dir: the Hub-ready folder to write (checkpoints in ``output_dir/checkpoints``).
+        resume: continue from the latest checkpoint (same base model and recipe only).
+        overwrite: replace a model already in ``output_dir``, with its checkpoints and companions.
+        max_steps: stop after this many optimizer steps, with a checkpoint (continue with ``resume``).
+        report_to: an accelerate tracker name, e.g. "tensorboard".
+        from_scratch: the baseline instead: the same recipe, data and steps from a random init with
+            random masks at the base model's sparsity (every layer at the recipe's ``lr``).
+
+    Returns:
+        The summary written to ``train_summary.json`` (empty on other processes or when stopped early).
+
+    Raises:
+        RecipeError: no base model or dataset, or a recipe that does not fit the base model.
+        FreeTicketsError: ``output_dir`` holds a model (without ``resume``/``overwrite``), is the base
+            model's own folder, or holds checkpoints of another fine-tuning run.
+    """
+    if recipe.base_model is None:
+        raise RecipeError("no base model: name a saved ensemble folder or Hub id (MODEL, or `base_model`)")
+    if recipe.dataset is None:
+        raise RecipeError("no dataset to fine-tune on: pass --dataset (or set `dataset` in the recipe)")
+    output_dir = Path(output_dir)
+    state = PartialState()
+    base = EnsembleModel.from_pretrained(recipe.base_model, revision=recipe.revision)
+    if base.source_dir is not None and output_dir.resolve() == base.source_dir.resolve():
+        raise FreeTicketsError(f"{output_dir} is the base model's own folder: choose another --output-dir")
+    _prepare_output(output_dir, state, resume=resume, overwrite=overwrite)
+    lineage = _lineage(recipe.base_model, base)
+    _check_lineage(output_dir, state, lineage, recipe, resume=resume)
+    sparse = any(base.masks)
+    training = recipe.training_recipe(base.config, sparse=sparse)
+    start = _FineTune(recipe, base, load_image_data(training), lineage)
+    if from_scratch:
+        if recipe.mode == "linear-probe":
+            raise RecipeError("a linear probe of a random backbone is no baseline: use frozen-masks or dst")
+        return train(training, output_dir, resume=resume, max_steps=max_steps, report_to=report_to, data=start.data)
+    return train(
+        training, output_dir, resume=resume, max_steps=max_steps, report_to=report_to, data=start.data, start=start
+    )
+
+
+class _FineTune:
+    """Where each member starts (the base member, a new head) and what the summary adds (a ``MemberStart``)."""
+
+    def __init__(self, recipe: FineTuneRecipe, base: EnsembleModel, data: ImageData, lineage: dict[str, Any]) -> None:
+        self.recipe, self.base, self.lineage = recipe, base, lineage
+        cfg = base.config
+        pretrained_cfg = _pretrained_cfg(recipe, cfg, len(data.label_names))
+        self.data = _fit_data(data, pretrained_cfg, recipe)
+        self.new_heads = cfg.label_names != data.label_names or cfg.num_classes != len(data.label_names)
+        self.config = EnsembleConfig(
+            architecture=cfg.architecture,
+            num_classes=len(data.label_names),
+            model_args=dict(cfg.model_args),
+            label_names=list(data.label_names),
+            pretrained_cfg=pretrained_cfg,
+            ensemble=EnsembleInfo(
+                method=cfg.ensemble.method,
+                num_members=base.num_members,
+                sparsity=cfg.ensemble.sparsity,
+                distribution=cfg.ensemble.distribution,
+            ),  # no calibration: the base model's temperature was fitted on another task
+        )
+
+    def create_member(self, index: int, seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+        member = copy.deepcopy(self.base.members[index]).train()
+        masks = {name: mask.clone() for name, mask in self.base.masks[index].items()}
+        if not self.new_heads:
+            return member, masks
+        name = _classifier_weight(member)
+        old = dict(member.named_parameters())[name]
+        density = masks[name].float().mean().item() if name in masks else 1.0  # what the distribution gave it
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            member.reset_classifier(self.config.num_classes)
+        weight = dict(member.named_parameters())[name]
+        if weight.dim() != old.dim():
+            raise FreeTicketsError(f"{type(member).__name__}: the new classifier {name} has another kind of layer")
+        shape = tuple(weight.shape)
+        count = nonzero_counts({name: shape}, {name: density})[name]
+        masks.pop(name, None)
+        if count < weight.numel():
+            masks[name] = draw_masks({name: shape}, {name: count}, torch.Generator().manual_seed(seed))[name]
+            with torch.no_grad():
+                weight.mul_(masks[name])
+        return member, masks
+
+    def param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        head = list(model.get_classifier().parameters())
+        head_ids = {id(p) for p in head}
+        backbone = [p for p in model.parameters() if id(p) not in head_ids]
+        if self.recipe.mode == "linear-probe":
+            for param in backbone:
+                param.requires_grad_(False)
+            return [{"params": head, "lr_scale": 1.0}]
+        return [{"params": backbone, "lr_scale": self.recipe.backbone_lr / self.recipe.lr}, {"params": head}]
+
+    def set_train_mode(self, model: torch.nn.Module) -> None:
+        if self.recipe.mode == "linear-probe":  # frozen means batch-norm statistics too
+            model.eval()
+            model.get_classifier().train()
+
+    def extend_summary(self, summary: dict[str, Any], model: EnsembleModel, data: ImageData) -> None:
+        device = PartialState().device
+        before = _diversity(self.base, data, self.recipe.eval_batch_size, device)
+        after = _diversity(model, data, self.recipe.eval_batch_size, device)
+        summary.update(self.lineage, base_model_relation="finetune")
+        summary["finetune"] = {
+            "mode": self.recipe.mode,
+            "recipe": self.recipe.to_dict(),
+            "new_heads": self.new_heads,
+            "base_label_names": self.base.config.label_names,
+            "diversity": {
+                "before": {**before, "label_space": "base" if self.new_heads else "same"},
+                "after": after,
+            },
+        }
+        if self.recipe.mode == "linear-probe":
+            _linear_probe_costs(summary["costs"], model, data)
+
+
+def _prepare_output(output_dir: Path, state: PartialState, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder that holds a model unless resuming or overwriting; overwriting removes its files."""
+    if resume and overwrite:
+        raise FreeTicketsError("--resume continues the run in the folder and --overwrite replaces it: choose one")
+    held = [n for n in (CONFIG_NAME, WEIGHTS_NAME, CHECKPOINTS) if (output_dir / n).exists()]
+    if not held or resume:
+        return
+    if not overwrite:
+        raise FreeTicketsError(
+            f"{output_dir} already holds a model ({', '.join(held)}): pass --resume to continue its run "
+            "or --overwrite to replace it"
+        )
+    if state.is_main_process:
+        for name in (CHECKPOINTS, ONNX_DIR, ASSETS_DIR):
+            shutil.rmtree(output_dir / name, ignore_errors=True)
+        for name in (SUMMARY_NAME, EVAL_RESULTS_NAME):
+            (output_dir / name).unlink(missing_ok=True)
+    state.wait_for_everyone()
+
+
+def _lineage(name: str, base: EnsembleModel) -> dict[str, Any]:
+    """Base id (as given), the Hub commit it resolved to (None for a folder) and its weights' SHA-256."""
+    source = base.source_dir
+    assert source is not None  # from_pretrained sets it
+    commit = source.name if source.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", source.name) else None
+    digest = hashlib.sha256()
+    with open(source / WEIGHTS_NAME, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"base_model": name, "base_model_revision": commit, "base_model_sha256": digest.hexdigest()}
+
+
+def _check_lineage(
+    output_dir: Path, state: PartialState, lineage: dict[str, Any], recipe: FineTuneRecipe, *, resume: bool
+) -> None:
+    """A resumed run must fine-tune the same weights with the same recipe as the run it continues."""
+    path = output_dir / CHECKPOINTS / LINEAGE_NAME
+    record = {"base_model_sha256": lineage["base_model_sha256"], "recipe": recipe.to_dict()}
+    if resume and latest_checkpoint(output_dir) is not None and path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored != record:
+            changed = [k for k in record["recipe"] if stored.get("recipe", {}).get(k) != record["recipe"][k]]
+            if stored.get("base_model_sha256") != record["base_model_sha256"]:
+                changed.insert(0, "base model weights")
+            raise FreeTicketsError(f"cannot resume {output_dir}: its checkpoints fine-tune with other {changed}")
+        return
+    if state.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    state.wait_for_everyone()
+
+
+def _pretrained_cfg(recipe: FineTuneRecipe, base: EnsembleConfig, num_classes: int) -> dict[str, Any]:
+    """The base model's ``pretrained_cfg`` with the recipe's overrides (timm keeps it the same way)."""
+    cfg = {**base.pretrained_cfg, "num_classes": num_classes}
+    cfg.update({k: getattr(recipe, k) for k in _PREPROCESSING if getattr(recipe, k) is not None})
+    if "input_size" not in cfg:
+        raise RecipeError("the base model's config has no pretrained_cfg.input_size: set `input_size` in the recipe")
+    channels = cfg["input_size"][0]
+    if channels != base.in_chans:
+        raise RecipeError(f"input_size has {channels} channels, the base model takes {base.in_chans}")
+    for key, default in (("mean", 0.0), ("std", 1.0)):
+        values = list(cfg.get(key) or [default] * channels)
+        if len(values) != channels:
+            raise RecipeError(f"{key} {values} does not have one value per channel ({channels}); set it in the recipe")
+        cfg[key] = values
+    cfg.setdefault("crop_pct", 1.0)
+    cfg.setdefault("interpolation", "bilinear")
+    return cfg
+
+
+def _fit_data(data: ImageData, cfg: dict[str, Any], recipe: FineTuneRecipe) -> ImageData:
+    """The dataset as the base model sees it: its input size, channels, mean/std and resize rule."""
+    input_size = tuple(int(v) for v in cfg["input_size"])
+    mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
+    transform = None
+    if data.streamed:
+        mode = "L" if input_size[0] == 1 else "RGB"
+        train, val, test = (_with_mode(s, mode) if s is not None else None for s in (data.train, data.val, data.test))
+        transform = create_transform(
+            input_size,
+            is_training=True,
+            auto_augment=recipe.auto_augment,
+            mean=mean,
+            std=std,
+            interpolation=cfg["interpolation"],
+        )
+    else:
+        train, val, test = (_fit_split(s, cfg) if s is not None else None for s in (data.train, data.val, data.test))
+    assert train is not None and test is not None
+    return ImageData(
+        train,
+        val,
+        test,
+        data.label_names,
+        input_size,  # type: ignore[arg-type]
+        mean,
+        std,
+        float(cfg["crop_pct"]),
+        str(cfg["interpolation"]),
+        train_transform=transform,
+    )
+
+
+def _with_mode(split: Split, mode: str) -> Split:
+    assert isinstance(split, StreamedSplit)
+    return StreamedSplit(split.table, split.image_col, mode, split.labels)
+
+
+def _fit_split(split: Split, cfg: dict[str, Any]) -> ImageSplit:
+    """uint8 images resized and cropped exactly as ``EnsembleModel.predict`` preprocesses them."""
+    assert isinstance(split, ImageSplit)
+    channels, height, width = cfg["input_size"]
+    crop_pct = float(cfg["crop_pct"])
+    if tuple(split.images.shape[1:]) == (channels, height, width) and int(min(height, width) / crop_pct) == min(
+        height, width
+    ):
+        return split
+    arrays = split.images.permute(0, 2, 3, 1).numpy()  # (N, H, W, C) for PIL
+    arrays = arrays[..., 0] if arrays.shape[-1] == 1 else arrays
+    identity = {**cfg, "mean": [0.0] * channels, "std": [1.0] * channels}
+    chunks = [preprocess(list(arrays[i : i + _CHUNK]), identity) for i in range(0, len(arrays), _CHUNK)]
+    images = torch.from_numpy(np.round(np.concatenate(chunks) * 255.0).astype(np.uint8))
+    return ImageSplit(images, split.labels)
+
+
+def _classifier_weight(member: torch.nn.Module) -> str:
+    """``state_dict`` name of the weight of timm's ``get_classifier()`` layer."""
+    head = member.get_classifier()
+    for name, module in member.named_modules():
+        if module is head and isinstance(getattr(module, "weight", None), torch.nn.Parameter):
+            return f"{name}.weight"
+    raise FreeTicketsError(f"{type(member).__name__}: its classifier has no weight to replace")
+
+
+@torch.inference_mode()
+def _diversity(model: EnsembleModel, data: ImageData, batch_size: int, device: torch.device) -> dict[str, Any]:
+    """Prediction diversity (disagreement, KL, mutual information) on the test split, the members'
+    feature similarity (linear CKA of the pooled pre-logit features) and their masks' distance."""
+    model.to(device).eval()
+    logits, features = [], []
+    for member in model.members:
+        member_features, member_logits = [], []
+        for images in data.eval_batches(data.test, batch_size, device):
+            maps = member.forward_features(images)
+            member_features.append(member.forward_head(maps, pre_logits=True).float().cpu())
+            member_logits.append(member.forward_head(maps).float().cpu())
+        features.append(torch.cat(member_features))
+        logits.append(torch.cat(member_logits))
+    model.cpu()
+    member_logits = torch.stack(logits)  # (M, N, K)
+    out = combine_member_logits(member_logits, 1.0)
+    pairs = prediction_diversity(member_logits)
+    masks = mask_distance(model.masks)
+    num = model.num_members
+    cka = [[_linear_cka(features[i], features[j]) for j in range(num)] for i in range(num)]
+    off_diagonal = [cka[i][j] for i in range(num) for j in range(num) if i != j]
+    labels = data.test.labels
+    return {
+        "accuracy": (out.probs.argmax(-1) == labels).float().mean().item(),
+        "member_accuracy": [(lg.argmax(-1) == labels).float().mean().item() for lg in member_logits],
+        "disagreement": out.disagreement.mean().item(),  # share of members off the ensemble's top-1
+        "pairwise_disagreement": pairs["disagreement"]["mean"],
+        "pairwise_kl": pairs["kl"]["mean"],
+        "mutual_information": out.mutual_information.mean().item(),
+        "feature_cka": sum(off_diagonal) / len(off_diagonal) if off_diagonal else 1.0,
+        "mask_jaccard_distance": masks["overall"]["jaccard"]["mean"] if masks else None,
+        "matrices": {"disagreement": pairs["disagreement"]["matrix"], "kl": pairs["kl"]["matrix"], "feature_cka": cka},
+    }
+
+
+def _linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear centred kernel alignment of two ``(N, D)`` feature sets (Kornblith et al., 2019): 1 = same."""
+    x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
+    cross = (x.T @ y).norm() ** 2
+    denominator = (x.T @ x).norm() * (y.T @ y).norm()
+    return (cross / denominator).item() if denominator > 0 else 0.0
+
+
+def _linear_probe_costs(costs: dict[str, Any], model: EnsembleModel, data: ImageData) -> None:
+    """A linear probe runs the backbone forward only: one sparse forward plus the heads' backward per image."""
+    member = model.members[0]
+    name = _classifier_weight(member)
+    head = layer_flops(member, data.input_size).per_weight[name]
+    density = model.masks[0][name].float().mean().item() if name in model.masks[0] else 1.0
+    images = costs["train_images_processed"]
+    costs["training_flops"] = images * (costs["inference_flops_member"] + 2 * head * density)
+    dense = costs["training_flops_dense_same_steps"]
+    costs["training_flops_ratio_vs_dense_same_steps"] = costs["training_flops"] / dense if dense else 0.0
+
+
+def format_diversity(summary: dict[str, Any]) -> str:
+    """Diversity of the members on the new test split, before and after fine-tuning, as a table."""
+    diversity = summary["finetune"]["diversity"]
+    keys = ("disagreement", "pairwise_kl", "mutual_information", "feature_cka", "mask_jaccard_distance")
+    rows = [f"{'diversity':<10} " + " ".join(f"{k:>21}" for k in keys)]
+    for when in ("before", "after"):
+        values = [diversity[when][k] for k in keys]
+        rows.append(f"{when:<10} " + " ".join(f"{v:>21.4f}" if v is not None else f"{'n/a':>21}" for v in values))
+    if diversity["before"]["label_space"] == "base":
+        rows.append("(before: the base members with their own heads, in the base model's label space)")
+    return "\n".join(rows)
