@@ -36,6 +36,7 @@ class Progress:
     batch: int = 0  # loader batches finished in the current epoch
     step: int = 0  # optimizer steps of the current run
     total_steps: int = 0  # optimizer steps of the whole job
+    skipped_steps: int = 0  # fp16 steps the grad scaler skipped (inf/NaN gradients), whole job: not counted above
     escaped: bool = False  # the forced escape before the current phase is done
     dense_gradients: int = 0  # batches that needed a dense weight gradient (gradient growth), whole job
     images: int = 0  # training images processed, whole job, all processes

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .sparsity import maskable_weights
 
-__all__ = ["LayerFlops", "forward_flops", "layer_flops"]
+__all__ = ["LayerFlops", "forward_flops", "layer_flops", "training_flops"]
 
 
 @dataclass
@@ -58,3 +58,9 @@ def forward_flops(model: nn.Module, input_size: tuple[int, ...], masks: Mapping[
     flops = layer_flops(model, input_size)
     densities = {name: mask.float().mean().item() for name, mask in masks.items()}
     return flops.sparse(densities)
+
+
+def training_flops(f_sparse: float, f_dense: float, images: int, dense_gradient_images: int) -> float:
+    """RigL's training cost: ``3·f_sparse`` per image, plus ``f_dense - f_sparse`` per image whose
+    batch also computed the dense weight gradient (gradient growth and the escape's probe)."""
+    return 3 * f_sparse * images + (f_dense - f_sparse) * dense_gradient_images

@@ -184,7 +184,13 @@ def _streamed_data(
     mean = IMAGENET_DEFAULT_MEAN if channels == 3 else (0.5,)
     std = IMAGENET_DEFAULT_STD if channels == 3 else (0.5,)
     transform = create_transform(
-        input_size, is_training=True, auto_augment=recipe.auto_augment, mean=mean, std=std, interpolation="bilinear"
+        input_size,
+        is_training=True,
+        auto_augment=recipe.auto_augment,
+        color_jitter=recipe.color_jitter,
+        mean=mean,
+        std=std,
+        interpolation="bilinear",
     )
     return ImageData(
         train, val, test, label_names, input_size, tuple(mean), tuple(std), 0.875, "bilinear", train_transform=transform

@@ -79,6 +79,7 @@ class FineTuneRecipe:
     augment: str = "pad_crop_flip"  # pad_crop_flip | crop | none (in-memory) | timm (streamed)
     pad: int = 2
     auto_augment: str | None = None  # augment "timm" only
+    color_jitter: float = 0.0  # augment "timm" only
     num_workers: int = 0
 
     # preprocessing: null keeps the base model's pretrained_cfg value
@@ -102,6 +103,7 @@ class FineTuneRecipe:
     prune_rate_schedule: str = "constant"
     prune_rate_final: float = 0.005
     update_interval: int = 100
+    regrow_pruned: bool = True
 
     # optimisation
     batch_size: int = 128
@@ -109,6 +111,7 @@ class FineTuneRecipe:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4
+    filter_bias_and_bn: bool = False  # no weight decay on biases and norm parameters
     label_smoothing: float = 0.0
     grad_accum_steps: int = 1
     mixed_precision: str = "no"
@@ -280,14 +283,29 @@ class _FineTune:
         return member, masks
 
     def param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
-        head = list(model.get_classifier().parameters())
-        head_ids = {id(p) for p in head}
-        backbone = [p for p in model.parameters() if id(p) not in head_ids]
-        if self.recipe.mode == "linear-probe":
-            for param in backbone:
+        """The backbone at ``backbone_lr / lr`` of the scheduled LR (frozen in a linear probe), the head at 1."""
+        recipe = self.recipe
+        head_ids = {id(p) for p in model.get_classifier().parameters()}
+        named: dict[str, list[tuple[str, torch.nn.Parameter]]] = {"backbone": [], "head": []}
+        for name, param in model.named_parameters():
+            named["head" if id(param) in head_ids else "backbone"].append((name, param))
+        scales = {"backbone": recipe.backbone_lr / recipe.lr, "head": 1.0}
+        if recipe.mode == "linear-probe":  # kept in the optimizer (the sparse engine checks it holds every weight)
+            scales["backbone"] = 0.0
+            for _, param in named["backbone"]:
                 param.requires_grad_(False)
-            return [{"params": head, "lr_scale": 1.0}]
-        return [{"params": backbone, "lr_scale": self.recipe.backbone_lr / self.recipe.lr}, {"params": head}]
+        groups = []
+        for part, params in named.items():
+            if recipe.filter_bias_and_bn:  # timm's rule: no decay on biases and 1-D (norm) parameters
+                no_decay = [p for n, p in params if p.ndim <= 1 or n.endswith(".bias")]
+                decay = [p for n, p in params if not (p.ndim <= 1 or n.endswith(".bias"))]
+                groups += [
+                    {"params": no_decay, "weight_decay": 0.0, "lr_scale": scales[part]},
+                    {"params": decay, "lr_scale": scales[part]},
+                ]
+            else:
+                groups.append({"params": [p for _, p in params], "lr_scale": scales[part]})
+        return [group for group in groups if group["params"]]
 
     def set_train_mode(self, model: torch.nn.Module) -> None:
         if self.recipe.mode == "linear-probe":  # frozen means batch-norm statistics too
@@ -396,6 +414,7 @@ def _fit_data(data: ImageData, cfg: dict[str, Any], recipe: FineTuneRecipe) -> I
             input_size,
             is_training=True,
             auto_augment=recipe.auto_augment,
+            color_jitter=recipe.color_jitter,
             mean=mean,
             std=std,
             interpolation=cfg["interpolation"],

@@ -22,6 +22,8 @@ class Phase:
     ticket: bool  # the phase ends with a saved ticket (one ensemble member)
     escape_before: bool = False  # EDST: forced escape before the phase starts
     warmup_epochs: int = 0
+    # the prune-rate schedule restarts here for a cycle of this many epochs (None: the cycle goes on)
+    prune_cycle_epochs: int | None = None
 
     def lr_at(self, progress: float, epoch_progress: float) -> float:
         """LR at ``progress`` in [0, 1) of the phase; ``epoch_progress`` counts epochs for warm-up."""
@@ -42,26 +44,8 @@ class Run:
 
 def plan_runs(recipe: Recipe) -> list[Run]:
     if recipe.method == "edst":
-        refine_lrs = [(i / len(recipe.refine_lrs), lr) for i, lr in enumerate(recipe.refine_lrs)]
-        phases = [
-            Phase(
-                "explore", recipe.explore_epochs, [(0.0, recipe.lr)], ticket=False, warmup_epochs=recipe.warmup_epochs
-            )
-        ]
-        phases += [
-            Phase(
-                f"refine {i + 1}/{recipe.num_members}",
-                recipe.refine_epochs,
-                refine_lrs,
-                ticket=True,
-                escape_before=i > 0,
-            )
-            for i in range(recipe.num_members)
-        ]
-        if recipe.explore_epochs == 0:
-            phases = phases[1:]
-        return [Run(recipe.seed, phases)]
-    lrs = [(0.0, recipe.lr)] + [(m, recipe.lr * 0.1 ** (i + 1)) for i, m in enumerate(sorted(recipe.lr_milestones))]
+        return [Run(recipe.seed, _edst_phases(recipe))]
+    lrs = [(0.0, recipe.lr)] + [(m, recipe.lr * 0.1 ** (i + 1)) for i, m in enumerate(recipe.lr_milestones)]
     return [
         Run(
             recipe.seed + i,
@@ -72,8 +56,34 @@ def plan_runs(recipe: Recipe) -> list[Run]:
                     lrs,
                     ticket=True,
                     warmup_epochs=recipe.warmup_epochs,
+                    prune_cycle_epochs=recipe.epochs,
                 )
             ],
         )
         for i in range(recipe.num_members)
     ]
+
+
+def _edst_phases(recipe: Recipe) -> list[Phase]:
+    """Exploration, then M refinements (escape before all but the first).
+
+    The prune-rate cycle restarts at every phase (``prune_rate_restart: phase``), or at each
+    forced escape (``escape``, the official code): exploration and the first refinement share one.
+    """
+    starts = recipe.refine_lr_milestones
+    if starts is None:  # split evenly over the refine LRs
+        starts = [i / len(recipe.refine_lrs) for i in range(1, len(recipe.refine_lrs))]
+    refine_lrs = list(zip([0.0, *starts], recipe.refine_lrs, strict=True))
+    explore = Phase("explore", recipe.explore_epochs, [(0.0, recipe.lr)], ticket=False)
+    explore.warmup_epochs = recipe.warmup_epochs
+    refines = [
+        Phase(f"refine {i + 1}/{recipe.num_members}", recipe.refine_epochs, refine_lrs, True, escape_before=i > 0)
+        for i in range(recipe.num_members)
+    ]
+    phases = [explore, *refines] if recipe.explore_epochs else refines
+    for phase in phases:
+        phase.prune_cycle_epochs = phase.epochs
+    if recipe.prune_rate_restart == "escape" and recipe.explore_epochs:
+        explore.prune_cycle_epochs = recipe.explore_epochs + recipe.refine_epochs
+        refines[0].prune_cycle_epochs = None
+    return phases

@@ -7,6 +7,7 @@ unknown key, a wrong type or an impossible value raises :class:`RecipeError` nam
 from __future__ import annotations
 
 import difflib
+import itertools
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -50,6 +51,9 @@ class Recipe:
     image_size: int | None = None  # augment "timm": the square input size, e.g. 224
     auto_augment: str | None = None  # augment "timm": timm auto-augment policy, e.g. "rand-m9-mstd0.5"
     num_workers: int = 0  # DataLoader workers (augment "timm" decodes images in them)
+    color_jitter: float = (
+        0.0  # augment "timm": colour jitter strength (timm's default is 0.4; the paper's code has none)
+    )
 
     # sparsity (see training/sparsity.py)
     sparsity: float = 0.8
@@ -62,15 +66,18 @@ class Recipe:
     update_end: int | None = None
     escape_rate: float = 0.8
     escape_growth: str | None = None
+    regrow_pruned: bool = True  # regrowth may pick the positions just pruned (official code, RigL)
+    prune_rate_restart: str = "escape"  # cosine p restarts at each forced escape (official) | at every "phase"
 
     # schedule: dst/dense/static_sparse members train `epochs` each, LR x0.1 at each milestone;
     # edst explores for `explore_epochs` at `lr`, then M refinement phases of `refine_epochs`,
-    # each split evenly over `refine_lrs`
+    # each stepping through `refine_lrs` at `refine_lr_milestones` (evenly when null)
     epochs: int = 10
-    lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of `epochs`
+    lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of `epochs`, in (0, 1)
     explore_epochs: int = 10
     refine_epochs: int = 5
     refine_lrs: list[float] = field(default_factory=lambda: [0.01, 0.001])
+    refine_lr_milestones: list[float] | None = None  # fractions of `refine_epochs` where the next refine LR starts
     lr: float = 0.1
     warmup_epochs: int = 0
     ticket_selection: str = "last"  # last | best_val
@@ -81,6 +88,7 @@ class Recipe:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
+    filter_bias_and_bn: bool = False  # no weight decay on biases and norm parameters (the ImageNet code)
     label_smoothing: float = 0.0
     grad_accum_steps: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16
@@ -93,6 +101,7 @@ class Recipe:
             "distribution": ("erk", "uniform"),
             "growth": ("gradient", "random"),
             "prune_rate_schedule": ("constant", "cosine"),
+            "prune_rate_restart": ("escape", "phase"),
             "augment": ("pad_crop_flip", "crop", "none", "timm"),
             "ticket_selection": ("last", "best_val"),
             "mixed_precision": ("no", "bf16", "fp16"),
@@ -127,6 +136,16 @@ class Recipe:
             raise RecipeError(f"method {self.method!r} needs epochs >= 1")
         if not self.refine_lrs:
             raise RecipeError("recipe key 'refine_lrs' must list at least one learning rate")
+        if self.color_jitter < 0:
+            raise RecipeError(f"recipe key 'color_jitter' must not be negative, got {self.color_jitter}")
+        _check_milestones("lr_milestones", self.lr_milestones, self.epochs, "epochs")
+        if self.refine_lr_milestones is not None:
+            _check_milestones("refine_lr_milestones", self.refine_lr_milestones, self.refine_epochs, "refine_epochs")
+            if len(self.refine_lr_milestones) != len(self.refine_lrs) - 1:
+                raise RecipeError(
+                    f"recipe key 'refine_lr_milestones' needs one milestone per LR after the first "
+                    f"({len(self.refine_lrs) - 1} for refine_lrs {self.refine_lrs}), got {self.refine_lr_milestones}"
+                )
 
     @property
     def is_sparse(self) -> bool:
@@ -185,6 +204,21 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         except yaml.YAMLError as err:
             raise RecipeError(f"--set {item!r}: the value is not valid YAML: {err}") from err
     return out
+
+
+def _check_milestones(key: str, milestones: list[float], epochs: int, epochs_key: str) -> None:
+    """Milestones are fractions of a phase, strictly increasing in (0, 1): epochs (the paper's
+    notation, e.g. [125, 187]) would otherwise silently never be reached."""
+    if all(0.0 < m < 1.0 for m in milestones) and all(a < b for a, b in itertools.pairwise(milestones)):
+        return
+    hint = ""
+    if epochs and any(m >= 1.0 for m in milestones) and all(0.0 < m < epochs for m in milestones):
+        hint = (
+            f"; for LR steps at epochs {milestones} of {epochs_key}={epochs} write {[m / epochs for m in milestones]}"
+        )
+    raise RecipeError(
+        f"recipe key {key!r} must be strictly increasing fractions of {epochs_key!r} in (0, 1), got {milestones}{hint}"
+    )
 
 
 def _check_types(recipe: Any) -> None:

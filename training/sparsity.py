@@ -49,6 +49,7 @@ class SparsityConfig:
     update_end: int | None = None  # no regular updates at or after this global step
     escape_rate: float = 0.8  # q: share dropped and regrown by EDST's forced escape
     escape_growth: str | None = None  # growth used by the escape; None means `growth`
+    regrow_pruned: bool = True  # regrowth may pick the positions just pruned (official code, RigL); False: not
 
 
 def maskable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -159,6 +160,12 @@ def prune_rate_at(config: SparsityConfig, step_in_phase: int, phase_steps: int) 
 class SparseEngine:
     """Keeps a model's masks, applies them after every optimizer step and updates them every ΔT steps.
 
+    The masks follow the model's weights: the engine reads the weights from ``model`` each time and
+    moves a mask to its weight's device whenever they differ (a model prepared for a GPU after the
+    engine was built, a checkpoint resumed on another device). :meth:`check` (run at every update)
+    raises on what it cannot fix: a weight the optimizer does not hold, or gradients and optimizer
+    state on another device than their weight.
+
     Args:
         model: the (unwrapped) model whose conv/linear weights are masked.
         optimizer: its optimizer; momentum/Adam moments of regrown weights are zeroed.
@@ -181,23 +188,28 @@ class SparseEngine:
         self.optimizer = optimizer
         self.config = config
         self.seed = seed
-        self.weights = maskable_weights(model)
-        shapes = {name: tuple(w.shape) for name, w in self.weights.items()}
+        weights = self.weights
+        shapes = {name: tuple(w.shape) for name, w in weights.items()}
         if masks is None:
             self.counts = nonzero_counts(shapes, layer_densities(shapes, config.sparsity, config.distribution))
-            drawn = random_masks(model, config.sparsity, config.distribution, torch.Generator().manual_seed(seed))
+            self.masks = random_masks(model, config.sparsity, config.distribution, torch.Generator().manual_seed(seed))
         else:
             wrong = sorted(n for n, m in masks.items() if n not in shapes or tuple(m.shape) != shapes[n])
             if wrong:
                 raise ValueError(f"masks {wrong} name no maskable weight of this model or have another shape")
-            drawn = {name: mask.bool() for name, mask in masks.items()}
-            self.counts = {n: int(drawn[n].sum()) if n in drawn else math.prod(s) for n, s in shapes.items()}
-        device = next(iter(self.weights.values())).device
-        self.masks = {name: mask.to(device) for name, mask in drawn.items()}
+            self.masks = {name: mask.bool() for name, mask in masks.items()}
+            self.counts = {n: int(self.masks[n].sum()) if n in self.masks else math.prod(s) for n, s in shapes.items()}
+        self._count_active()
         self.num_updates = 0
         self.phase_start = 0
         self.phase_steps = 1 << 62  # no phase end until start_phase() says otherwise
         self.apply_masks()
+        self.check()
+
+    @property
+    def weights(self) -> dict[str, nn.Parameter]:
+        """The model's maskable weights as they are now (a device or dtype move may replace them)."""
+        return maskable_weights(self.model)
 
     def start_phase(self, start_step: int, num_steps: int) -> None:
         """Restart the prune-rate schedule for a phase of ``num_steps`` steps starting at ``start_step``."""
@@ -205,11 +217,32 @@ class SparseEngine:
 
     @torch.no_grad()
     def apply_masks(self) -> None:
+        """Zero the masked weights (moving any mask to its weight's device first)."""
+        weights = self.weights
+        for name, mask in self._masks_on(weights).items():
+            weights[name].mul_(mask)
+
+    def check(self) -> None:
+        """Raise ``RuntimeError`` naming the tensor when the masks cannot follow the model safely."""
+        weights = self.weights
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         for name, mask in self.masks.items():
-            self.weights[name].mul_(mask)
+            weight = weights.get(name)
+            if weight is None or weight.shape != mask.shape:
+                found = None if weight is None else tuple(weight.shape)
+                raise RuntimeError(f"mask {name} {tuple(mask.shape)} has no matching weight in the model ({found})")
+            if id(weight) not in held:
+                raise RuntimeError(
+                    f"{name} is not a parameter of the engine's optimizer: the model's parameters were replaced "
+                    "after the optimizer was built (build the optimizer and the engine after moving the model)"
+                )
+            tensors = {"gradient": weight.grad, **self.optimizer.state.get(weight, {})}
+            for key, tensor in tensors.items():
+                if isinstance(tensor, torch.Tensor) and tensor.shape == weight.shape and tensor.device != weight.device:
+                    raise RuntimeError(f"{name}: {key} is on {tensor.device} but the weight is on {weight.device}")
 
     def step(self, global_step: int) -> dict[str, float] | None:
-        """Call after each ``optimizer.step()`` with the number of steps done so far (from 1).
+        """Call after each applied ``optimizer.step()`` with the number of steps done so far (from 1).
 
         Re-applies the masks and, every ``update_interval`` steps (except on the last step of a
         phase), prunes and regrows.
@@ -236,32 +269,59 @@ class SparseEngine:
     def update(self, rate: float, growth: str) -> dict[str, float]:
         """Magnitude-prune ``rate`` of each sparse layer's active weights and regrow the same count.
 
-        Regrowth picks among positions that were inactive before the update; regrown weights and
-        their optimizer state start at zero. Layers left dense by the distribution are untouched.
+        With ``regrow_pruned`` (the official code and RigL) regrowth picks among every position
+        inactive after pruning, so a weight pruned and regrown at once keeps its value and state;
+        without it, only among positions inactive before the update (and at most that many).
+        Newly active weights and their optimizer state start at zero. Layers left dense are untouched.
+
+        Returns:
+            ``regrown``: weights pruned (and as many regrown); ``moved``: positions whose state
+            changed (pruned and not regrown); ``density``: the density after the update.
         """
         if growth not in ("gradient", "random"):
             raise ValueError(f"growth must be 'gradient' or 'random', got {growth!r}")
+        self.check()
+        weights = self.weights
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.num_updates + 1)
         regrown_total = 0
-        for name, mask in self.masks.items():
-            weight = self.weights[name]
-            candidates = ~mask
-            count = min(int(rate * int(mask.sum())), int(candidates.sum()))
+        for name, mask in self._masks_on(weights).items():
+            weight = weights[name]
+            active = self._active[name]
+            count = int(rate * active)
+            if not self.config.regrow_pruned:
+                count = min(count, mask.numel() - active)
             if count == 0:
                 continue
             kept = magnitude_prune(weight, mask, count)
+            candidates = ~kept if self.config.regrow_pruned else ~mask
             if growth == "gradient":
                 if weight.grad is None:
                     raise RuntimeError(f"gradient growth needs {name}.grad; update masks before zero_grad()")
                 grown = gradient_grow(weight.grad, candidates, count)
             else:
                 grown = random_grow(candidates, count, generator)
-            weight.mul_(kept)  # dropped weights -> 0; regrown ones were inactive, hence already 0
-            self._zero_optimizer_state(weight, kept)
+            survivors = kept | (grown & mask)  # a weight pruned and regrown at once is unchanged
+            weight.mul_(survivors)  # dropped weights -> 0; newly active ones were inactive, hence already 0
+            self._zero_optimizer_state(weight, survivors)
             self.masks[name] = kept | grown
             regrown_total += count
         self.num_updates += 1
         return {"regrown": regrown_total, "density": self.density()}
+
+    def _masks_on(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The masks, each moved to its weight's device if it is not there yet."""
+        for name, mask in self.masks.items():
+            if mask.device != weights[name].device:
+                self.masks[name] = mask.to(weights[name].device)
+        return self.masks
+
+    def _count_active(self) -> None:
+        """Active weights per masked layer: constant, as every update regrows what it prunes."""
+        self._active = {name: int(mask.sum()) for name, mask in self.masks.items()}
+        weights = self.weights
+        total = sum(w.numel() for w in weights.values())
+        active = sum(self._active.get(n, w.numel()) for n, w in weights.items())
+        self._density = active / total
 
     def _zero_optimizer_state(self, weight: torch.Tensor, survivors: torch.Tensor) -> None:
         state = self.optimizer.state.get(weight, {})
@@ -272,9 +332,7 @@ class SparseEngine:
 
     def density(self) -> float:
         """Share of nonzero-able maskable weights, over all maskable weights."""
-        total = sum(w.numel() for w in self.weights.values())
-        active = sum(int(self.masks[n].sum()) if n in self.masks else w.numel() for n, w in self.weights.items())
-        return active / total
+        return self._density
 
     def state_dict(self) -> dict[str, object]:
         return {
@@ -285,12 +343,15 @@ class SparseEngine:
         }
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Restore masks and counters (saved on any device: the masks move to the weights' device)."""
         masks = state["masks"]
         assert isinstance(masks, Mapping)
         if set(masks) != set(self.masks):
             raise ValueError(f"mask names differ: checkpoint {sorted(masks)} vs model {sorted(self.masks)}")
-        self.masks = {name: masks[name].to(self.masks[name].device, torch.bool) for name in self.masks}
+        self.masks = {name: masks[name].to(torch.bool) for name in self.masks}
         self.num_updates = int(state["num_updates"])  # type: ignore[arg-type]
         self.phase_start = int(state["phase_start"])  # type: ignore[arg-type]
         self.phase_steps = int(state["phase_steps"])  # type: ignore[arg-type]
+        self._count_active()
         self.apply_masks()
+        self.check()

@@ -3,6 +3,10 @@
 ``train(recipe, output_dir)`` trains the members, evaluates them on the test split (reporting
 only), and writes ``output_dir`` as a Hub-ready folder plus ``train_summary.json``. It checkpoints
 every ``checkpoint_every`` steps and at each phase end; ``resume=True`` continues from the latest.
+
+The method reads off :meth:`_Loop.run`: each run (one EDST run, or one per DST member) goes through
+its phases; a phase may start with EDST's forced escape, trains epoch by epoch (the sparse engine
+prunes and regrows every ΔT steps) and may end in a ticket, an ensemble member.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,23 +25,22 @@ import timm
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
+from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from freetickets_hub import architectures as _architectures  # noqa: F401  (registers WRNs)
-from freetickets_hub.config import EnsembleConfig, EnsembleInfo
+from freetickets_hub.config import EnsembleConfig
 from freetickets_hub.ensemble import EnsembleModel
 from freetickets_hub.files import write_text_atomic
-from freetickets_hub.metrics import ECE_BINS, classification_metrics
 from freetickets_hub.model_card import SUMMARY_NAME
-from freetickets_hub.outputs import combine_member_logits
 
 from .checkpoint import Progress, Ticket, latest_checkpoint, load_checkpoint, load_engine_state, save_checkpoint
-from .costs import layer_flops
-from .data import ImageData, Split, load_image_data
+from .data import ImageData, load_image_data
 from .phases import Phase, Run, plan_runs
 from .recipe import Recipe
-from .sparsity import SparseEngine, maskable_weights
+from .sparsity import SparseEngine
+from .summary import JobStats, accuracy, build_ensemble, model_args, summarize
 
 __all__ = ["MemberStart", "train"]
 
@@ -118,8 +124,8 @@ def train(
             return {}
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
-        model = _build_ensemble(recipe, data, loop.tickets, start.config if start is not None else None)
-        summary = _summarize(recipe, data, model, loop, loop.seconds())
+        model = build_ensemble(recipe, data, loop.tickets, start.config if start is not None else None)
+        summary = summarize(recipe, data, model, loop.stats(), accelerator.device)
         if start is not None:
             start.extend_summary(summary, model, data)
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -128,6 +134,19 @@ def train(
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+@dataclass
+class _Member:
+    """What one run trains: the prepared model, its optimizer and loader, and the sparse engine."""
+
+    seed: int
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    engine: SparseEngine | None
+    steps_per_epoch: int  # optimizer steps (not batches) per epoch and process
+    bar: tqdm
 
 
 class _Loop:
@@ -156,20 +175,59 @@ class _Loop:
 
     def run(self, run: Run, index: int, checkpoint: Path | None) -> bool:
         """Train one model through its phases; False when ``max_steps`` stopped it."""
-        recipe, data, accelerator, progress = self.recipe, self.data, self.accelerator, self.progress
+        progress = self.progress
         if checkpoint is None:
             progress.run, progress.phase, progress.epoch, progress.batch, progress.step = index, 0, 0, 0, 0
             progress.escaped = False
+        member = self._build(run, index, checkpoint)
+        for phase_index in range(progress.phase, len(run.phases)):
+            phase = run.phases[phase_index]
+            if progress.epoch == 0 and progress.batch == 0:
+                self._begin_phase(member, phase)  # EDST: the forced escape and the LR reset
+            while progress.epoch < phase.epochs:
+                if not self._train_epoch(member, phase, phase_index):
+                    return self._stop(member)
+                self._end_epoch(member, phase)  # best-validation ticket candidates
+            self._end_phase(member, phase, phase_index)  # the ticket, a checkpoint
+        if member.engine is not None:
+            self.mask_hashes = gather_object([_mask_hash(member.engine)])
+        member.bar.close()
+        self.accelerator.free_memory()
+        return True
+
+    def stats(self) -> JobStats:
+        """What the summary reports about the job so far."""
+        return JobStats(
+            progress=self.progress,
+            tickets=self.tickets,
+            densities=self.densities,
+            num_processes=self.accelerator.num_processes,
+            batches_per_epoch=self.batches_per_epoch,
+            mask_hashes=self.mask_hashes,
+            wall_time=self.seconds(),
+        )
+
+    def seconds(self) -> float:
+        """Wall time of the job, including the processes that ran before a resume."""
+        return self.seconds_before + time.perf_counter() - self.started
+
+    # ----- one run: build, phases, epochs, steps ---------------------------------------------------------
+
+    def _build(self, run: Run, index: int, checkpoint: Path | None) -> _Member:
+        """A fresh seeded model, optimizer, sparse engine and loader, prepared (and restored on resume)."""
+        recipe, data, accelerator = self.recipe, self.data, self.accelerator
         set_seed(run.seed)
         initial_masks = None
-        if self.start is None:
-            model = timm.create_model(
-                recipe.architecture, pretrained=False, num_classes=len(data.label_names), **_model_args(recipe, data)
-            )
-            params: Any = model.parameters()
-        else:
+        if self.start is not None:  # fine-tuning: a released member, its masks, its own param groups
             model, initial_masks = self.start.create_member(index, run.seed)
-            params = self.start.param_groups(model)
+            params: Any = self.start.param_groups(model)
+        else:
+            model = timm.create_model(
+                recipe.architecture, pretrained=False, num_classes=len(data.label_names), **model_args(recipe, data)
+            )
+            params = model.parameters()
+            if recipe.filter_bias_and_bn:  # timm's rule: no decay on biases and 1-D (norm) parameters
+                params = param_groups_weight_decay(model, recipe.weight_decay)
         optimizer = torch.optim.SGD(
             params,
             lr=recipe.lr,
@@ -200,81 +258,79 @@ class _Loop:
         steps_per_epoch = math.ceil(len(loader) / recipe.grad_accum_steps)
         bar = tqdm(
             total=sum(p.epochs for p in run.phases) * steps_per_epoch,
-            initial=progress.step,
+            initial=self.progress.step,
             desc=f"run {index + 1} (seed {run.seed})",
             disable=not accelerator.is_local_main_process,
             dynamic_ncols=True,
         )
-        for phase_index in range(progress.phase, len(run.phases)):
-            phase = run.phases[phase_index]
-            phase_steps = phase.epochs * steps_per_epoch
-            phase_start = progress.step - progress.epoch * steps_per_epoch - progress.batch // recipe.grad_accum_steps
-            if progress.epoch == 0 and progress.batch == 0:
-                bar.write(f"[{phase.name}] {phase.epochs} epochs, LR {[lr for _, lr in phase.lrs]}")
-                if phase.escape_before and engine is not None and not progress.escaped:
-                    self._escape(model, optimizer, engine, phase, bar)
-                if engine is not None:
-                    engine.start_phase(progress.step, phase_steps)
-            while progress.epoch < phase.epochs:
-                model.train()
-                if self.start is not None:
-                    self.start.set_train_mode(accelerator.unwrap_model(model))
-                loader.set_epoch(phase_index * 100_000 + progress.epoch)  # a new, reproducible order
-                batches = accelerator.skip_first_batches(loader, progress.batch) if progress.batch else loader
-                for images, labels in batches:
-                    epochs_done = (progress.step - phase_start) / steps_per_epoch  # fractional, for warm-up
-                    lr = phase.lr_at(epochs_done / phase.epochs, epochs_done)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr * group.get("lr_scale", 1.0)
-                    with accelerator.accumulate(model):
-                        augment_rng = torch.Generator().manual_seed(
-                            run.seed * 1_000_003
-                            + progress.total_steps * 101
-                            + progress.batch * 11
-                            + accelerator.process_index
-                        )
-                        logits = model(data.prepare_batch(images, recipe.augment, recipe.pad, augment_rng))
-                        loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
-                        accelerator.backward(loss)
-                        optimizer.step()
-                        if accelerator.sync_gradients:
-                            self._after_step(engine, phase, bar, loss.item(), lr)
-                        optimizer.zero_grad()
-                    progress.batch += 1
-                    if accelerator.sync_gradients and self._should_stop():
-                        self._checkpoint(engine)
-                        bar.close()
-                        accelerator.free_memory()
-                        return False
-                    if (
-                        accelerator.sync_gradients
-                        and recipe.checkpoint_every
-                        and not progress.total_steps % recipe.checkpoint_every
-                    ):
-                        self._checkpoint(engine)
-                progress.epoch += 1
-                progress.batch = 0
-                if phase.ticket and recipe.ticket_selection == "best_val" and data.val is not None:
-                    unwrapped = accelerator.unwrap_model(model)
-                    val_acc = _accuracy(unwrapped, data.val, data, recipe.eval_batch_size)
-                    if self.best is None or val_acc > (self.best.val_accuracy or 0.0):
-                        self.best = _ticket(phase, unwrapped, engine, val_acc, progress.step)
-            if phase.ticket:
-                self._take_ticket(phase, accelerator.unwrap_model(model), engine, bar)
-            progress.phase, progress.epoch, progress.batch, progress.escaped = phase_index + 1, 0, 0, False
-            self._checkpoint(engine)
-        if engine is not None:
-            self.mask_hashes = gather_object([_mask_hash(engine)])
-        bar.close()
-        accelerator.free_memory()
+        return _Member(run.seed, model, optimizer, loader, engine, steps_per_epoch, bar)
+
+    def _begin_phase(self, member: _Member, phase: Phase) -> None:
+        """Before a phase's first batch: EDST's forced escape, and the prune-rate schedule's restart."""
+        member.bar.write(f"[{phase.name}] {phase.epochs} epochs, LR {[lr for _, lr in phase.lrs]}")
+        if member.engine is None:
+            return
+        if phase.escape_before and not self.progress.escaped:
+            self._escape(member, phase)
+        if phase.prune_cycle_epochs is not None:
+            member.engine.start_phase(self.progress.step, phase.prune_cycle_epochs * member.steps_per_epoch)
+
+    def _train_epoch(self, member: _Member, phase: Phase, phase_index: int) -> bool:
+        """The rest of the current epoch, batch by batch; False when ``max_steps`` stopped it."""
+        progress, accelerator, model, optimizer = self.progress, self.accelerator, member.model, member.optimizer
+        model.train()
+        if self.start is not None:
+            self.start.set_train_mode(accelerator.unwrap_model(model))
+        member.loader.set_epoch(phase_index * 100_000 + progress.epoch)  # a new, reproducible order
+        batches = accelerator.skip_first_batches(member.loader, progress.batch) if progress.batch else member.loader
+        for images, labels in batches:
+            lr = self._set_lr(member, phase)
+            with accelerator.accumulate(model):
+                loss = self._loss(member, images, labels)
+                accelerator.backward(loss)
+                optimizer.step()
+                stepped = accelerator.sync_gradients and not optimizer.step_was_skipped
+                if stepped:
+                    self._after_step(member, phase, loss.item(), lr)
+                elif accelerator.sync_gradients:
+                    self._skipped_step(member, phase)
+                optimizer.zero_grad()
+            progress.batch += 1
+            if stepped:
+                if self._should_stop():
+                    return False
+                if self.recipe.checkpoint_every and not progress.total_steps % self.recipe.checkpoint_every:
+                    self._checkpoint(member.engine)
+        progress.epoch += 1
+        progress.batch = 0
         return True
 
-    def _after_step(self, engine: SparseEngine | None, phase: Phase, bar: tqdm, loss: float, lr: float) -> None:
-        progress, recipe = self.progress, self.recipe
+    def _set_lr(self, member: _Member, phase: Phase) -> float:
+        """The phase's LR schedule at the current position (fractional epochs drive the warm-up)."""
+        progress = self.progress
+        steps_done = progress.epoch * member.steps_per_epoch + progress.batch // self.recipe.grad_accum_steps
+        epochs_done = steps_done / member.steps_per_epoch
+        lr = phase.lr_at(epochs_done / phase.epochs, epochs_done)
+        for group in member.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        return lr
+
+    def _loss(self, member: _Member, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of one augmented batch; the augmentation is seeded by the batch's position."""
+        recipe, progress = self.recipe, self.progress
+        augment_rng = torch.Generator().manual_seed(
+            member.seed * 1_000_003 + progress.total_steps * 101 + progress.batch * 11 + self.accelerator.process_index
+        )
+        logits = member.model(self.data.prepare_batch(images, recipe.augment, recipe.pad, augment_rng))
+        return torch.nn.functional.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
+
+    def _after_step(self, member: _Member, phase: Phase, loss: float, lr: float) -> None:
+        """Count the optimizer step; the engine re-applies the masks and, every ΔT steps, prunes and regrows."""
+        progress, recipe, engine = self.progress, self.recipe, member.engine
         progress.step += 1
         progress.total_steps += 1
         progress.images += recipe.batch_size * recipe.grad_accum_steps * self.accelerator.num_processes
-        bar.update(1)
+        member.bar.update(1)
         density = 1.0
         if engine is not None:
             update = engine.step(progress.step)
@@ -282,16 +338,74 @@ class _Loop:
             if update is not None:
                 progress.dense_gradients += engine.config.growth == "gradient"
                 self._check_masks_agree(engine)
-                bar.write(
+                member.bar.write(
                     f"[{phase.name}] step {progress.step}: mask update, {update['regrown']} weights pruned and regrown"
                 )
         self.accelerator.log({"train/loss": loss, "train/lr": lr, "train/density": density}, step=progress.total_steps)
         if progress.step % 10 == 0:
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", phase=phase.name, density=f"{density:.3f}")
+            member.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", phase=phase.name, density=f"{density:.3f}")
 
-    def seconds(self) -> float:
-        """Wall time of the job, including the processes that ran before a resume."""
-        return self.seconds_before + time.perf_counter() - self.started
+    def _skipped_step(self, member: _Member, phase: Phase) -> None:
+        """fp16: the grad scaler found inf/NaN gradients and skipped the step; it neither counts nor updates masks."""
+        progress = self.progress
+        progress.skipped_steps += 1
+        progress.images += self.recipe.batch_size * self.recipe.grad_accum_steps * self.accelerator.num_processes
+        member.bar.write(f"[{phase.name}] after step {progress.step}: step skipped by the fp16 grad scaler")
+
+    def _end_epoch(self, member: _Member, phase: Phase) -> None:
+        """``ticket_selection: best_val``: keep the ticket phase's best epoch on the validation split."""
+        if not (phase.ticket and self.recipe.ticket_selection == "best_val" and self.data.val is not None):
+            return
+        model = self.accelerator.unwrap_model(member.model)
+        val_acc = accuracy(model, self.data.val, self.data, self.recipe.eval_batch_size)
+        if self.best is None or val_acc > (self.best.val_accuracy or 0.0):
+            self.best = _ticket(phase, model, member.engine, val_acc, self.progress.step)
+
+    def _end_phase(self, member: _Member, phase: Phase, phase_index: int) -> None:
+        """Save the phase's ticket (if it yields one) and checkpoint at the phase boundary."""
+        if phase.ticket:
+            self._take_ticket(phase, self.accelerator.unwrap_model(member.model), member)
+        progress = self.progress
+        progress.phase, progress.epoch, progress.batch, progress.escaped = phase_index + 1, 0, 0, False
+        self._checkpoint(member.engine)
+
+    def _stop(self, member: _Member) -> bool:
+        """``max_steps`` reached: checkpoint as if interrupted."""
+        self._checkpoint(member.engine)
+        member.bar.close()
+        self.accelerator.free_memory()
+        return False
+
+    # ----- the rules the phases call -------------------------------------------------------------------
+
+    def _escape(self, member: _Member, phase: Phase) -> None:
+        """EDST's forced escape, with a fresh dense gradient (one batch, no optimizer step) for gradient growth."""
+        engine = member.engine
+        assert engine is not None
+        growth = engine.config.escape_growth or engine.config.growth
+        if growth == "gradient":
+            device, count = self.accelerator.device, self.recipe.batch_size
+            images = next(self.data.eval_batches(self.data.train, count, device))  # the same batch on every process
+            labels = self.data.train.labels[:count].to(device)
+            with _buffers_kept(member.model):  # a gradient probe: BatchNorm statistics must not move
+                self.accelerator.backward(torch.nn.functional.cross_entropy(member.model(images), labels))
+            self.progress.dense_gradients += 1
+        stats = engine.escape()
+        member.optimizer.zero_grad()
+        self._check_masks_agree(engine)
+        self.progress.escaped = True
+        member.bar.write(f"[{phase.name}] forced escape: {stats['regrown']} weights pruned and regrown, LR reset")
+
+    def _take_ticket(self, phase: Phase, model: torch.nn.Module, member: _Member) -> None:
+        ticket = self.best
+        if ticket is None:
+            val = self.data.val
+            val_acc = accuracy(model, val, self.data, self.recipe.eval_batch_size) if val is not None else None
+            ticket = _ticket(phase, model, member.engine, val_acc, self.progress.step)
+        self.tickets.append(ticket)
+        self.best = None
+        note = f", val accuracy {ticket.val_accuracy:.4f}" if ticket.val_accuracy is not None else ""
+        member.bar.write(f"[{phase.name}] ticket {len(self.tickets)} saved (step {ticket.step}{note})")
 
     def _checkpoint(self, engine: SparseEngine | None) -> None:
         self.progress.seconds = self.seconds()
@@ -299,39 +413,6 @@ class _Loop:
 
     def _should_stop(self) -> bool:
         return self.max_steps is not None and self.progress.total_steps >= self.max_steps
-
-    def _escape(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        engine: SparseEngine,
-        phase: Phase,
-        bar: tqdm,
-    ) -> None:
-        """EDST's forced escape, with a fresh dense gradient (one batch, no optimizer step) for gradient growth."""
-        growth = engine.config.escape_growth or engine.config.growth
-        if growth == "gradient":
-            device, count = self.accelerator.device, self.recipe.batch_size
-            images = next(self.data.eval_batches(self.data.train, count, device))  # the same batch on every process
-            labels = self.data.train.labels[:count].to(device)
-            self.accelerator.backward(torch.nn.functional.cross_entropy(model(images), labels))
-            self.progress.dense_gradients += 1
-        stats = engine.escape()
-        optimizer.zero_grad()
-        self._check_masks_agree(engine)
-        self.progress.escaped = True
-        bar.write(f"[{phase.name}] forced escape: {stats['regrown']} weights pruned and regrown, LR reset")
-
-    def _take_ticket(self, phase: Phase, model: torch.nn.Module, engine: SparseEngine | None, bar: tqdm) -> None:
-        ticket = self.best
-        if ticket is None:
-            val = self.data.val
-            val_acc = _accuracy(model, val, self.data, self.recipe.eval_batch_size) if val is not None else None
-            ticket = _ticket(phase, model, engine, val_acc, self.progress.step)
-        self.tickets.append(ticket)
-        self.best = None
-        note = f", val accuracy {ticket.val_accuracy:.4f}" if ticket.val_accuracy is not None else ""
-        bar.write(f"[{phase.name}] ticket {len(self.tickets)} saved (step {ticket.step}{note})")
 
     def _check_masks_agree(self, engine: SparseEngine) -> None:
         """Every process must hold the same masks after an update; anything else is a bug."""
@@ -342,6 +423,18 @@ class _Loop:
             raise RuntimeError(f"masks diverged across processes at step {self.progress.step}: {hashes}")
 
 
+@contextmanager
+def _buffers_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Restore every buffer (BatchNorm running statistics, batch counts) on exit."""
+    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
 def _mask_hash(engine: SparseEngine) -> str:
     digest = hashlib.sha256()
     for name in sorted(engine.masks):
@@ -350,130 +443,12 @@ def _mask_hash(engine: SparseEngine) -> str:
     return digest.hexdigest()
 
 
-def _model_args(recipe: Recipe, data: ImageData) -> dict[str, Any]:
-    return {"in_chans": data.input_size[0], **recipe.model_args}
-
-
 def _ticket(
     phase: Phase, model: torch.nn.Module, engine: SparseEngine | None, val_acc: float | None, step: int
 ) -> Ticket:
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     masks = {k: v.cpu().clone() for k, v in engine.masks.items()} if engine is not None else {}
     return Ticket(phase.name, state, masks, val_acc, step)
-
-
-@torch.inference_mode()
-def split_logits(model: torch.nn.Module, split: Split, data: ImageData, batch_size: int) -> torch.Tensor:
-    """Logits of ``model`` on a whole split, ``(N, K)``, in evaluation mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = [model(images).float().cpu() for images in data.eval_batches(split, batch_size, device)]
-    model.train(was_training)
-    return torch.cat(out)
-
-
-def _accuracy(model: torch.nn.Module, split: Split, data: ImageData, batch_size: int) -> float:
-    return (split_logits(model, split, data, batch_size).argmax(1) == split.labels).float().mean().item()
-
-
-def _build_ensemble(
-    recipe: Recipe, data: ImageData, tickets: list[Ticket], config: EnsembleConfig | None = None
-) -> EnsembleModel:
-    config = config or EnsembleConfig(
-        architecture=recipe.architecture,
-        num_classes=len(data.label_names),
-        model_args=_model_args(recipe, data),
-        label_names=data.label_names,
-        pretrained_cfg={
-            "input_size": list(data.input_size),
-            "mean": list(data.mean),
-            "std": list(data.std),
-            "crop_pct": data.crop_pct,
-            "interpolation": data.interpolation,
-            "num_classes": len(data.label_names),
-        },
-        ensemble=EnsembleInfo(
-            method=recipe.method,
-            num_members=len(tickets),
-            sparsity=recipe.sparsity if recipe.is_sparse else 0.0,
-            distribution=recipe.distribution if recipe.is_sparse else "dense",
-        ),
-    )
-    model = EnsembleModel(config)
-    for index, ticket in enumerate(tickets):
-        model.load_member(index, ticket.state_dict, ticket.masks)
-    return model
-
-
-def _summarize(recipe: Recipe, data: ImageData, model: EnsembleModel, loop: _Loop, wall_time: float) -> dict[str, Any]:
-    """Test metrics of each member and of the ensemble, sparsity, costs and wall time."""
-    device = loop.accelerator.device
-    model.to(device)
-    member_logits = torch.stack([split_logits(m, data.test, data, recipe.eval_batch_size) for m in model.members])
-    model.cpu()
-    ensemble = combine_member_logits(member_logits, model.temperature)
-    test = {"ensemble": classification_metrics(ensemble.probs, data.test.labels)}
-    for index, logits in enumerate(member_logits):
-        test[f"member_{index}"] = classification_metrics(torch.softmax(logits, -1), data.test.labels)
-    test["ensemble"]["disagreement"] = ensemble.disagreement.mean().item()
-    return {
-        "recipe": recipe.to_dict(),
-        "method": recipe.method,
-        "dataset": recipe.dataset,
-        "num_images": {"train": len(data.train), "val": len(data.val) if data.val else 0, "test": len(data.test)},
-        "test": test,
-        "test_split_description": f"{recipe.dataset} [{recipe.test_split}], {len(data.test)} images",
-        "ece_bins": ECE_BINS,
-        "tickets": [{"phase": t.phase, "step": t.step, "val_accuracy": t.val_accuracy} for t in loop.tickets],
-        "sparsity": {
-            "target": recipe.sparsity if recipe.is_sparse else 0.0,
-            "realised": [_realised_sparsity(model, i) for i in range(model.num_members)],
-        },
-        "costs": _costs(model, data, loop),
-        "distributed": {
-            "num_processes": loop.accelerator.num_processes,
-            "batches_per_epoch_per_process": loop.batches_per_epoch,
-            "mask_hashes_by_process": loop.mask_hashes,
-        },
-        "total_steps": loop.progress.total_steps,
-        "wall_time_s": round(wall_time, 2),
-    }
-
-
-def _costs(model: EnsembleModel, data: ImageData, loop: _Loop) -> dict[str, float]:
-    """FLOPs (RigL convention) and parameter counts, relative to the dense model of the same recipe."""
-    flops = layer_flops(model.members[0], data.input_size)
-    f_dense = flops.dense
-    f_sparse = flops.sparse(loop.densities)
-    images = loop.progress.images
-    dense_gradient_images = loop.progress.dense_gradients * loop.recipe.batch_size * loop.accelerator.num_processes
-    training = 3 * f_sparse * images + (f_dense - f_sparse) * dense_gradient_images
-    member_flops = [flops.sparse({n: m.float().mean().item() for n, m in masks.items()}) for masks in model.masks]
-    total_params = sum(p.numel() for p in model.members[0].parameters())
-    nonzero = [sum(int(torch.count_nonzero(p)) for p in m.parameters()) for m in model.members]
-    return {
-        "training_flops": training,
-        "training_flops_dense_same_steps": 3 * f_dense * images,
-        "training_flops_ratio_vs_dense_same_steps": training / (3 * f_dense * images) if images else 0.0,
-        "train_images_processed": images,
-        "inference_flops_dense_member": f_dense,
-        "inference_flops_member": member_flops[0],
-        "inference_flops_ensemble": sum(member_flops),
-        "inference_flops_ensemble_vs_dense_member": sum(member_flops) / f_dense,
-        "params_total_per_member": total_params,
-        "params_nonzero_per_member": nonzero,
-        "params_nonzero_ensemble_vs_dense_member": sum(nonzero) / total_params,
-    }
-
-
-def _realised_sparsity(model: EnsembleModel, index: int) -> float:
-    """Zero share over all maskable (conv/linear) weights of one member, counted from its masks."""
-    weights = maskable_weights(model.members[index])
-    masks = model.masks[index]
-    total = sum(w.numel() for w in weights.values())
-    active = sum(int(masks[n].sum()) if n in masks else w.numel() for n, w in weights.items())
-    return 1.0 - active / total
 
 
 def _flat_config(recipe: Recipe) -> dict[str, Any]:

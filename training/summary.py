@@ -1,0 +1,160 @@
+"""What a finished job reports and publishes: the ensemble of its tickets and ``train_summary.json``.
+
+Test metrics of each member and of the ensemble (reporting only: nothing here feeds back into
+training), realised sparsity, and the costs by the RigL convention relative to the dense model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from freetickets_hub.config import EnsembleConfig, EnsembleInfo
+from freetickets_hub.ensemble import EnsembleModel
+from freetickets_hub.metrics import ECE_BINS, classification_metrics
+from freetickets_hub.outputs import combine_member_logits
+
+from .checkpoint import Progress, Ticket
+from .costs import layer_flops, training_flops
+from .data import ImageData, Split
+from .recipe import Recipe
+from .sparsity import maskable_weights
+
+__all__ = ["JobStats", "accuracy", "build_ensemble", "model_args", "split_logits", "summarize"]
+
+
+@dataclass
+class JobStats:
+    """What the loop measured that the summary reports."""
+
+    progress: Progress
+    tickets: list[Ticket]
+    densities: dict[str, float]  # per maskable weight, as ERK drew them (empty for dense methods)
+    num_processes: int
+    batches_per_epoch: int  # per process
+    mask_hashes: list[str]  # one per process, of the last run's final masks
+    wall_time: float
+
+
+def model_args(recipe: Recipe, data: ImageData) -> dict[str, Any]:
+    """``timm.create_model`` kwargs of the recipe's members for this data."""
+    return {"in_chans": data.input_size[0], **recipe.model_args}
+
+
+@torch.inference_mode()
+def split_logits(model: torch.nn.Module, split: Split, data: ImageData, batch_size: int) -> torch.Tensor:
+    """Logits of ``model`` on a whole split, ``(N, K)``, in evaluation mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = [model(images).float().cpu() for images in data.eval_batches(split, batch_size, device)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def accuracy(model: torch.nn.Module, split: Split, data: ImageData, batch_size: int) -> float:
+    return (split_logits(model, split, data, batch_size).argmax(1) == split.labels).float().mean().item()
+
+
+def build_ensemble(
+    recipe: Recipe, data: ImageData, tickets: list[Ticket], config: EnsembleConfig | None = None
+) -> EnsembleModel:
+    """The tickets as one :class:`EnsembleModel` with the data's preprocessing in its config (or ``config``)."""
+    config = config or EnsembleConfig(
+        architecture=recipe.architecture,
+        num_classes=len(data.label_names),
+        model_args=model_args(recipe, data),
+        label_names=data.label_names,
+        pretrained_cfg={
+            "input_size": list(data.input_size),
+            "mean": list(data.mean),
+            "std": list(data.std),
+            "crop_pct": data.crop_pct,
+            "interpolation": data.interpolation,
+            "num_classes": len(data.label_names),
+        },
+        ensemble=EnsembleInfo(
+            method=recipe.method,
+            num_members=len(tickets),
+            sparsity=recipe.sparsity if recipe.is_sparse else 0.0,
+            distribution=recipe.distribution if recipe.is_sparse else "dense",
+        ),
+    )
+    model = EnsembleModel(config)
+    for index, ticket in enumerate(tickets):
+        model.load_member(index, ticket.state_dict, ticket.masks)
+    return model
+
+
+def summarize(
+    recipe: Recipe, data: ImageData, model: EnsembleModel, stats: JobStats, device: torch.device
+) -> dict[str, Any]:
+    """Test metrics of each member and of the ensemble, sparsity, costs and wall time."""
+    model.to(device)
+    member_logits = torch.stack([split_logits(m, data.test, data, recipe.eval_batch_size) for m in model.members])
+    model.cpu()
+    ensemble = combine_member_logits(member_logits, model.temperature)
+    test = {"ensemble": classification_metrics(ensemble.probs, data.test.labels)}
+    for index, logits in enumerate(member_logits):
+        test[f"member_{index}"] = classification_metrics(torch.softmax(logits, -1), data.test.labels)
+    test["ensemble"]["disagreement"] = ensemble.disagreement.mean().item()
+    return {
+        "recipe": recipe.to_dict(),
+        "method": recipe.method,
+        "dataset": recipe.dataset,
+        "num_images": {"train": len(data.train), "val": len(data.val) if data.val else 0, "test": len(data.test)},
+        "test": test,
+        "test_split_description": f"{recipe.dataset} [{recipe.test_split}], {len(data.test)} images",
+        "ece_bins": ECE_BINS,
+        "tickets": [{"phase": t.phase, "step": t.step, "val_accuracy": t.val_accuracy} for t in stats.tickets],
+        "sparsity": {
+            "target": recipe.sparsity if recipe.is_sparse else 0.0,
+            "realised": [_realised_sparsity(model, i) for i in range(model.num_members)],
+        },
+        "costs": _costs(recipe, model, data, stats),
+        "distributed": {
+            "num_processes": stats.num_processes,
+            "batches_per_epoch_per_process": stats.batches_per_epoch,
+            "mask_hashes_by_process": stats.mask_hashes,
+        },
+        "total_steps": stats.progress.total_steps,
+        "skipped_steps": stats.progress.skipped_steps,
+        "wall_time_s": round(stats.wall_time, 2),
+    }
+
+
+def _costs(recipe: Recipe, model: EnsembleModel, data: ImageData, stats: JobStats) -> dict[str, float]:
+    """FLOPs (RigL convention) and parameter counts, relative to the dense model of the same recipe."""
+    flops = layer_flops(model.members[0], data.input_size)
+    f_dense = flops.dense
+    f_sparse = flops.sparse(stats.densities)
+    images = stats.progress.images
+    dense_gradient_images = stats.progress.dense_gradients * recipe.batch_size * stats.num_processes
+    training = training_flops(f_sparse, f_dense, images, dense_gradient_images)
+    member_flops = [flops.sparse({n: m.float().mean().item() for n, m in masks.items()}) for masks in model.masks]
+    total_params = sum(p.numel() for p in model.members[0].parameters())
+    nonzero = [sum(int(torch.count_nonzero(p)) for p in m.parameters()) for m in model.members]
+    return {
+        "training_flops": training,
+        "training_flops_dense_same_steps": 3 * f_dense * images,
+        "training_flops_ratio_vs_dense_same_steps": training / (3 * f_dense * images) if images else 0.0,
+        "train_images_processed": images,
+        "inference_flops_dense_member": f_dense,
+        "inference_flops_member": member_flops[0],
+        "inference_flops_ensemble": sum(member_flops),
+        "inference_flops_ensemble_vs_dense_member": sum(member_flops) / f_dense,
+        "params_total_per_member": total_params,
+        "params_nonzero_per_member": nonzero,
+        "params_nonzero_ensemble_vs_dense_member": sum(nonzero) / total_params,
+    }
+
+
+def _realised_sparsity(model: EnsembleModel, index: int) -> float:
+    """Zero share over all maskable (conv/linear) weights of one member, counted from its masks."""
+    weights = maskable_weights(model.members[index])
+    masks = model.masks[index]
+    total = sum(w.numel() for w in weights.values())
+    active = sum(int(masks[n].sum()) if n in masks else w.numel() for n, w in weights.items())
+    return 1.0 - active / total
