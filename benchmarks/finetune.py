@@ -170,9 +170,8 @@ def row(label: str, result: dict[str, Any]) -> list[Any]:
     div = result.get("diversity")
 
     def change(key: str) -> str:
-        if div is None:
-            return "n/a"
-        return f"{div['before'][key]:.3f} → {div['after'][key]:.3f}"
+        values = [div[when][key] for when in ("before", "after")] if div else [None]
+        return "n/a" if None in values else f"{values[0]:.3f} → {values[1]:.3f}"
 
     return [
         label,

@@ -497,7 +497,7 @@ def _diversity(model: EnsembleModel, data: ImageData, batch_size: int, device: t
         "pairwise_disagreement": pairs["disagreement"]["mean"],
         "pairwise_kl": pairs["kl"]["mean"],
         "mutual_information": out.mutual_information.mean().item(),
-        "feature_cka": sum(off_diagonal) / len(off_diagonal) if off_diagonal else 1.0,
+        "feature_cka": sum(off_diagonal) / len(off_diagonal) if off_diagonal else None,  # one member: none
         "mask_jaccard_distance": masks["overall"]["jaccard"]["mean"] if masks else None,
         "matrices": {"disagreement": pairs["disagreement"]["matrix"], "kl": pairs["kl"]["matrix"], "feature_cka": cka},
     }
