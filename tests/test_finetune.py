@@ -146,6 +146,25 @@ def test_fine_tuned_folder_exports_to_onnx_with_parity(frozen: Path, tmp_path: P
     assert max(report.max_abs_diff[k] for k in report.gated_outputs) <= report.tolerance  # export_onnx checks too
 
 
+@pytest.mark.filterwarnings("ignore:Use 'content=:DeprecationWarning")  # huggingface_hub's LFS upload
+def test_fine_tuned_folder_pushes_in_one_commit_without_checkpoints(
+    frozen: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from .hub_server import HubServer
+
+    with HubServer() as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+        assert main(["push", str(frozen), "me/tiny-edst-ft", "--token", "hf_test"]) == 0
+    assert len(hub.commits) == 1
+    files = set(hub.commits[0].files)
+    assert {"config.json", "model.safetensors", "README.md", "train_summary.json"} <= files
+    assert not any(name.startswith("checkpoints") for name in files)  # local resume state never travels
+    pushed = EnsembleModel.from_pretrained(hub.commits[0].write_to(tmp_path / "downloaded"))
+    assert pushed.config.label_names == EnsembleModel.from_pretrained(frozen).config.label_names
+
+
 def test_dst_mode_moves_masks_at_exactly_the_layer_densities(base: Path, fmnist_5_9: Path, tmp_path: Path) -> None:
     sets = ("update_interval=1", "prune_rate=0.5", "growth=random")
     assert _finetune(base, fmnist_5_9, tmp_path / "dst", "--mode", "dst", sets=sets) == 0
