@@ -21,6 +21,7 @@ from freetickets_hub import EnsembleModel
 from freetickets_hub.cli import main
 from freetickets_hub.errors import RecipeError
 from freetickets_hub.training.finetune import FineTuneRecipe, finetune, load_finetune_recipe
+from freetickets_hub.training.phases import plan_runs
 from freetickets_hub.training.sparsity import SparseEngine, SparsityConfig, maskable_weights
 
 from .conftest import SHARED_FMNIST
@@ -250,6 +251,17 @@ def test_recipe_is_validated_strictly(tmp_path: Path) -> None:
     make_ensemble(sparsity=0.0, method="dense_ensemble").save_pretrained(tmp_path / "dense")
     with pytest.raises(RecipeError, match="mode 'dst' needs a sparse base model"):
         finetune(FineTuneRecipe(base_model=str(tmp_path / "dense"), dataset="x", mode="dst"), tmp_path / "out")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "training" / "recipes").glob("finetune_*.yaml")), ids=lambda p: p.name)
+def test_bundled_finetune_recipes_load_and_plan_one_run_per_member(path: Path) -> None:
+    recipe = load_finetune_recipe(path, dataset="x")
+    base = make_ensemble(members=3).config
+    training = recipe.training_recipe(base, sparse=True)
+    assert training.num_members == 3 and training.sparsity == base.ensemble.sparsity
+    assert training.method == ("dst" if recipe.mode == "dst" else "static_sparse")
+    assert [run.seed for run in plan_runs(training)] == [recipe.seed + i for i in range(3)]
+    assert recipe.backbone_lr < recipe.lr and recipe.warmup_epochs >= 1
 
 
 def test_engine_starts_from_given_masks() -> None:
