@@ -215,6 +215,7 @@ def main() -> None:
     parser.add_argument("--dataset", default=str(REPO.parent / "shared" / "datasets" / "fashion_mnist"))
     parser.add_argument("--base-train-images", type=int, default=4000)
     parser.add_argument("--target-train-images", type=int, default=1000)
+    parser.add_argument("--digits-train-images", type=int, default=None, help="cap after the carve (default: 1,047)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override every fine-tune")
     parser.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"), help="'' to leave it alone")
     args = parser.parse_args()
@@ -229,10 +230,12 @@ def main() -> None:
     }
     targets = {
         "digits": (
-            "scikit-learn digits, 1,347 train (300 of them the validation carve) / 450 test, 8×8 resized to 28×28",
+            f"scikit-learn digits, 1,347 train (300 of them the validation carve, "
+            f"{args.digits_train_images or 1047} trained on) / 450 test, 8×8 resized to 28×28",
             "all",
             write_digits(data / "digits"),
-            ["augment=crop", "val_size=300"],
+            ["augment=crop", "val_size=300"]
+            + ([f"max_train_samples={args.digits_train_images}"] if args.digits_train_images else []),
         ),
         "fmnist-5-9": (
             f"Fashion-MNIST classes 5–9, {args.target_train_images} train (200 of them the validation carve) / "
