@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -181,15 +182,33 @@ def test_tiny_recipe_on_real_fashion_mnist(tmp_path: Path) -> None:
 
 
 def test_calibrate_on_the_runs_own_validation_carve(
-    edst_run: tuple[Path, dict], tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    edst_run: tuple[Path, dict],
+    tiny_dataset: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """``--split validation`` fits on exactly the rows the run held out (the fit itself is tested elsewhere)."""
+    import datasets
+
+    from freetickets_hub import calibration
+    from freetickets_hub.evaluation.data import validation_carve
+
+    seen: list[torch.Tensor] = []
+    real_fit = calibration.fit_temperature
+
+    def fit(logits: torch.Tensor, labels: torch.Tensor, **kwargs: object) -> calibration.TemperatureFit:
+        seen.append(labels.clone())
+        return dataclasses.replace(real_fit(logits, labels, **kwargs), temperature=1.5, degenerate=False)
+
+    monkeypatch.setattr(calibration, "fit_temperature", fit)
     out = tmp_path / "model"
     shutil.copytree(edst_run[0], out)
-    code = main(["calibrate", str(out), "--dataset", str(tiny_dataset), "--split", "validation"])
-    printed = capsys.readouterr().out
-    assert "the 24 images the run held out of 'train' (seed 0)" in printed
-    if code == 0:  # a tiny run may also give a degenerate fit (exit 3), which is reported and not stored
-        fit_on = json.loads((out / "config.json").read_text())["ensemble"]["calibration"]["fit_on"]
-        assert fit_on == f"{tiny_dataset}:validation (24 images)"
-    else:
-        assert code == 3
+    assert main(["calibrate", str(out), "--dataset", str(tiny_dataset), "--split", "validation"]) == 0
+    assert "the 24 images the run held out of 'train' (seed 0)" in capsys.readouterr().out
+    train_split = datasets.load_dataset(str(tiny_dataset), split="train")
+    rows, _ = validation_carve(len(train_split), 24, 0)
+    assert seen[0].tolist() == [train_split[int(i)]["label"] for i in rows]
+    calibrated = json.loads((out / "config.json").read_text())["ensemble"]["calibration"]
+    assert calibrated["temperature"] == 1.5
+    assert calibrated["fit_on"] == f"{tiny_dataset}:validation (24 images)"
