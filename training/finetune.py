@@ -183,7 +183,7 @@ class _FineTune:
 
     def extend_summary(self, summary: dict[str, Any], model: EnsembleModel, data: ImageData) -> None:
         device = PartialState().device
-        before = _diversity(self.base, data, self.recipe.eval_batch_size, device)
+        before = _diversity(self.base, data, self.recipe.eval_batch_size, device, labelled=not self.new_heads)
         after = _diversity(model, data, self.recipe.eval_batch_size, device)
         summary.update(self.lineage, base_model_relation="finetune")
         summary["finetune"] = {
@@ -318,9 +318,12 @@ def _classifier_weight(member: torch.nn.Module) -> str:
 
 
 @torch.inference_mode()
-def _diversity(model: EnsembleModel, data: ImageData, batch_size: int, device: torch.device) -> dict[str, Any]:
+def _diversity(
+    model: EnsembleModel, data: ImageData, batch_size: int, device: torch.device, *, labelled: bool = True
+) -> dict[str, Any]:
     """Prediction diversity (disagreement, KL, mutual information) on the test split, the members'
-    feature similarity (linear CKA of the pooled pre-logit features) and their masks' distance."""
+    feature similarity (linear CKA of the pooled pre-logit features) and their masks' distance;
+    accuracies only when ``labelled`` (the model predicts the split's labels)."""
     model.to(device).eval()
     logits, features = [], []
     for member in model.members:
@@ -341,8 +344,10 @@ def _diversity(model: EnsembleModel, data: ImageData, batch_size: int, device: t
     off_diagonal = [cka[i][j] for i in range(num) for j in range(num) if i != j]
     labels = data.test.labels
     return {
-        "accuracy": (out.probs.argmax(-1) == labels).float().mean().item(),
-        "member_accuracy": [(lg.argmax(-1) == labels).float().mean().item() for lg in member_logits],
+        "accuracy": (out.probs.argmax(-1) == labels).float().mean().item() if labelled else None,
+        "member_accuracy": [(lg.argmax(-1) == labels).float().mean().item() for lg in member_logits]
+        if labelled
+        else None,
         "disagreement": out.disagreement.mean().item(),  # share of members off the ensemble's top-1
         "pairwise_disagreement": pairs["disagreement"]["mean"],
         "pairwise_kl": pairs["kl"]["mean"],
