@@ -116,7 +116,8 @@ def test_summary_records_lineage_and_diversity_before_and_after(base: Path, froz
     assert summary["recipe"]["method"] == "static_sparse"  # the trainer's own recipe: no mask updates
     assert summary["finetune"]["mode"] == "frozen-masks" and summary["finetune"]["new_heads"]
     diversity = summary["finetune"]["diversity"]
-    assert diversity["before"]["label_space"] == "base"
+    assert diversity["before"]["label_space"] == "base" and diversity["before"]["accuracy"] is None
+    assert diversity["after"]["accuracy"] == pytest.approx(summary["test"]["ensemble"]["accuracy"])
     for when in ("before", "after"):
         block = diversity[when]
         assert 0 <= block["disagreement"] <= 1 and block["pairwise_kl"] >= 0 and block["mutual_information"] >= 0
