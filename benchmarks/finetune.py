@@ -248,21 +248,20 @@ def main() -> None:
         ),
     }
     training_s = 0.0
-    bases: dict[tuple[str, str], Path] = {}
-    for source_name, source in sources.items():
-        for spec in build_specs(preset, str(source), []):
-            if spec.name in ("edst_ensemble", "single_dense"):
-                folder = out / f"base_{source_name}" / spec.name
-                training_s += train_run(spec, folder)["benchmark_wall_time_s"]
-                bases[(source_name, spec.name)] = folder
     accelerator = create_accelerator()
-    results: dict[str, Any] = {"targets": {}}
-    for target, (description, source_name, dataset, sets) in targets.items():
+    settings = {"base_epochs": preset.epochs, "base_train_images": args.base_train_images, "recipe": RECIPE}
+    results: dict[str, Any] = {"targets": {}, "provenance": info, "settings": settings}
+    for target, (description, source_name, dataset, sets) in targets.items():  # each target's table as it is done
+        bases: dict[str, Path] = {}
+        for spec in build_specs(preset, str(sources[source_name]), []):
+            if spec.name in ("edst_ensemble", "single_dense"):
+                bases[spec.name] = out / f"base_{source_name}" / spec.name
+                training_s += train_run(spec, bases[spec.name])["benchmark_wall_time_s"]
         sets = [*sets, *args.set]
         block: dict[str, Any] = {"description": description, "sets": sets, "runs": {}}
         for name, label, base_name, mode, scratch in RUNS:
             folder = out / target / name
-            seconds = finetune_run(bases[(source_name, base_name)], dataset, folder, mode, scratch, sets)
+            seconds = finetune_run(bases[base_name], dataset, folder, mode, scratch, sets)
             training_s += seconds
             summary = json.loads((folder / "train_summary.json").read_text())
             block["runs"][name] = {
@@ -274,16 +273,11 @@ def main() -> None:
                 "wall_time_s": seconds,
             }
         results["targets"][target] = block
-    results.update(
-        provenance=info,
-        settings={"base_epochs": preset.epochs, "base_train_images": args.base_train_images, "recipe": RECIPE},
-        wall_time_s=round(time.time() - started, 1),
-        training_s=training_s,
-    )
-    markdown = render(results)
-    written = write_results(out, results, markdown, args.results_md, SECTION)
-    print(markdown)
-    print("wrote " + ", ".join(written))
+        results.update(wall_time_s=round(time.time() - started, 1), training_s=training_s)
+        markdown = render(results)
+        written = write_results(out, results, markdown, args.results_md, SECTION)
+        print(markdown)
+        print("wrote " + ", ".join(written))
 
 
 if __name__ == "__main__":
