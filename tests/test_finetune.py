@@ -303,9 +303,9 @@ def test_fine_tuning_beats_chance_and_training_from_scratch(tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_two_processes_fine_tune_with_identical_masks(base: Path, fmnist_5_9: Path, tmp_path: Path) -> None:
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    assert accelerate is not None
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    # this interpreter's accelerate: a venv's `accelerate` script may run another environment's python
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--num_machines", "1"]
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "freetickets_hub.cli", "finetune", str(base)]
     cmd += ["--dataset", str(fmnist_5_9), "--output-dir", str(tmp_path / "out"), "--mode", "dst"]
     cmd += ["--recipe", "training/recipes/finetune_small.yaml"]

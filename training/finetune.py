@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from timm.data import create_transform
 
 from freetickets_hub.config import EnsembleConfig, EnsembleInfo
@@ -86,7 +87,8 @@ def finetune(
     if recipe.dataset is None:
         raise RecipeError("no dataset to fine-tune on: pass --dataset (or set `dataset` in the recipe)")
     output_dir = Path(output_dir)
-    state = PartialState()
+    # before the trainer's Accelerator, which reads ACCELERATE_USE_CPU itself (PartialState does not)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     base = EnsembleModel.from_pretrained(recipe.base_model, revision=recipe.revision)
     if base.source_dir is not None and output_dir.resolve() == base.source_dir.resolve():
         raise FreeTicketsError(f"{output_dir} is the base model's own folder: choose another --output-dir")
@@ -205,6 +207,7 @@ def _prepare_output(output_dir: Path, state: PartialState, *, resume: bool, over
     if resume and overwrite:
         raise FreeTicketsError("--resume continues the run in the folder and --overwrite replaces it: choose one")
     held = [n for n in (CONFIG_NAME, WEIGHTS_NAME, CHECKPOINTS) if (output_dir / n).exists()]
+    state.wait_for_everyone()  # every process has looked before the main one writes there
     if not held or resume:
         return
     if not overwrite:
