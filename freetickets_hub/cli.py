@@ -75,6 +75,31 @@ def format_summary_table(summary: dict) -> str:
     return "\n".join(rows)
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from freetickets_hub.training.finetune import finetune, format_diversity, load_finetune_recipe
+
+    recipe = load_finetune_recipe(
+        args.recipe, args.set, base_model=args.model, dataset=args.dataset, mode=args.mode, revision=args.revision
+    )
+    summary = finetune(
+        recipe,
+        args.output_dir,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        max_steps=args.max_steps,
+        report_to=args.report_to,
+        from_scratch=args.from_scratch,
+    )
+    if summary and args.from_scratch:
+        print(format_summary_table(summary))
+        print(f"wrote {args.output_dir} (the same recipe from scratch: a baseline)")
+    elif summary:
+        print(format_summary_table(summary))
+        print(format_diversity(summary))
+        print(f"wrote {args.output_dir} (fine-tuned from {summary['base_model']})")
+    return 0
+
+
 def _export_onnx(args: argparse.Namespace) -> int:
     from freetickets_hub.export.onnx import export_onnx
 
@@ -604,6 +629,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_train)
 
+    p = verbs.add_parser("finetune", help="fine-tune a saved ensemble on a new dataset, keeping its sparsity")
+    p.add_argument("model", help="a saved ensemble folder or a Hub repo id (HF_HUB_OFFLINE=1: the cache only)")
+    p.add_argument("--dataset", default=None, help="datasets source (Hub id or folder); default: the recipe's")
+    p.add_argument("--output-dir", required=True, help="folder to write the fine-tuned ensemble to")
+    p.add_argument("--recipe", default=None, help="YAML fine-tuning recipe, e.g. training/recipes/finetune_small.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
+    p.add_argument(
+        "--mode", choices=["frozen-masks", "dst", "linear-probe"], default=None,
+        help="frozen-masks (default): masks unchanged; dst: prune/regrow continues; linear-probe: heads only",
+    )  # fmt: skip
+    p.add_argument("--revision", default=None, help="Hub branch, tag or commit of MODEL")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --output-dir")
+    p.add_argument(
+        "--from-scratch", action="store_true",
+        help="baseline: the same recipe and steps from a random init and masks at MODEL's sparsity",
+    )  # fmt: skip
+    p.add_argument("--report-to", default=None, help="accelerate tracker, e.g. tensorboard (optional)")
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="stop after N optimizer steps with a checkpoint (then --resume)"
+    )
+    p.set_defaults(func=_finetune)
+
     p = verbs.add_parser("export", help="export an ensemble for other runtimes")
     formats = p.add_subparsers(dest="format", required=True)
     p = formats.add_parser("onnx", help="write MODEL/onnx/model.onnx (one graph) and check it against PyTorch")
@@ -749,6 +797,8 @@ _EXAMPLES = {
     "push": "freetickets push runs/tiny me/fmnist-edst --private",
     "merge": "freetickets merge runs/seed0 runs/seed1 runs/seed2 --output-dir runs/dst",
     "predict": "freetickets predict runs/tiny shirt.png boot.png --top-k 3",
+    "finetune": "freetickets finetune runs/demo --dataset ../shared/datasets/fashion_mnist --output-dir runs/ft "
+    "--recipe training/recipes/finetune_small.yaml --mode frozen-masks",
     "serve": "freetickets serve runs/tiny --port 8000 --max-batch-size 32",
     "export triton": "freetickets export triton runs/tiny --output-dir triton_repo --kind cpu",
 }

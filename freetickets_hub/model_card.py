@@ -84,6 +84,7 @@ def render_model_card(model: EnsembleModel, folder: Path | None, *, repo_id: str
     eval_results = _eval_results(evaluation)
     datasets = sorted({d for d in (summary.get("dataset"), evaluation and evaluation.dataset) if is_repo_id(d)})
     base_model = summary.get("base_model")
+    lineage = {"base_model_relation": summary["base_model_relation"]} if summary.get("base_model_relation") else {}
     card_data = ModelCardData(
         library_name=LIBRARY_NAME,
         pipeline_tag="image-classification",
@@ -93,12 +94,14 @@ def render_model_card(model: EnsembleModel, folder: Path | None, *, repo_id: str
         base_model=base_model if is_repo_id(base_model) else None,
         model_name=title if eval_results else None,
         eval_results=eval_results or None,
+        **(lineage if is_repo_id(base_model) else {}),
     )
     weights = folder / WEIGHTS_NAME if folder else None
     file_bytes = weights.stat().st_size if weights and weights.is_file() else 0
     sizes = _member_bytes(weights, model.num_members)
     dense_bytes = sum(t.numel() * t.element_size() for t in model.members[0].state_dict().values())
     costs = summary.get("costs") or {}
+    recipe = (summary.get("finetune") or {}).get("recipe") or summary.get("recipe")  # what the user wrote
     calibration = cfg.ensemble.calibration
     template = resources.files("freetickets_hub.model_cards").joinpath("ensemble_card.md").read_text(encoding="utf-8")
     return ModelCard.from_template(
@@ -111,6 +114,8 @@ def render_model_card(model: EnsembleModel, folder: Path | None, *, repo_id: str
         architecture=cfg.architecture,
         method_title=_METHOD_TITLES.get(cfg.ensemble.method, cfg.ensemble.method),
         base_model=base_model,
+        base_model_url=f"https://huggingface.co/{base_model}" if is_repo_id(base_model) else None,
+        finetune=_finetune_rows(summary),
         members=_member_rows(model, sizes, evaluation),
         sparsity=cfg.ensemble.sparsity,
         distribution=cfg.ensemble.distribution,
@@ -125,7 +130,7 @@ def render_model_card(model: EnsembleModel, folder: Path | None, *, repo_id: str
         calibrated=calibration is not None,
         evaluation=evaluation,
         results=_result_rows(evaluation),
-        recipe=public_text(yaml.safe_dump(summary["recipe"], sort_keys=True).strip()) if summary.get("recipe") else "",
+        recipe=public_text(yaml.safe_dump(recipe, sort_keys=True).strip()) if recipe else "",
         assets=sorted(p.relative_to(folder).as_posix() for p in (folder / ASSETS_DIR).glob("*.png")) if folder else [],
         selective=_selective_section(cfg.ensemble.selective, folder),
         graphs=_graph_rows(folder, file_bytes),
@@ -318,6 +323,26 @@ def _member_rows(model: EnsembleModel, sizes: list[int], evaluation: _Evaluation
             }
         )
     return rows
+
+
+def _finetune_rows(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """Mode and diversity before/after of a fine-tuned ensemble (``train_summary.json``), or None."""
+    block = summary.get("finetune")
+    if not isinstance(block, dict) or not isinstance(block.get("diversity"), dict):
+        return None
+    before, after = block["diversity"].get("before") or {}, block["diversity"].get("after") or {}
+    names = {
+        "disagreement": "disagreement",
+        "pairwise_kl": "pairwise KL (nats)",
+        "mutual_information": "mutual information (nats)",
+        "feature_cka": "feature similarity (linear CKA)",
+    }
+    rows = [
+        {"name": label, "before": f"{before[key]:.4f}", "after": f"{after[key]:.4f}"}
+        for key, label in names.items()
+        if _is_number(before.get(key)) and _is_number(after.get(key))
+    ]
+    return {"mode": block.get("mode", ""), "base_space": before.get("label_space") == "base", "rows": rows}
 
 
 def _member_bytes(weights: Path | None, num_members: int) -> list[int]:

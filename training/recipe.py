@@ -159,8 +159,11 @@ class Recipe:
         return asdict(self)
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None, *, cls: type[Any] = Recipe) -> Any:
+    """Read a YAML recipe (or the defaults when ``path`` is None) and apply ``key=value`` overrides.
+
+    ``cls`` is the recipe dataclass to build (default :class:`Recipe`; fine-tuning has its own).
+    """
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -173,8 +176,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise RecipeError(f"recipe {str(path)!r} must be a mapping of keys to values")
         data = dict(loaded or {})
     data.update(parse_overrides(overrides or []))
-    known = [f.name for f in fields(Recipe)]
-    hints = typing.get_type_hints(Recipe)
+    known = [f.name for f in fields(cls)]
+    hints = typing.get_type_hints(cls)
     for item in overrides or []:  # YAML reads `no`/`off` as False: a string-typed key keeps the text
         key, _, value = item.partition("=")
         key = key.strip()
@@ -186,7 +189,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             hint = difflib.get_close_matches(key, known, n=1)
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise RecipeError(f"unknown recipe key {key!r}{suggestion}")
-    return Recipe(**data)
+    return cls(**data)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -218,8 +221,8 @@ def _check_milestones(key: str, milestones: list[float], epochs: int, epochs_key
     )
 
 
-def _check_types(recipe: Recipe) -> None:
-    hints = typing.get_type_hints(Recipe)
+def _check_types(recipe: Any) -> None:
+    hints = typing.get_type_hints(type(recipe))
     for f in fields(recipe):
         value = getattr(recipe, f.name)
         allowed = _runtime_types(hints[f.name])

@@ -171,10 +171,18 @@ class SparseEngine:
         optimizer: its optimizer; momentum/Adam moments of regrown weights are zeroed.
         config: sparsity settings.
         seed: seeds the initial masks and every random regrowth.
+        masks: start from these masks (fine-tuning) instead of drawing them; layers without one stay
+            dense, and each layer keeps its nonzero count through every update.
     """
 
     def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, config: SparsityConfig, *, seed: int
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: SparsityConfig,
+        *,
+        seed: int,
+        masks: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -182,8 +190,15 @@ class SparseEngine:
         self.seed = seed
         weights = self.weights
         shapes = {name: tuple(w.shape) for name, w in weights.items()}
-        self.counts = nonzero_counts(shapes, layer_densities(shapes, config.sparsity, config.distribution))
-        self.masks = random_masks(model, config.sparsity, config.distribution, torch.Generator().manual_seed(seed))
+        if masks is None:
+            self.counts = nonzero_counts(shapes, layer_densities(shapes, config.sparsity, config.distribution))
+            self.masks = random_masks(model, config.sparsity, config.distribution, torch.Generator().manual_seed(seed))
+        else:
+            wrong = sorted(n for n, m in masks.items() if n not in shapes or tuple(m.shape) != shapes[n])
+            if wrong:
+                raise ValueError(f"masks {wrong} name no maskable weight of this model or have another shape")
+            self.masks = {name: mask.bool() for name, mask in masks.items()}
+            self.counts = {n: int(self.masks[n].sum()) if n in self.masks else math.prod(s) for n, s in shapes.items()}
         self._count_active()
         self.num_updates = 0
         self.phase_start = 0

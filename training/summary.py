@@ -58,9 +58,11 @@ def accuracy(model: torch.nn.Module, split: Split, data: ImageData, batch_size: 
     return (split_logits(model, split, data, batch_size).argmax(1) == split.labels).float().mean().item()
 
 
-def build_ensemble(recipe: Recipe, data: ImageData, tickets: list[Ticket]) -> EnsembleModel:
-    """The tickets as one :class:`EnsembleModel` with the data's preprocessing in its config."""
-    config = EnsembleConfig(
+def build_ensemble(
+    recipe: Recipe, data: ImageData, tickets: list[Ticket], config: EnsembleConfig | None = None
+) -> EnsembleModel:
+    """The tickets as one :class:`EnsembleModel` with the data's preprocessing in its config (or ``config``)."""
+    config = config or EnsembleConfig(
         architecture=recipe.architecture,
         num_classes=len(data.label_names),
         model_args=model_args(recipe, data),

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import timm
 import torch
@@ -30,6 +30,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from freetickets_hub import architectures as _architectures  # noqa: F401  (registers WRNs)
+from freetickets_hub.config import EnsembleConfig
+from freetickets_hub.ensemble import EnsembleModel
 from freetickets_hub.files import write_text_atomic
 from freetickets_hub.model_card import SUMMARY_NAME
 
@@ -40,7 +42,28 @@ from .recipe import Recipe
 from .sparsity import SparseEngine
 from .summary import JobStats, accuracy, build_ensemble, model_args, summarize
 
-__all__ = ["train"]
+__all__ = ["MemberStart", "train"]
+
+
+class MemberStart(Protocol):
+    """Where members start instead of a random init, and what else the run reports (fine-tuning).
+
+    ``training/finetune.py`` implements it; the loop, checkpoints and summary stay the trainer's own.
+    """
+
+    config: EnsembleConfig  # the config of the ensemble the run writes
+
+    def create_member(self, index: int, seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+        """Member ``index``'s model (on CPU) and its initial masks (empty for a dense member)."""
+
+    def param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; a group's ``lr_scale`` multiplies the scheduled LR (as in timm)."""
+
+    def set_train_mode(self, model: torch.nn.Module) -> None:
+        """Called after ``model.train()`` at each epoch, e.g. to keep a frozen backbone in eval mode."""
+
+    def extend_summary(self, summary: dict[str, Any], model: EnsembleModel, data: ImageData) -> None:
+        """Add to (or correct) ``train_summary.json`` before it is written."""
 
 
 def train(
@@ -50,6 +73,8 @@ def train(
     resume: bool = False,
     max_steps: int | None = None,
     report_to: str | None = None,
+    data: ImageData | None = None,
+    start: MemberStart | None = None,
 ) -> dict[str, Any]:
     """Train ``recipe`` and write the ensemble to ``output_dir``.
 
@@ -60,6 +85,8 @@ def train(
         max_steps: stop after this many optimizer steps of the whole job, with a checkpoint, as if
             interrupted (continue later with ``resume=True``).
         report_to: an accelerate tracker name, e.g. "tensorboard".
+        data: the data to train on (default: ``load_image_data(recipe)``).
+        start: where members start (default: a random init and random masks).
 
     Returns:
         The summary written to ``train_summary.json`` (empty on other processes or when stopped early).
@@ -75,7 +102,7 @@ def train(
     )
     if report_to:
         accelerator.init_trackers("freetickets", config=_flat_config(recipe))
-    data = load_image_data(recipe)
+    data = data if data is not None else load_image_data(recipe)
     accelerator.print(
         f"{recipe.method}: {recipe.architecture}, M={recipe.num_members}, "
         f"sparsity {recipe.sparsity if recipe.is_sparse else 0.0}; {accelerator.num_processes} process(es); "
@@ -89,7 +116,7 @@ def train(
     elif resume:
         accelerator.print(f"no checkpoint in {output_dir / 'checkpoints'}: starting from scratch")
     runs = plan_runs(recipe)
-    loop = _Loop(recipe, data, accelerator, output_dir, progress, tickets, best, max_steps, started)
+    loop = _Loop(recipe, data, accelerator, output_dir, progress, tickets, best, max_steps, started, start)
     for index in range(progress.run, len(runs)):
         if not loop.run(runs[index], index, checkpoint if index == progress.run else None):
             accelerator.print(f"stopped after {progress.total_steps} steps; continue with --resume")
@@ -97,8 +124,10 @@ def train(
             return {}
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
-        model = build_ensemble(recipe, data, loop.tickets)
+        model = build_ensemble(recipe, data, loop.tickets, start.config if start is not None else None)
         summary = summarize(recipe, data, model, loop.stats(), accelerator.device)
+        if start is not None:
+            start.extend_summary(summary, model, data)
         output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output_dir / SUMMARY_NAME, json.dumps(summary, indent=2, sort_keys=True) + "\n")
         model.save_pretrained(output_dir)
@@ -134,8 +163,10 @@ class _Loop:
         best: Ticket | None,
         max_steps: int | None,
         started: float,
+        start: MemberStart | None = None,
     ) -> None:
         self.recipe, self.data, self.accelerator, self.output_dir = recipe, data, accelerator, output_dir
+        self.start = start
         self.progress, self.tickets, self.best, self.max_steps = progress, tickets, best, max_steps
         self.started, self.seconds_before = started, progress.seconds
         self.batches_per_epoch = 0
@@ -186,12 +217,17 @@ class _Loop:
         """A fresh seeded model, optimizer, sparse engine and loader, prepared (and restored on resume)."""
         recipe, data, accelerator = self.recipe, self.data, self.accelerator
         set_seed(run.seed)
-        model = timm.create_model(
-            recipe.architecture, pretrained=False, num_classes=len(data.label_names), **model_args(recipe, data)
-        )
-        params = model.parameters()
-        if recipe.filter_bias_and_bn:  # timm's rule: no decay on biases and 1-D (norm) parameters
-            params = param_groups_weight_decay(model, recipe.weight_decay)
+        initial_masks = None
+        if self.start is not None:  # fine-tuning: a released member, its masks, its own param groups
+            model, initial_masks = self.start.create_member(index, run.seed)
+            params: Any = self.start.param_groups(model)
+        else:
+            model = timm.create_model(
+                recipe.architecture, pretrained=False, num_classes=len(data.label_names), **model_args(recipe, data)
+            )
+            params = model.parameters()
+            if recipe.filter_bias_and_bn:  # timm's rule: no decay on biases and 1-D (norm) parameters
+                params = param_groups_weight_decay(model, recipe.weight_decay)
         optimizer = torch.optim.SGD(
             params,
             lr=recipe.lr,
@@ -204,7 +240,7 @@ class _Loop:
             config = recipe.sparsity_config()
             if recipe.method == "static_sparse":
                 config.update_end = 0  # masks never change
-            engine = SparseEngine(model, optimizer, config, seed=run.seed)
+            engine = SparseEngine(model, optimizer, config, seed=run.seed, masks=initial_masks)
             self.densities = {n: engine.counts[n] / w.numel() for n, w in engine.weights.items()}
         loader = DataLoader(
             data.training_set(),
@@ -243,6 +279,8 @@ class _Loop:
         """The rest of the current epoch, batch by batch; False when ``max_steps`` stopped it."""
         progress, accelerator, model, optimizer = self.progress, self.accelerator, member.model, member.optimizer
         model.train()
+        if self.start is not None:
+            self.start.set_train_mode(accelerator.unwrap_model(model))
         member.loader.set_epoch(phase_index * 100_000 + progress.epoch)  # a new, reproducible order
         batches = accelerator.skip_first_batches(member.loader, progress.batch) if progress.batch else member.loader
         for images, labels in batches:
@@ -274,7 +312,7 @@ class _Loop:
         epochs_done = steps_done / member.steps_per_epoch
         lr = phase.lr_at(epochs_done / phase.epochs, epochs_done)
         for group in member.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
     def _loss(self, member: _Member, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,386 @@
+"""Fine-tune a released ensemble on a new task, on the training loop of ``train.py``.
+
+Every member starts from its own weights and masks. When the label set differs, each member gets a
+new classifier drawn with its own seed, sparse at the density the base model's distribution gave
+that layer, so the ensemble keeps its sparsity. The base model's preprocessing (``pretrained_cfg``)
+is kept unless the recipe overrides it, as timm does. Three modes:
+
+- ``frozen-masks`` (default): masks bitwise unchanged, the weights under them train;
+- ``dst``: prune and regrow continue at the recipe's p and ΔT (each layer keeps its nonzero count);
+- ``linear-probe``: only the heads train; the backbone, batch-norm statistics included, is frozen.
+
+The backbone trains at ``backbone_lr``, below the heads' ``lr``, after a linear warm-up. The summary
+records the base model's id, revision and weights hash, and the members' diversity on the new test
+split before (the base members, their own heads) and after fine-tuning.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
+from timm.data import create_transform
+
+from freetickets_hub.config import EnsembleConfig, EnsembleInfo
+from freetickets_hub.ensemble import EnsembleModel
+from freetickets_hub.errors import FreeTicketsError, RecipeError
+from freetickets_hub.evaluation.diversity import mask_distance, prediction_diversity
+from freetickets_hub.files import prepare_output_dir, write_text_atomic
+from freetickets_hub.hub import WEIGHTS_NAME
+from freetickets_hub.outputs import combine_member_logits
+from freetickets_hub.preprocessing import preprocess
+
+from .checkpoint import CHECKPOINTS, latest_checkpoint
+from .costs import layer_flops
+from .data import ImageData, ImageSplit, Split, StreamedSplit, load_image_data
+from .finetune_recipe import MODES, FineTuneRecipe, load_finetune_recipe, resolve_pretrained_cfg
+from .sparsity import draw_masks, nonzero_counts
+from .train import train
+
+__all__ = ["MODES", "FineTuneRecipe", "finetune", "format_diversity", "load_finetune_recipe"]
+
+LINEAGE_NAME = "finetune_base.json"  # in checkpoints/: what a resumed run must fine-tune again
+_CHUNK = 1024  # images resized per call
+
+
+def finetune(
+    recipe: FineTuneRecipe,
+    output_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    max_steps: int | None = None,
+    report_to: str | None = None,
+    from_scratch: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune ``recipe.base_model`` on ``recipe.dataset`` and write the new ensemble to ``output_dir``.
+
+    Args:
+        recipe: what to fine-tune, on what, how.
+        output_dir: the Hub-ready folder to write (checkpoints in ``output_dir/checkpoints``).
+        resume: continue from the latest checkpoint (same base model and recipe only).
+        overwrite: replace a model already in ``output_dir``, with its checkpoints and companions.
+        max_steps: stop after this many optimizer steps, with a checkpoint (continue with ``resume``).
+        report_to: an accelerate tracker name, e.g. "tensorboard".
+        from_scratch: the baseline instead: the same recipe, data and steps from a random init with
+            random masks at the base model's sparsity (every layer at the recipe's ``lr``).
+
+    Returns:
+        The summary written to ``train_summary.json`` (empty on other processes or when stopped early).
+
+    Raises:
+        RecipeError: no base model or dataset, or a recipe that does not fit the base model.
+        FreeTicketsError: ``output_dir`` holds a model (without ``resume``/``overwrite``), is the base
+            model's own folder, or holds checkpoints of another fine-tuning run.
+    """
+    if recipe.base_model is None:
+        raise RecipeError("no base model: name a saved ensemble folder or Hub id (MODEL, or `base_model`)")
+    if recipe.dataset is None:
+        raise RecipeError("no dataset to fine-tune on: pass --dataset (or set `dataset` in the recipe)")
+    output_dir = Path(output_dir)
+    # before the trainer's Accelerator, which reads ACCELERATE_USE_CPU itself (PartialState does not)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    base = EnsembleModel.from_pretrained(recipe.base_model, revision=recipe.revision)
+    if base.source_dir is not None and output_dir.resolve() == base.source_dir.resolve():
+        raise FreeTicketsError(f"{output_dir} is the base model's own folder: choose another --output-dir")
+    _prepare_output(output_dir, state, resume=resume, overwrite=overwrite)
+    lineage = _lineage(recipe.base_model, base)
+    _check_lineage(output_dir, state, lineage, recipe, resume=resume)
+    sparse = any(base.masks)
+    training = recipe.training_recipe(base.config, sparse=sparse)
+    start = _FineTune(recipe, base, load_image_data(training), lineage)
+    if from_scratch:
+        if recipe.mode == "linear-probe":
+            raise RecipeError("a linear probe of a random backbone is no baseline: use frozen-masks or dst")
+        return train(training, output_dir, resume=resume, max_steps=max_steps, report_to=report_to, data=start.data)
+    return train(
+        training, output_dir, resume=resume, max_steps=max_steps, report_to=report_to, data=start.data, start=start
+    )
+
+
+class _FineTune:
+    """Where each member starts (the base member, a new head) and what the summary adds (a ``MemberStart``)."""
+
+    def __init__(self, recipe: FineTuneRecipe, base: EnsembleModel, data: ImageData, lineage: dict[str, Any]) -> None:
+        self.recipe, self.base, self.lineage = recipe, base, lineage
+        cfg = base.config
+        pretrained_cfg = resolve_pretrained_cfg(recipe, cfg, len(data.label_names))
+        self.data = _fit_data(data, pretrained_cfg, recipe)
+        self.new_heads = cfg.label_names != data.label_names or cfg.num_classes != len(data.label_names)
+        self.config = EnsembleConfig(
+            architecture=cfg.architecture,
+            num_classes=len(data.label_names),
+            model_args=dict(cfg.model_args),
+            label_names=list(data.label_names),
+            pretrained_cfg=pretrained_cfg,
+            ensemble=EnsembleInfo(
+                method=cfg.ensemble.method,
+                num_members=base.num_members,
+                sparsity=cfg.ensemble.sparsity,
+                distribution=cfg.ensemble.distribution,
+            ),  # no calibration: the base model's temperature was fitted on another task
+        )
+
+    def create_member(self, index: int, seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+        member = copy.deepcopy(self.base.members[index]).train()
+        masks = {name: mask.clone() for name, mask in self.base.masks[index].items()}
+        if not self.new_heads:
+            return member, masks
+        name = _classifier_weight(member)
+        old = dict(member.named_parameters())[name]
+        density = masks[name].float().mean().item() if name in masks else 1.0  # what the distribution gave it
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            member.reset_classifier(self.config.num_classes)
+        weight = dict(member.named_parameters())[name]
+        if weight.dim() != old.dim():
+            raise FreeTicketsError(f"{type(member).__name__}: the new classifier {name} has another kind of layer")
+        shape = tuple(weight.shape)
+        count = nonzero_counts({name: shape}, {name: density})[name]
+        masks.pop(name, None)
+        if count < weight.numel():
+            masks[name] = draw_masks({name: shape}, {name: count}, torch.Generator().manual_seed(seed))[name]
+            with torch.no_grad():
+                weight.mul_(masks[name])
+        return member, masks
+
+    def param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        """The backbone at ``backbone_lr / lr`` of the scheduled LR (frozen in a linear probe), the head at 1."""
+        recipe = self.recipe
+        head_ids = {id(p) for p in model.get_classifier().parameters()}
+        named: dict[str, list[tuple[str, torch.nn.Parameter]]] = {"backbone": [], "head": []}
+        for name, param in model.named_parameters():
+            named["head" if id(param) in head_ids else "backbone"].append((name, param))
+        scales = {"backbone": recipe.backbone_lr / recipe.lr, "head": 1.0}
+        if recipe.mode == "linear-probe":  # kept in the optimizer (the sparse engine checks it holds every weight)
+            scales["backbone"] = 0.0
+            for _, param in named["backbone"]:
+                param.requires_grad_(False)
+        groups = []
+        for part, params in named.items():
+            if recipe.filter_bias_and_bn:  # timm's rule: no decay on biases and 1-D (norm) parameters
+                no_decay = [p for n, p in params if p.ndim <= 1 or n.endswith(".bias")]
+                decay = [p for n, p in params if not (p.ndim <= 1 or n.endswith(".bias"))]
+                groups += [
+                    {"params": no_decay, "weight_decay": 0.0, "lr_scale": scales[part]},
+                    {"params": decay, "lr_scale": scales[part]},
+                ]
+            else:
+                groups.append({"params": [p for _, p in params], "lr_scale": scales[part]})
+        return [group for group in groups if group["params"]]
+
+    def set_train_mode(self, model: torch.nn.Module) -> None:
+        if self.recipe.mode == "linear-probe":  # frozen means batch-norm statistics too
+            model.eval()
+            model.get_classifier().train()
+
+    def extend_summary(self, summary: dict[str, Any], model: EnsembleModel, data: ImageData) -> None:
+        device = PartialState().device
+        before = _diversity(self.base, data, self.recipe.eval_batch_size, device, labelled=not self.new_heads)
+        after = _diversity(model, data, self.recipe.eval_batch_size, device)
+        summary.update(self.lineage, base_model_relation="finetune")
+        summary["finetune"] = {
+            "mode": self.recipe.mode,
+            "recipe": self.recipe.to_dict(),
+            "new_heads": self.new_heads,
+            "base_label_names": self.base.config.label_names,
+            "diversity": {
+                "before": {**before, "label_space": "base" if self.new_heads else "same"},
+                "after": after,
+            },
+        }
+        if self.recipe.mode == "linear-probe":
+            _linear_probe_costs(summary["costs"], model, data)
+
+
+def _prepare_output(output_dir: Path, state: PartialState, *, resume: bool, overwrite: bool) -> None:
+    """The shared one-model-per-folder guard (``files.prepare_output_dir``), safe under several processes.
+
+    Every process checks before the main one removes anything (``--overwrite``), so a refusal is raised
+    by all of them alike.
+    """
+    if resume and overwrite:
+        raise FreeTicketsError("--resume continues the run in the folder and --overwrite replaces it: choose one")
+    state.wait_for_everyone()
+    if not overwrite or state.is_main_process:
+        prepare_output_dir(output_dir, overwrite=overwrite, resume=resume, can_resume=True)
+    state.wait_for_everyone()
+
+
+def _lineage(name: str, base: EnsembleModel) -> dict[str, Any]:
+    """Base id (as given), the Hub commit it resolved to (None for a folder) and its weights' SHA-256."""
+    source = base.source_dir
+    assert source is not None  # from_pretrained sets it
+    commit = source.name if source.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", source.name) else None
+    digest = hashlib.sha256()
+    with open(source / WEIGHTS_NAME, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"base_model": name, "base_model_revision": commit, "base_model_sha256": digest.hexdigest()}
+
+
+def _check_lineage(
+    output_dir: Path, state: PartialState, lineage: dict[str, Any], recipe: FineTuneRecipe, *, resume: bool
+) -> None:
+    """A resumed run must fine-tune the same weights with the same recipe as the run it continues."""
+    path = output_dir / CHECKPOINTS / LINEAGE_NAME
+    record = {"base_model_sha256": lineage["base_model_sha256"], "recipe": recipe.to_dict()}
+    if resume and latest_checkpoint(output_dir) is not None and path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored != record:
+            changed = [k for k in record["recipe"] if stored.get("recipe", {}).get(k) != record["recipe"][k]]
+            if stored.get("base_model_sha256") != record["base_model_sha256"]:
+                changed.insert(0, "base model weights")
+            raise FreeTicketsError(f"cannot resume {output_dir}: its checkpoints fine-tune with other {changed}")
+        return
+    if state.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    state.wait_for_everyone()
+
+
+def _fit_data(data: ImageData, cfg: dict[str, Any], recipe: FineTuneRecipe) -> ImageData:
+    """The dataset as the base model sees it: its input size, channels, mean/std and resize rule."""
+    input_size = tuple(int(v) for v in cfg["input_size"])
+    mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
+    transform = None
+    if data.streamed:
+        mode = "L" if input_size[0] == 1 else "RGB"
+        train, val, test = (_with_mode(s, mode) if s is not None else None for s in (data.train, data.val, data.test))
+        transform = create_transform(
+            input_size,
+            is_training=True,
+            auto_augment=recipe.auto_augment,
+            color_jitter=recipe.color_jitter,
+            mean=mean,
+            std=std,
+            interpolation=cfg["interpolation"],
+        )
+    else:
+        train, val, test = (_fit_split(s, cfg) if s is not None else None for s in (data.train, data.val, data.test))
+    assert train is not None and test is not None
+    return ImageData(
+        train,
+        val,
+        test,
+        data.label_names,
+        input_size,  # type: ignore[arg-type]
+        mean,
+        std,
+        float(cfg["crop_pct"]),
+        str(cfg["interpolation"]),
+        train_transform=transform,
+    )
+
+
+def _with_mode(split: Split, mode: str) -> Split:
+    assert isinstance(split, StreamedSplit)
+    return StreamedSplit(split.table, split.image_col, mode, split.labels)
+
+
+def _fit_split(split: Split, cfg: dict[str, Any]) -> ImageSplit:
+    """uint8 images resized and cropped exactly as ``EnsembleModel.predict`` preprocesses them."""
+    assert isinstance(split, ImageSplit)
+    channels, height, width = cfg["input_size"]
+    crop_pct = float(cfg["crop_pct"])
+    if tuple(split.images.shape[1:]) == (channels, height, width) and int(min(height, width) / crop_pct) == min(
+        height, width
+    ):
+        return split
+    arrays = split.images.permute(0, 2, 3, 1).numpy()  # (N, H, W, C) for PIL
+    arrays = arrays[..., 0] if arrays.shape[-1] == 1 else arrays
+    identity = {**cfg, "mean": [0.0] * channels, "std": [1.0] * channels}
+    chunks = [preprocess(list(arrays[i : i + _CHUNK]), identity) for i in range(0, len(arrays), _CHUNK)]
+    images = torch.from_numpy(np.round(np.concatenate(chunks) * 255.0).astype(np.uint8))
+    return ImageSplit(images, split.labels)
+
+
+def _classifier_weight(member: torch.nn.Module) -> str:
+    """``state_dict`` name of the weight of timm's ``get_classifier()`` layer."""
+    head = member.get_classifier()
+    for name, module in member.named_modules():
+        if module is head and isinstance(getattr(module, "weight", None), torch.nn.Parameter):
+            return f"{name}.weight"
+    raise FreeTicketsError(f"{type(member).__name__}: its classifier has no weight to replace")
+
+
+@torch.inference_mode()
+def _diversity(
+    model: EnsembleModel, data: ImageData, batch_size: int, device: torch.device, *, labelled: bool = True
+) -> dict[str, Any]:
+    """Prediction diversity (disagreement, KL, mutual information) on the test split, the members'
+    feature similarity (linear CKA of the pooled pre-logit features) and their masks' distance;
+    accuracies only when ``labelled`` (the model predicts the split's labels)."""
+    model.to(device).eval()
+    logits, features = [], []
+    for member in model.members:
+        member_features, member_logits = [], []
+        for images in data.eval_batches(data.test, batch_size, device):
+            maps = member.forward_features(images)
+            member_features.append(member.forward_head(maps, pre_logits=True).float().cpu())
+            member_logits.append(member.forward_head(maps).float().cpu())
+        features.append(torch.cat(member_features))
+        logits.append(torch.cat(member_logits))
+    model.cpu()
+    member_logits = torch.stack(logits)  # (M, N, K)
+    out = combine_member_logits(member_logits, 1.0)
+    pairs = prediction_diversity(member_logits)
+    masks = mask_distance(model.masks)
+    num = model.num_members
+    cka = [[_linear_cka(features[i], features[j]) for j in range(num)] for i in range(num)]
+    off_diagonal = [cka[i][j] for i in range(num) for j in range(num) if i != j]
+    labels = data.test.labels
+    return {
+        "accuracy": (out.probs.argmax(-1) == labels).float().mean().item() if labelled else None,
+        "member_accuracy": [(lg.argmax(-1) == labels).float().mean().item() for lg in member_logits]
+        if labelled
+        else None,
+        "disagreement": out.disagreement.mean().item(),  # share of members off the ensemble's top-1
+        "pairwise_disagreement": pairs["disagreement"]["mean"],
+        "pairwise_kl": pairs["kl"]["mean"],
+        "mutual_information": out.mutual_information.mean().item(),
+        "feature_cka": sum(off_diagonal) / len(off_diagonal) if off_diagonal else None,  # one member: none
+        "mask_jaccard_distance": masks["overall"]["jaccard"]["mean"] if masks else None,
+        "matrices": {"disagreement": pairs["disagreement"]["matrix"], "kl": pairs["kl"]["matrix"], "feature_cka": cka},
+    }
+
+
+def _linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear centred kernel alignment of two ``(N, D)`` feature sets (Kornblith et al., 2019): 1 = same."""
+    x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
+    cross = (x.T @ y).norm() ** 2
+    denominator = (x.T @ x).norm() * (y.T @ y).norm()
+    return (cross / denominator).item() if denominator > 0 else 0.0
+
+
+def _linear_probe_costs(costs: dict[str, Any], model: EnsembleModel, data: ImageData) -> None:
+    """A linear probe runs the backbone forward only: one sparse forward plus the heads' backward per image."""
+    member = model.members[0]
+    name = _classifier_weight(member)
+    head = layer_flops(member, data.input_size).per_weight[name]
+    density = model.masks[0][name].float().mean().item() if name in model.masks[0] else 1.0
+    images = costs["train_images_processed"]
+    costs["training_flops"] = images * (costs["inference_flops_member"] + 2 * head * density)
+    dense = costs["training_flops_dense_same_steps"]
+    costs["training_flops_ratio_vs_dense_same_steps"] = costs["training_flops"] / dense if dense else 0.0
+
+
+def format_diversity(summary: dict[str, Any]) -> str:
+    """Diversity of the members on the new test split, before and after fine-tuning, as a table."""
+    diversity = summary["finetune"]["diversity"]
+    keys = ("disagreement", "pairwise_kl", "mutual_information", "feature_cka", "mask_jaccard_distance")
+    rows = [f"{'diversity':<10} " + " ".join(f"{k:>21}" for k in keys)]
+    for when in ("before", "after"):
+        values = [diversity[when][k] for k in keys]
+        rows.append(f"{when:<10} " + " ".join(f"{v:>21.4f}" if v is not None else f"{'n/a':>21}" for v in values))
+    if diversity["before"]["label_space"] == "base":
+        rows.append("(before: the base members with their own heads, in the base model's label space)")
+    return "\n".join(rows)
