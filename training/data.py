@@ -9,9 +9,10 @@ table decoded per image through timm's ``create_transform`` in DataLoader worker
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -239,15 +240,7 @@ def _streamed_data(
     input_size = (channels, recipe.image_size, recipe.image_size)
     mean = IMAGENET_DEFAULT_MEAN if channels == 3 else (0.5,)
     std = IMAGENET_DEFAULT_STD if channels == 3 else (0.5,)
-    transform = create_transform(
-        input_size,
-        is_training=True,
-        auto_augment=recipe.auto_augment,
-        color_jitter=recipe.color_jitter,
-        mean=mean,
-        std=std,
-        interpolation="bilinear",
-    )
+    transform = timm_train_transform(recipe, input_size, mean, std, "bilinear")
     return ImageData(
         train, val, test, label_names, input_size, tuple(mean), tuple(std), 0.875, "bilinear", train_transform=transform
     )
@@ -304,3 +297,21 @@ def augment_batch(images: torch.Tensor, mode: str, pad: int, generator: torch.Ge
         flip = torch.rand(batch, generator=generator) < 0.5
         out[flip] = out[flip].flip(-1)
     return out
+
+
+def timm_train_transform(
+    recipe: Recipe | Any, input_size: tuple[int, ...], mean: Sequence[float], std: Sequence[float], interpolation: str
+) -> Callable[[Any], Any]:
+    """timm's training pipeline for streamed images with ``recipe``'s ``auto_augment`` and ``color_jitter``.
+
+    ``recipe`` is a training or fine-tuning recipe (both name those keys the same way).
+    """
+    return create_transform(
+        input_size,
+        is_training=True,
+        auto_augment=recipe.auto_augment,
+        color_jitter=recipe.color_jitter,
+        mean=mean,
+        std=std,
+        interpolation=interpolation,
+    )

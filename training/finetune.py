@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
-from timm.data import create_transform
 
 from freetickets_hub.config import EnsembleConfig, EnsembleInfo
 from freetickets_hub.ensemble import EnsembleModel
@@ -40,7 +39,7 @@ from freetickets_hub.preprocessing import preprocess
 
 from .checkpoint import CHECKPOINTS, latest_checkpoint
 from .costs import layer_flops
-from .data import ImageData, ImageSplit, Split, StreamedSplit, load_image_data
+from .data import ImageData, ImageSplit, Split, StreamedSplit, load_image_data, timm_train_transform
 from .finetune_recipe import MODES, FineTuneRecipe, load_finetune_recipe, resolve_pretrained_cfg
 from .sparsity import draw_masks, nonzero_counts
 from .train import train
@@ -255,15 +254,7 @@ def _fit_data(data: ImageData, cfg: dict[str, Any], recipe: FineTuneRecipe) -> I
     if data.streamed:
         mode = "L" if input_size[0] == 1 else "RGB"
         train, val, test = (_with_mode(s, mode) if s is not None else None for s in (data.train, data.val, data.test))
-        transform = create_transform(
-            input_size,
-            is_training=True,
-            auto_augment=recipe.auto_augment,
-            color_jitter=recipe.color_jitter,
-            mean=mean,
-            std=std,
-            interpolation=cfg["interpolation"],
-        )
+        transform = timm_train_transform(recipe, input_size, mean, std, cfg["interpolation"])
     else:
         train, val, test = (_fit_split(s, cfg) if s is not None else None for s in (data.train, data.val, data.test))
     assert train is not None and test is not None
