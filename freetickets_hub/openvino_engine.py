@@ -19,14 +19,11 @@ import numpy as np
 
 from .config import EnsembleConfig
 from .errors import ArtifactError, MissingDependencyError
-from .hub import CONFIG_NAME, resolve_file
 from .runtime import (
     METADATA_NUM_MEMBERS,
     METADATA_TEMPERATURE,
-    ONNX_DATA_NAME,
     OnnxEnsemble,
-    _refers_to_external_data,
-    variant_graph_name,
+    resolve_graph,
 )
 
 __all__ = ["PRECISIONS", "OpenVinoEnsemble", "has_openvino"]
@@ -132,12 +129,8 @@ class OpenVinoEnsemble(OnnxEnsemble):
         local_files_only: bool = False,
     ) -> OpenVinoEnsemble:
         """Load ``config.json`` and the ``variant`` graph (``fp32`` or ``int8``) from a folder or a Hub repo."""
-        download: dict[str, Any] = dict(revision=revision, cache_dir=cache_dir, force_download=force_download)
-        download.update(token=token, local_files_only=local_files_only)
-        config = EnsembleConfig.from_json_file(str(resolve_file(repo_or_dir, CONFIG_NAME, **download)))
-        graph = resolve_file(repo_or_dir, variant_graph_name(variant), **download)
-        if _refers_to_external_data(graph):
-            resolve_file(repo_or_dir, ONNX_DATA_NAME, **download)  # lands beside the graph, where OpenVINO looks
+        download = dict(revision=revision, cache_dir=cache_dir, force_download=force_download)
+        graph, config = resolve_graph(repo_or_dir, variant, **download, token=token, local_files_only=local_files_only)
         return cls(graph, config, device=device, precision=precision, num_threads=num_threads)
 
     @property

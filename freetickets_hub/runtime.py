@@ -31,6 +31,7 @@ __all__ = [
     "ONNX_VARIANTS",
     "OnnxEnsemble",
     "has_onnxruntime",
+    "resolve_graph",
     "variant_graph_name",
 ]
 
@@ -154,13 +155,8 @@ class OnnxEnsemble:
         Raises:
             ValueError: an unknown ``variant``.
         """
-        graph_name = variant_graph_name(variant)
-        download: dict[str, Any] = dict(revision=revision, cache_dir=cache_dir, force_download=force_download)
-        download.update(token=token, local_files_only=local_files_only)
-        config = EnsembleConfig.from_json_file(str(resolve_file(repo_or_dir, CONFIG_NAME, **download)))
-        graph = resolve_file(repo_or_dir, graph_name, **download)
-        if _refers_to_external_data(graph):
-            resolve_file(repo_or_dir, ONNX_DATA_NAME, **download)  # lands beside the graph, where ORT looks
+        download = dict(revision=revision, cache_dir=cache_dir, force_download=force_download)
+        graph, config = resolve_graph(repo_or_dir, variant, **download, token=token, local_files_only=local_files_only)
         return cls(
             graph, config, providers=providers, allow_cpu_fallback=allow_cpu_fallback, session_options=session_options
         )
@@ -253,6 +249,21 @@ class OnnxEnsemble:
         if bad:
             raise ValueError(f"pixel_values contains {bad} NaN or infinite value(s)")
         return pixel_values
+
+
+def resolve_graph(repo_or_dir: str | os.PathLike[str], variant: str, **download: Any) -> tuple[Path, EnsembleConfig]:
+    """The local path of ``variant``'s graph and the config, from a folder or a Hub repo (``hf_hub_download``
+    arguments in ``download``); the graph's external data is fetched beside it only when the graph refers to it.
+
+    Raises:
+        ValueError: an unknown ``variant``.
+    """
+    graph_name = variant_graph_name(variant)
+    config = EnsembleConfig.from_json_file(str(resolve_file(repo_or_dir, CONFIG_NAME, **download)))
+    graph = resolve_file(repo_or_dir, graph_name, **download)
+    if _refers_to_external_data(graph):
+        resolve_file(repo_or_dir, ONNX_DATA_NAME, **download)  # lands beside the graph, where the runtime looks
+    return graph, config
 
 
 def variant_graph_name(variant: str) -> str:
