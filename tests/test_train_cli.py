@@ -212,3 +212,34 @@ def test_calibrate_on_the_runs_own_validation_carve(
     calibrated = json.loads((out / "config.json").read_text())["ensemble"]["calibration"]
     assert calibrated["temperature"] == 1.5
     assert calibrated["fit_on"] == f"{tiny_dataset}:validation (24 images)"
+
+
+def test_exclude_classes_drops_their_rows_and_renumbers_the_rest(tiny_dataset: Path) -> None:
+    full = load_image_data(load_recipe(None, [f"dataset={tiny_dataset}", "val_size=0"]))
+    held = load_image_data(load_recipe(None, [f"dataset={tiny_dataset}", "val_size=12", "exclude_classes=[square]"]))
+    assert held.label_names == ["circle", "cross"]
+    kept_rows = full.test.labels != 1
+    assert torch.equal(held.test.images, full.test.images[kept_rows])
+    assert torch.equal(held.test.labels, full.test.labels[kept_rows].div(2, rounding_mode="floor"))
+    assert set(held.train.labels.tolist()) | set(held.val.labels.tolist()) == {0, 1}
+    assert len(held.train) + len(held.val) == int((full.train.labels != 1).sum())
+
+
+def test_exclude_classes_trains_a_head_without_them(tmp_path: Path, tiny_dataset: Path) -> None:
+    _train(tmp_path, tiny_dataset, "exclude_classes=[cross]", "num_members=1", "explore_epochs=1", "refine_epochs=1")
+    model = EnsembleModel.from_pretrained(tmp_path)
+    assert model.config.label_names == ["circle", "square"]
+    assert model.members[0].get_classifier().out_features == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("[hexagon]", r"\['hexagon'\] are not classes"),
+        ("[circle, square]", "leaves 1 class"),
+        ("[cross, cross]", "twice"),
+    ],
+)
+def test_exclude_classes_refuses_what_it_cannot_hold_out(tiny_dataset: Path, value: str, message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        load_image_data(load_recipe(None, [f"dataset={tiny_dataset}", "val_size=0", f"exclude_classes={value}"]))

@@ -194,6 +194,8 @@ def load_image_data(recipe: Recipe) -> ImageData:
     else:
         train = _to_tensors(train_ds, image_col, label_col, mode)
         test = _to_tensors(test_ds, image_col, label_col, mode)
+    if recipe.exclude_classes:
+        train, test, label_names = _exclude_classes(train, test, list(label_names), recipe.exclude_classes)
     test = test.head(recipe.max_test_samples)
     # normalisation statistics of the whole train split, before the seeded carve: runs of one recipe
     # with different seeds then preprocess alike, so their members can be merged (DST)
@@ -208,6 +210,33 @@ def load_image_data(recipe: Recipe) -> ImageData:
     if isinstance(train, StreamedSplit) or stats is None:
         return _streamed_data(recipe, train, val, test, list(label_names), mode)
     return ImageData(train, val, test, list(label_names), tuple(train.images.shape[1:]), *stats)
+
+
+def _exclude_classes(
+    train: Split, test: Split, label_names: list[str], excluded: Sequence[str]
+) -> tuple[Split, Split, list[str]]:
+    """Drop the rows of the ``excluded`` classes from both splits and renumber the rest in their order.
+
+    Raises:
+        RecipeError: a name is not one of ``label_names``, or nothing would be left to train on.
+    """
+    unknown = [name for name in excluded if name not in label_names]
+    if unknown:
+        raise RecipeError(f"recipe key 'exclude_classes': {unknown} are not classes of the dataset {label_names}")
+    kept = [name for name in label_names if name not in excluded]
+    if len(kept) < 2:
+        raise RecipeError(f"recipe key 'exclude_classes' leaves {len(kept)} class(es); a classifier needs two")
+    new_ids = torch.full((len(label_names),), -1, dtype=torch.long)
+    new_ids[[label_names.index(name) for name in kept]] = torch.arange(len(kept))
+
+    def keep(split: Split) -> Split:
+        labels = new_ids[split.labels]
+        rows = (labels >= 0).nonzero().squeeze(1)
+        if isinstance(split, StreamedSplit):
+            return StreamedSplit(split.table.select(rows.tolist()), split.image_col, split.mode, labels[rows])
+        return ImageSplit(split.images[rows], labels[rows])
+
+    return keep(train), keep(test), kept
 
 
 def _channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:

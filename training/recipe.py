@@ -46,6 +46,7 @@ class Recipe:
     val_size: int = 5000  # carved from the train split with `seed`; used for ticket selection
     max_train_samples: int | None = None  # cap after the validation split is carved
     max_test_samples: int | None = None
+    exclude_classes: list[str] = field(default_factory=list)  # label names held out of every split (near-OOD)
     augment: str = "pad_crop_flip"  # pad_crop_flip | crop | none (in-memory) | timm (ImageNet-style, streamed)
     pad: int = 2  # padding of the random crop
     image_size: int | None = None  # augment "timm": the square input size, e.g. 224
@@ -136,6 +137,8 @@ class Recipe:
             raise RecipeError(f"method {self.method!r} needs epochs >= 1")
         if not self.refine_lrs:
             raise RecipeError("recipe key 'refine_lrs' must list at least one learning rate")
+        if len(set(self.exclude_classes)) != len(self.exclude_classes):
+            raise RecipeError(f"recipe key 'exclude_classes' lists a class twice: {self.exclude_classes}")
         if self.color_jitter < 0:
             raise RecipeError(f"recipe key 'color_jitter' must not be negative, got {self.color_jitter}")
         _check_milestones("lr_milestones", self.lr_milestones, self.epochs, "epochs")
@@ -232,8 +235,17 @@ def _check_types(recipe: Any) -> None:
         if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
             names = ", ".join(t.__name__ for t in allowed)
             raise RecipeError(f"recipe key {f.name!r} must be of type {names}, got {value!r}")
-        if list in allowed and isinstance(value, list) and not all(isinstance(v, (int, float)) for v in value):
-            raise RecipeError(f"recipe key {f.name!r} must be a list of numbers, got {value!r}")
+        if list in allowed and isinstance(value, list):
+            if _list_of_strings(hints[f.name]):
+                if not all(isinstance(v, str) for v in value):
+                    raise RecipeError(f"recipe key {f.name!r} must be a list of names, got {value!r}")
+            elif not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                raise RecipeError(f"recipe key {f.name!r} must be a list of numbers, got {value!r}")
+
+
+def _list_of_strings(hint: Any) -> bool:
+    lists = [arg for arg in (typing.get_args(hint) or (hint,)) if typing.get_origin(arg) is list] or [hint]
+    return typing.get_args(lists[0]) == (str,)
 
 
 def _runtime_types(hint: Any) -> tuple[type, ...]:
