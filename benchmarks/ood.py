@@ -23,13 +23,24 @@ the output folder and the tables in ``benchmarks/RESULTS.md`` (section ``ood-cpu
 from __future__ import annotations
 
 import argparse
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from quality_runs import REPO, RunSpec, epoch_budget, train_run
+import torch
+from ood_report import report, select_lever
+from quality_runs import REPO, RunSpec, epoch_budget, load_shared_data, train_run
+from safetensors.torch import load_file, save_file
+
+from freetickets_hub.ensemble import EnsembleModel
+from freetickets_hub.evaluation import create_accelerator, load_eval_split, run_inference
+from freetickets_hub.evaluation.ood_suite import SHIFTS, SYNTHETIC, shifted_images, synthetic_images
+from freetickets_hub.files import atomic_path
+from freetickets_hub.training.data import ImageData, load_image_data
 
 DST_RECIPE = "training/recipes/fmnist_wrn10_2_dst.yaml"
 EDST_RECIPE = "training/recipes/fmnist_wrn10_2_edst.yaml"
@@ -37,6 +48,12 @@ HELD_OUT = ("Shirt", "Sneaker")
 SEEDS = (0, 1, 2)
 NUM_MEMBERS = 3
 SPARSITY = 0.8
+TEST_SET_IMAGES = 500  # per synthetic / shifted test-time set (test images [:500] are shifted)
+VAL_SET_IMAGES = 250  # per synthetic / shifted validation set (validation images [:250] are shifted)
+NEAR_VAL_IMAGES = 1000  # held-out classes' *training* images: the validation near-OOD set
+TEST_SEED, VAL_SEED = 1, 2  # noise of the test-time and validation sets
+LOGITS_NAME = "ood_logits.safetensors"  # member logits of a run on every set, cached
+BN_RUNS = ("single_dense_s0", "dense_ensemble_s0", "dst_ensemble_s0", "edst_ensemble_s0")
 
 
 @dataclass(frozen=True)
@@ -63,12 +80,18 @@ LEVERS = {  # EDST at seed 0, one change each; the same epochs (training FLOPs c
     "edst_reset0.05": ("refinement LR reset to 0.05 (default 0.01)", ["refine_lrs=[0.05, 0.01, 0.001]"]),
     "edst_explore6": ("exploration 6 + 3 x 1 epochs (default 3 + 3 x 2)", ["explore_epochs=6", "refine_epochs=1"]),
     "edst_s0.5": ("sparsity 0.5 (default 0.8)", ["sparsity=0.5"]),
+    "edst_s0.9": ("sparsity 0.9 (default 0.8)", ["sparsity=0.9"]),
     "edst_uniform": ("uniform layer densities (default ERK)", ["distribution=uniform"]),
 }
 
 
 def build_specs(preset: Preset, dataset: str) -> list[RunSpec]:
-    """The seeded method runs (seed-major) and then the lever runs."""
+    """The seeded method runs (seed-major) and then the lever runs (seed 0)."""
+    return [*build_specs_methods(preset, dataset), *(lever_spec(preset, dataset, name, 0) for name in LEVERS)]
+
+
+def build_specs_methods(preset: Preset, dataset: str) -> list[RunSpec]:
+    """Every method at every seed (ensemble member i trains with the recipe seed + i)."""
     t_ex, t_re = epoch_budget(preset.epochs)
     held_out = ", ".join(HELD_OUT)
     common = [
@@ -91,16 +114,135 @@ def build_specs(preset: Preset, dataset: str) -> list[RunSpec]:
     for seed in SEEDS:
         for name, (label, recipe, own) in METHODS.items():
             members = [] if name == "single_dense" else [f"num_members={NUM_MEMBERS}"]
-            # the carve is seeded by the recipe seed; member i of an ensemble trains with seed + i
+            # the carve is seeded by the recipe seed too
             seeding = [f"seed={10 * seed}"]
             plan = schedule["edst" if name.startswith("edst") else "dense_like"]
             specs.append(
                 RunSpec(f"{name}_s{seed}", f"{label} (seed {seed})", recipe, [*common, *seeding, *plan, *members, *own])
             )
-    for name, (label, own) in LEVERS.items():
-        overrides = [*common, "seed=0", *schedule["edst"], f"num_members={NUM_MEMBERS}", "method=edst", *own]
-        specs.append(RunSpec(name, label, EDST_RECIPE, overrides))
     return specs
+
+
+def lever_spec(preset: Preset, dataset: str, lever: str, seed: int) -> RunSpec:
+    """EDST with one lever changed; seed 0 is the lever run itself, other seeds confirm a selected lever."""
+    label, own = LEVERS[lever]
+    edst = next(s for s in build_specs_methods(preset, dataset) if s.name == f"edst_ensemble_s{seed}")
+    name = lever if seed == 0 else f"{lever}_s{seed}"
+    return RunSpec(name, f"{label} (seed {seed})" if seed else label, EDST_RECIPE, [*edst.overrides, *own])
+
+
+@dataclass(frozen=True)
+class OodSet:
+    """Images the model should flag, and which kind of shift they stand for (far / shifted / near)."""
+
+    name: str
+    kind: str
+    images: torch.Tensor  # (N, C, H, W) uint8 at the model's input size
+
+
+def suite(inside: torch.Tensor, near: torch.Tensor, count: int, seed: int, digits: torch.Tensor | None) -> list[OodSet]:
+    """The suite around ``inside``: held-out classes, digits (test time only), synthetic and shifted images."""
+    shape = tuple(inside.shape[1:])
+    sets = [OodSet("held-out classes", "near", near)]
+    if digits is not None:
+        sets.append(OodSet("sklearn:digits", "far", digits))
+    sets += [OodSet(f"synthetic:{name}", "far", synthetic_images(name, count, shape, seed=seed)) for name in SYNTHETIC]
+    sets += [OodSet(f"shift:{name}", "shifted", shifted_images(name, inside[:count], seed=seed)) for name in SHIFTS]
+    return sets
+
+
+@dataclass
+class SeedGroup:
+    """The data every run with one recipe seed shares: its validation carve, the test split, both suites."""
+
+    data: ImageData
+    test_sets: list[OodSet]
+    val_sets: list[OodSet]
+
+
+def held_out_images(spec: RunSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Test and training images of the held-out classes (the training ones never reach any run)."""
+    full = load_image_data(replace(spec.load(), exclude_classes=[], val_size=0, max_train_samples=None))
+    ids = torch.tensor([full.label_names.index(name) for name in HELD_OUT])
+    return full.test.images[torch.isin(full.test.labels, ids)], full.train.images[torch.isin(full.train.labels, ids)]
+
+
+def seed_groups(specs: list[RunSpec], out: Path) -> dict[int, SeedGroup]:
+    """One :class:`SeedGroup` per recipe seed (the test-time suite is built once and shared)."""
+    by_seed: dict[int, list[RunSpec]] = {}
+    for spec in specs:
+        by_seed.setdefault(spec.load().seed, []).append(spec)
+    near_test, near_train = held_out_images(specs[0])
+    groups, test_sets = {}, None
+    for seed, members in by_seed.items():
+        data = load_shared_data(members)
+        if test_sets is None:  # the test split is the same for every seed
+            probe = EnsembleModel.from_pretrained(out / members[0].name).config
+            digits = load_eval_split("sklearn:digits", probe, require_labels=False).images
+            test_sets = suite(data.test.images, near_test, TEST_SET_IMAGES, TEST_SEED, digits)
+        val_sets = suite(data.val.images, near_train[:NEAR_VAL_IMAGES], VAL_SET_IMAGES, VAL_SEED, None)
+        groups[seed] = SeedGroup(data, test_sets, val_sets)
+    return groups
+
+
+def run_logits(folder: Path, group: SeedGroup, accelerator: Any, *, bn: bool) -> dict[str, torch.Tensor]:
+    """Member logits ``(M, N, K)`` of one run on the validation carve, the test split and every set (cached).
+
+    With ``bn``, also the logits after recomputing every member's BatchNorm statistics on its own
+    training images (keys ``bn/...``): the BatchNorm diagnostic.
+    """
+    cache = folder / LOGITS_NAME
+    settings = json.dumps(
+        {
+            "test": [(s.name, len(s.images)) for s in group.test_sets],
+            "val": [(s.name, len(s.images)) for s in group.val_sets],
+            "bn": bn,
+            "model_mtime_ns": (folder / "model.safetensors").stat().st_mtime_ns,
+        }
+    )
+    if cache.exists():
+        from safetensors import safe_open
+
+        with safe_open(cache, "pt") as handle:
+            if (handle.metadata() or {}).get("settings") == settings:
+                return load_file(cache)
+    print(f"evaluate {folder.name} on {len(group.test_sets) + len(group.val_sets)} sets", flush=True)
+    model = EnsembleModel.from_pretrained(folder)
+
+    def infer(images: torch.Tensor, desc: str) -> torch.Tensor:
+        return run_inference(model, images, accelerator, batch_size=500, desc=desc).member_logits
+
+    def test_time(prefix: str) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}test": infer(group.data.test.images, "test")}
+        out.update({f"{prefix}test/{s.name}": infer(s.images, s.name) for s in group.test_sets})
+        return out
+
+    logits = {"val": infer(group.data.val.images, "validation"), **test_time("")}
+    logits.update({f"val/{s.name}": infer(s.images, s.name) for s in group.val_sets})
+    if bn:
+        recompute_batchnorm(model, group.data.train.images, accelerator.device)
+        logits.update(test_time("bn/"))
+    with atomic_path(cache) as tmp:
+        save_file({k: v.contiguous() for k, v in logits.items()}, tmp, metadata={"settings": settings})
+    return logits
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: EnsembleModel, images: torch.Tensor, device: torch.device, batch: int = 500) -> None:
+    """Replace every member's BatchNorm running statistics by exact averages over ``images`` (clean, no augment)."""
+    cfg = model.config.pretrained_cfg
+    mean = torch.tensor(cfg["mean"], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg["std"], device=device).view(1, -1, 1, 1)
+    model.to(device)
+    for member in model.members:
+        norms = [m for m in member.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # cumulative average over the batches below
+        member.train()
+        for start in range(0, len(images), batch):
+            member((images[start : start + batch].to(device).float() / 255 - mean) / std)
+        member.eval()
 
 
 def main() -> None:
@@ -108,6 +250,7 @@ def main() -> None:
     parser.add_argument("--output-dir", default=str(REPO / "runs" / "ood-cpu"))
     parser.add_argument("--dataset", default=str(REPO.parent / "shared" / "datasets" / "fashion_mnist"))
     parser.add_argument("--stage", choices=("train", "all"), default="all")
+    parser.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"), help="'' to leave it alone")
     args = parser.parse_args()
     out = Path(args.output_dir)
     specs = build_specs(PRESET, args.dataset)
@@ -115,6 +258,21 @@ def main() -> None:
         train_run(spec, out / spec.name)
     if args.stage == "train":
         return
+    groups = seed_groups(specs, out)
+    accelerator = create_accelerator()
+    logits = {}
+    for spec in specs:
+        group = groups[spec.load().seed]
+        logits[spec.name] = run_logits(out / spec.name, group, accelerator, bn=spec.name in BN_RUNS)
+    selected = select_lever(logits, groups, ["edst_ensemble_s0", *LEVERS])
+    print(f"selected on the validation suite: {selected}", flush=True)
+    if selected in LEVERS:  # confirm it with the other seeds before any claim
+        for seed in SEEDS[1:]:
+            spec = lever_spec(PRESET, args.dataset, selected, seed)
+            train_run(spec, out / spec.name)
+            logits[spec.name] = run_logits(out / spec.name, groups[spec.load().seed], accelerator, bn=False)
+            specs.append(spec)
+    report(specs, groups, logits, out, args.results_md)
 
 
 if __name__ == "__main__":

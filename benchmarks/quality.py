@@ -47,6 +47,8 @@ ROBUSTNESS_HEADER = [
     "method",
     "AUROC H",
     "AUROC MI",
+    "AUROC H shifted",
+    "AUROC H far",
     "corr. acc",
     "corr. NLL",
     "disagree",
@@ -158,6 +160,8 @@ def collect(spec: RunSpec, summary: dict[str, Any], evaluation: dict[str, Any], 
         "mean_member_nll_calibrated": evaluation["mean_member"]["calibrated"]["nll"],
         "ood_auroc_entropy": ood["entropy"]["auroc"] if ood else None,
         "ood_auroc_mutual_information": (ood["mutual_information"] or {}).get("auroc") if ood else None,
+        "ood_auroc_entropy_shifted": ood["kinds"]["shifted"]["entropy"] if ood else None,
+        "ood_auroc_entropy_far": ood["kinds"]["far"]["entropy"] if ood else None,
         "corruption_accuracy": corruptions["accuracy"] if corruptions else None,
         "corruption_nll": corruptions["nll"] if corruptions else None,
         "disagreement": evaluation["diversity"]["disagreement"],
@@ -241,6 +245,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     ]
     robustness = [
         [r["label"], r["ood_auroc_entropy"], r["ood_auroc_mutual_information"],
+         r["ood_auroc_entropy_shifted"], r["ood_auroc_entropy_far"],
          _percent(r["corruption_accuracy"]), r["corruption_nll"], r["disagreement"],
          _percent(r["mean_member_accuracy"]), r["mean_member_nll_calibrated"]]
         for r in rows.values()
@@ -269,7 +274,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         markdown_table(QUALITY_HEADER, quality),
         "",
-        f"OOD AUROC vs digits (score: -entropy, -mutual information), mean over {len(results['corruptions'])} "
+        "OOD AUROC vs digits (score: -entropy, -mutual information); entropy AUROC averaged over the shifted "
+        "suite (9 corruptions at severity 5, inverted, rotated 90°: 500 test images each) and the far suite "
+        "(digits, Gaussian / uniform noise, constant images; `benchmarks/ood.py` has seeds and intervals); "
+        f"mean over {len(results['corruptions'])} "
         f"corruptions x 5 severities on the first {settings['corruption_images']} test images (calibrated), "
         "pairwise member disagreement, and the mean member (accuracy; NLL with its own temperature):",
         "",

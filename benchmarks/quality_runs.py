@@ -32,6 +32,7 @@ from freetickets_hub.evaluation import (
     prediction_diversity,
     run_inference,
 )
+from freetickets_hub.evaluation.ood_suite import SHIFTS, SYNTHETIC, shifted_images, synthetic_images
 from freetickets_hub.files import write_text_atomic
 from freetickets_hub.metrics import classification_metrics, detection_metrics
 from freetickets_hub.outputs import combine_member_logits
@@ -44,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 SPEC_NAME = "benchmark_spec.json"  # what the folder was asked to train, and the wall time of each attempt
 EVAL_NAME = "benchmark_eval.json"  # cached evaluation, keyed by the settings that produced it
 OOD_SOURCE = "sklearn:digits"
+SUITE_IMAGES = 500  # images per synthetic set and per shifted copy of the test split
 METRIC_KEYS = ("accuracy", "nll", "ece", "brier")
 
 
@@ -64,7 +66,8 @@ class RunSpec:
 class EvalSettings:
     """What to measure on a trained run (everything on the recipe's test split and validation carve)."""
 
-    ood: bool = True  # OOD AUROC against scikit-learn's digits (all 1,797, resized to the input size)
+    ood: bool = True  # OOD detection: scikit-learn's digits (all 1,797) and the far / shifted suite (500 each)
+    ood_suite_images: int = SUITE_IMAGES
     corruption_images: int = 0  # first N test images, every corruption at severities 1-5 (0: skip)
     batch_size: int = 500
 
@@ -211,7 +214,9 @@ def evaluate_run(
         "mask_jaccard": None if single or masks is None else masks["overall"]["jaccard"]["mean"],
     }
     if settings.ood:
-        results["ood"] = _ood(model, test_logits, fit.temperature, accelerator, settings.batch_size)
+        results["ood"] = _ood(
+            model, test, test_logits, fit.temperature, accelerator, settings.batch_size, settings.ood_suite_images
+        )
     if settings.corruption_images:
         count = min(settings.corruption_images, len(test))
         subset = EvalSplit("fashion_mnist", f"test[:{count}]", test.images[:count], test.labels[:count])
@@ -241,20 +246,48 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _ood(
-    model: EnsembleModel, test_logits: torch.Tensor, temperature: float, accelerator: Any, batch_size: int
+    model: EnsembleModel,
+    test: EvalSplit,
+    test_logits: torch.Tensor,
+    temperature: float,
+    accelerator: Any,
+    batch_size: int,
+    suite_images: int,
 ) -> dict[str, Any]:
-    """AUROC of telling Fashion-MNIST test images (positive) from digits, by -entropy and -MI."""
+    """Telling Fashion-MNIST test images (positive) from digits and from the far / shifted OOD suite.
+
+    The digits keep their own keys (``msp``, ``entropy``, ``mutual_information``: detection metrics);
+    ``suite`` scores every synthetic set and shifted copy of the first ``suite_images`` test images,
+    and ``kinds`` averages each score's AUROC over the sets of a kind (digits count as far).
+    """
     digits = load_eval_split(OOD_SOURCE, model.config, require_labels=False)
-    ood_logits = run_inference(model, digits.images, accelerator, batch_size=batch_size, desc="OOD").member_logits
     inside = combine_member_logits(test_logits, temperature)
-    outside = combine_member_logits(ood_logits, temperature)
-    scores = {
-        "msp": (inside.probs.max(-1).values, outside.probs.max(-1).values),
-        "entropy": (-inside.entropy, -outside.entropy),
-        "mutual_information": (-inside.mutual_information, -outside.mutual_information),
-    }
-    out: dict[str, Any] = {"source": OOD_SOURCE, "num_images": len(digits)}
-    for name, (a, b) in scores.items():
+
+    def detect(images: torch.Tensor, desc: str) -> dict[str, Any]:
+        logits = run_inference(model, images, accelerator, batch_size=batch_size, desc=desc).member_logits
+        outside = combine_member_logits(logits, temperature)
+        scores = {
+            "msp": (inside.probs.max(-1).values, outside.probs.max(-1).values),
+            "entropy": (-inside.entropy, -outside.entropy),
+            "mutual_information": (-inside.mutual_information, -outside.mutual_information),
+        }
         # one member has no mutual information: the score is constant and says nothing
-        out[name] = None if name == "mutual_information" and model.num_members == 1 else detection_metrics(a, b)
+        single = model.num_members == 1
+        return {k: None if k == "mutual_information" and single else detection_metrics(*v) for k, v in scores.items()}
+
+    out: dict[str, Any] = {"source": OOD_SOURCE, "num_images": len(digits), **detect(digits.images, "OOD digits")}
+    shape = tuple(test.images.shape[1:])
+    count = min(suite_images, len(test))
+    sets = {f"synthetic:{n}": ("far", synthetic_images(n, count, shape, seed=1)) for n in SYNTHETIC}
+    sets |= {f"shift:{n}": ("shifted", shifted_images(n, test.images[:count], seed=1)) for n in SHIFTS}
+    out["suite"] = {name: {"kind": kind, **detect(images, name)} for name, (kind, images) in sets.items()}
+    rows = [("far", out), *((e["kind"], e) for e in out["suite"].values())]
+    out["kinds"] = {
+        kind: {
+            score: float(sum(e[score]["auroc"] for k, e in rows if k == kind) / sum(k == kind for k, _ in rows))
+            for score in ("msp", "entropy", "mutual_information")
+            if out[score] is not None
+        }
+        for kind in ("shifted", "far")
+    }
     return out

@@ -28,6 +28,8 @@ NUMBERS = [
     "mean_member_nll_calibrated",
     "ood_auroc_entropy",
     "ood_auroc_mutual_information",
+    "ood_auroc_entropy_shifted",
+    "ood_auroc_entropy_far",
     "corruption_accuracy",
     "corruption_nll",
     "disagreement",

@@ -1,0 +1,77 @@
+"""benchmarks/ood.py and its statistics: valid run grid, exact bootstrap metrics, intervals that cover, pairing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+from freetickets_hub.metrics import detection_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def benchmarks(monkeypatch: pytest.MonkeyPatch) -> tuple[ModuleType, ModuleType]:
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import ood
+    import ood_stats
+
+    return ood, ood_stats
+
+
+def test_the_grid_is_three_seeds_of_four_methods_and_edst_levers(benchmarks: tuple[ModuleType, ModuleType]) -> None:
+    ood, _ = benchmarks
+    specs = ood.build_specs(ood.PRESET, "../shared/datasets/fashion_mnist")
+    recipes = {spec.name: spec.load() for spec in specs}  # strict: an unknown key or bad value raises
+    for method in ood.METHODS:
+        assert {recipes[f"{method}_s{seed}"].seed for seed in ood.SEEDS} == {0, 10, 20}
+    assert all(r.exclude_classes == list(ood.HELD_OUT) for r in recipes.values())
+    edst, dense = recipes["edst_ensemble_s0"], recipes["single_dense_s0"]
+    assert (edst.explore_epochs + 3 * edst.refine_epochs) / dense.epochs == pytest.approx(1.8)
+    for name in ood.LEVERS:  # one change each from the grid's EDST at seed 0
+        changed = {k for k, v in recipes[name].to_dict().items() if v != edst.to_dict()[k]}
+        assert recipes[name].method == "edst" and recipes[name].seed == 0 and 1 <= len(changed) <= 2, (name, changed)
+
+
+def test_unit_draw_reproduces_detection_metrics(benchmarks: tuple[ModuleType, ModuleType]) -> None:
+    _, stats = benchmarks
+    rng = np.random.default_rng(0)
+    inside, outside = rng.normal(1, 1, 3000).round(2), rng.normal(0, 1, 700).round(2)  # ties included
+    ones = stats.Draws(np.ones((1, 3000)), np.ones((1, 700)))
+    got = stats.bootstrap_detection(inside, outside, ones)
+    want = detection_metrics(torch.from_numpy(inside), torch.from_numpy(outside))
+    assert got["auroc"][0] == pytest.approx(want["auroc"], abs=1e-6)
+    assert got["fpr_at_95_tpr"][0] == pytest.approx(want["fpr_at_95_tpr"], abs=1e-6)
+
+
+def test_intervals_cover_the_true_auroc_at_about_their_level(benchmarks: tuple[ModuleType, ModuleType]) -> None:
+    """Scores N(d, 1) vs N(0, 1) have AUROC Phi(d / sqrt 2); 95 % intervals must hold it about 95 % of the time."""
+    _, stats = benchmarks
+    true = 0.5 * (1 + torch.erf(torch.tensor(0.5))).item()  # d = 1: Phi(1 / sqrt 2)
+    hits = 0
+    for trial in range(60):
+        rng = np.random.default_rng(trial)
+        inside, outside = rng.normal(1, 1, 400), rng.normal(0, 1, 200)
+        low, high = stats.interval(
+            stats.bootstrap_detection(inside, outside, stats.Draws.make(400, 200, 400, trial))["auroc"]
+        )
+        hits += low <= true <= high
+    assert hits >= 51  # 95 % of 60 is 57; a binomial 1 % lower tail is about 52
+
+
+def test_shared_draws_pair_runs_so_a_small_real_difference_separates(benchmarks: tuple[ModuleType, ModuleType]) -> None:
+    _, stats = benchmarks
+    rng = np.random.default_rng(1)
+    inside, outside = rng.normal(1, 1, 2000), rng.normal(0, 1, 500)
+    better_in = inside + 0.05  # the same images, a slightly better detector
+    draws = stats.Draws.make(2000, 500, 500, 0)
+    a = stats.bootstrap_detection(better_in, outside, draws)["auroc"]
+    b = stats.bootstrap_detection(inside, outside, draws)["auroc"]
+    assert stats.separated(a - b, [0.01, 0.02, 0.01])  # paired: tiny difference, tight interval
+    assert not stats.separated(a - b, [0.01, -0.02, 0.01])  # a seed that disagrees vetoes the claim
+    unpaired = a - stats.bootstrap_detection(inside, outside, stats.Draws.make(2000, 500, 500, 1))["auroc"]
+    assert np.std(unpaired) > 3 * np.std(a - b)
