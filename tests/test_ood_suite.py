@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import datasets
 import numpy as np
 import pytest
 import torch
 
-from freetickets_hub import EnsembleConfig
+from freetickets_hub import EnsembleConfig, EnsembleModel
+from freetickets_hub.cli import main
 from freetickets_hub.errors import DatasetError
-from freetickets_hub.evaluation import CORRUPTIONS, UNKNOWN_LABEL, CorruptionTransform, EvalSplit, load_eval_split
+from freetickets_hub.evaluation import (
+    CORRUPTIONS,
+    OOD_SCORES,
+    UNKNOWN_LABEL,
+    CorruptionTransform,
+    EvalSplit,
+    evaluate,
+    load_eval_split,
+)
 from freetickets_hub.evaluation.ood_suite import (
     SHIFTS,
     SUITE_KINDS,
@@ -22,8 +35,11 @@ from freetickets_hub.evaluation.ood_suite import (
     synthetic_images,
     synthetic_split,
 )
+from freetickets_hub.metrics import detection_metrics
 
-from .test_evaluation import random_images, write_dataset
+from .conftest import LABELS
+from .test_evaluation import random_images, save_tiny_ensemble, write_dataset
+from .test_train_cli import TINY
 
 SHAPE = (1, 12, 12)
 
@@ -190,3 +206,101 @@ def test_load_eval_split_keeps_unknown_classes_only_when_asked(tmp_path) -> None
     with pytest.raises(DatasetError, match=r"lacks \['cross'\]") as caught:
         load_eval_split(str(lacking), config, keep_unknown_classes=True)  # the model's classes must all be there
     assert "held-out" not in str(caught.value)
+
+
+# ----- `evaluate` and `freetickets evaluate` with the suite -------------------------------------------
+
+
+def test_at_temperature_1_is_the_uncalibrated_model(tmp_path) -> None:
+    model = save_tiny_ensemble(tmp_path / "model", logit_spread=4.0)
+    images = torch.from_numpy(np.stack(random_images(30))).unsqueeze(1)
+    data = EvalSplit("toy", "test", images, torch.arange(30) % 3)
+    ood = [synthetic_split("synthetic:gaussian", data), shifted_split("shift:invert", data)]
+    plain = evaluate(model, data, ood=ood)
+    for name in ("synthetic:gaussian", "shift:invert"):  # T = 1: both blocks are the same numbers
+        assert {s: plain["ood"][name][s] for s in OOD_SCORES} == plain["ood"][name]["at_temperature_1"]
+    model.set_temperature(4.0, fit_on="test")
+    calibrated = evaluate(model, data, ood=ood)
+    for name in ("synthetic:gaussian", "shift:invert"):
+        result = calibrated["ood"][name]
+        assert result["at_temperature_1"] == plain["ood"][name]["at_temperature_1"]
+        assert result["entropy"] != result["at_temperature_1"]["entropy"]  # the temperature changes the ranking
+    assert calibrated["ood"]["synthetic:gaussian"]["kind"] == "far"
+    assert calibrated["ood"]["shift:invert"]["kind"] == "shifted"
+    summary = calibrated["ood_summary"]
+    assert set(summary) == {"far", "shifted"} and summary["far"]["sets"] == ["synthetic:gaussian"]
+    assert summary["far"]["auroc"]["entropy"] == calibrated["ood"]["synthetic:gaussian"]["entropy"]["auroc"]
+    assert (
+        summary["shifted"]["auroc_at_temperature_1"]["mutual_information"]
+        == plain["ood"]["shift:invert"]["mutual_information"]["auroc"]
+    )
+
+
+@pytest.fixture(scope="module")
+def without_cross(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> Path:
+    """A tiny EDST run trained on circles and squares only (recipe key exclude_classes)."""
+    out = tmp_path_factory.mktemp("without_cross")
+    args = ["train", "--recipe", "training/recipes/fmnist_tiny_edst.yaml", "--output-dir", str(out)]
+    for item in (f"dataset={tiny_dataset}", *TINY, "exclude_classes=[cross]", "num_members=2"):
+        args += ["--set", item]
+    assert main([*args, "--set", "explore_epochs=1", "--set", "refine_epochs=1"]) == 0
+    return out
+
+
+def test_evaluate_cli_runs_the_suite_with_held_out_classes(without_cross, tiny_dataset, tmp_path, capsys) -> None:
+    out = tmp_path / "results.json"
+    argv = ["evaluate", str(without_cross), "--dataset", str(tiny_dataset), "--max-samples", "30"]
+    argv += ["--ood-dataset", "suite", "--ood-dataset", "shift:contrast@2", "--output", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    names = ["sklearn:digits", *(f"synthetic:{s}" for s in SYNTHETIC), *(f"shift:{s}" for s in SHIFTS)]
+    asked = [*names, "held-out", "shift:contrast@2"]
+    assert sorted(results["ood"]) == sorted(asked)  # the JSON's keys are sorted; the report keeps the order
+    listed = [line.split(" (")[0] for line in printed.splitlines() if line.split(" (")[0] in results["ood"]]
+    assert listed == asked
+
+    # the in-distribution split keeps the model's classes; the 30-image subset's crosses are the held-out set
+    ds = datasets.load_dataset(str(tiny_dataset), split="test")
+    keep = np.sort(np.random.default_rng(0).choice(len(ds), 30, replace=False))
+    labels = np.asarray(ds["label"])[keep]
+    crosses = int((labels == LABELS.index("cross")).sum())
+    assert 0 < crosses < 30 and results["num_images"] == 30 - crosses
+    held_out = results["ood"]["held-out"]
+    assert held_out["num_images"] == crosses and held_out["kind"] == "near" and held_out["classes"] == ["cross"]
+    model = EnsembleModel.from_pretrained(without_cross)
+    outputs = model.predict([ds[int(i)]["image"] for i in keep])
+    entropy = -torch.from_numpy(outputs.entropy)
+    is_cross = torch.from_numpy(labels == LABELS.index("cross"))
+    expected = detection_metrics(entropy[~is_cross], entropy[is_cross])
+    assert held_out["entropy"]["auroc"] == pytest.approx(expected["auroc"], abs=1e-6)
+
+    for name, result in results["ood"].items():
+        assert result["kind"] == ood_kind(name)
+        sizes = {"sklearn:digits": 30, "held-out": crosses}  # --max-samples caps each loaded set
+        assert result["num_images"] == sizes.get(name, 30 - crosses)  # generated and shifted: the in-dist size
+        for block in (result, result["at_temperature_1"]):
+            assert {s: set(block[s]) for s in OOD_SCORES} == {s: {"auroc", "aupr", "fpr_at_95_tpr"} for s in OOD_SCORES}
+        line = next(line for line in printed.splitlines() if line.startswith(f"{name} ("))
+        assert f" {result['kind']} " in line and f"{result['entropy']['auroc']:.4f}" in line
+    summary = results["ood_summary"]
+    assert set(summary) == {"far", "shifted", "near"} and summary["near"]["sets"] == ["held-out"]
+    assert summary["shifted"]["sets"] == [*(f"shift:{s}" for s in SHIFTS), "shift:contrast@2"]
+    shifted = [results["ood"][n]["msp"]["auroc"] for n in summary["shifted"]["sets"]]
+    assert summary["shifted"]["auroc"]["msp"] == pytest.approx(sum(shifted) / len(shifted))
+    assert "mean of 12 set(s)" in printed and "ood_summary" in results["conventions"]
+
+
+def test_held_out_classes_need_asking_for_and_exist(without_cross, tiny_dataset, tmp_path, capsys) -> None:
+    base = ["evaluate", str(without_cross), "--max-samples", "12", "--output", str(tmp_path / "r.json")]
+    assert main([*base, "--dataset", str(tiny_dataset)]) == 2  # crosses, and no held-out asked for
+    assert "score ['cross'] as near-OOD, pass `--ood-dataset held-out`" in capsys.readouterr().err
+    assert main([*base, "--dataset", str(tiny_dataset), "--ood-dataset", "synthetic:uniform"]) == 2
+    assert "--ood-dataset held-out" in capsys.readouterr().err
+    two = write_dataset(tmp_path / "two", {"test": (random_images(6), [0, 1] * 3)}, ["circle", "square"])
+    assert main([*base, "--dataset", str(two), "--ood-dataset", "held-out"]) == 2
+    assert "needs an evaluation dataset with classes the model was not trained on" in capsys.readouterr().err
+    assert main([*base, "--dataset", str(two), "--ood-dataset", "suite"]) == 0  # suite: held-out only if there is one
+    assert "held-out" not in json.loads((tmp_path / "r.json").read_text())["ood"]
+    assert main([*base, "--dataset", str(two), "--ood-dataset", "synthetic:pink"]) == 2
+    assert "unknown OOD source 'synthetic:pink'; synthetic sets are" in capsys.readouterr().err

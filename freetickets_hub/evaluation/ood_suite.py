@@ -22,7 +22,7 @@ per set with ``np.random.default_rng``, so they do not depend on batching, proce
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -33,10 +33,12 @@ from .data import EvalSplit
 
 __all__ = [
     "HELD_OUT",
+    "KINDS",
     "SHIFTS",
     "SUITE",
     "SUITE_KINDS",
     "SYNTHETIC",
+    "build_ood_splits",
     "expand_ood_sources",
     "ood_kind",
     "parse_shift",
@@ -49,7 +51,8 @@ __all__ = [
 
 SYNTHETIC = ("gaussian", "uniform", "constant")  # far-OOD, made from nothing but the input shape
 SHIFTS = ("invert", "rot90", *sorted(CORRUPTIONS))  # shifted copies of in-distribution images
-SUITE_KINDS = {"far", "shifted", "near"}
+KINDS = ("far", "shifted", "near")  # in the order reports list them
+SUITE_KINDS = set(KINDS)
 SHIFT_SEVERITY = 5  # severity of a corruption named without ``@<severity>``
 SYNTHETIC_PREFIX, SHIFT_PREFIX = "synthetic:", "shift:"
 HELD_OUT = "held-out"  # the evaluation dataset's classes that the model does not know
@@ -129,13 +132,13 @@ def parse_shift(source: str) -> tuple[str, int]:
     body = source.removeprefix(SHIFT_PREFIX)
     name, at, level = body.partition("@")
     if name not in SHIFTS:
-        raise ValueError(f"unknown OOD source {source!r}; shifts are {[SHIFT_PREFIX + s for s in SHIFTS]}")
+        raise DatasetError(f"unknown OOD source {source!r}; shifts are {[SHIFT_PREFIX + s for s in SHIFTS]}")
     if not at:
         return name, SHIFT_SEVERITY
     if name not in CORRUPTIONS:
-        raise ValueError(f"OOD source {source!r}: only corruptions take a severity, {name!r} does not")
+        raise DatasetError(f"OOD source {source!r}: only corruptions take a severity, {name!r} does not")
     if not level.isdigit() or int(level) not in SEVERITIES:
-        raise ValueError(f"OOD source {source!r}: severity must be one of {SEVERITIES}, got {level!r}")
+        raise DatasetError(f"OOD source {source!r}: severity must be one of {SEVERITIES}, got {level!r}")
     return name, int(level)
 
 
@@ -148,7 +151,7 @@ def expand_ood_sources(names: Sequence[str], *, has_unknown_classes: bool) -> li
             (``suite`` then includes ``held-out``).
 
     Raises:
-        ValueError: an unknown ``synthetic:`` or ``shift:`` name, or a bad severity.
+        DatasetError: an unknown ``synthetic:`` or ``shift:`` name, or a bad severity.
     """
     expanded: list[str] = []
     for name in names:
@@ -158,7 +161,7 @@ def expand_ood_sources(names: Sequence[str], *, has_unknown_classes: bool) -> li
             expanded += [HELD_OUT] if has_unknown_classes else []
             continue
         if name.startswith(SYNTHETIC_PREFIX) and name.removeprefix(SYNTHETIC_PREFIX) not in SYNTHETIC:
-            raise ValueError(
+            raise DatasetError(
                 f"unknown OOD source {name!r}; synthetic sets are {[SYNTHETIC_PREFIX + s for s in SYNTHETIC]}"
             )
         if name.startswith(SHIFT_PREFIX):
@@ -202,3 +205,37 @@ def split_held_out(data: EvalSplit) -> tuple[EvalSplit, EvalSplit]:
     inside = EvalSplit(data.source, data.split, data.images[~unknown], data.labels[~unknown])
     held_out = EvalSplit(HELD_OUT, data.split, data.images[unknown], None, data.unknown_classes)
     return inside, held_out
+
+
+def build_ood_splits(
+    names: Sequence[str], data: EvalSplit, *, load: Callable[[str], EvalSplit], seed: int = 0
+) -> tuple[EvalSplit, list[EvalSplit]]:
+    """The in-distribution split and the OOD sets that ``names`` ask for, in their order.
+
+    Args:
+        names: ``--ood-dataset`` values (``suite`` is expanded).
+        data: the labelled evaluation split; load it with ``keep_unknown_classes=True`` when ``names``
+            hold ``held-out`` or ``suite``, so that the classes the model does not know become the
+            ``held-out`` set (and leave the returned in-distribution split).
+        load: loads a dataset source that is not one of the suite's own names (``sklearn:digits``, a Hub id...).
+        seed: seed of the generated and corrupted sets.
+
+    Raises:
+        DatasetError: a bad name, or ``held-out`` without classes to hold out.
+    """
+    sources = expand_ood_sources(names, has_unknown_classes=bool(data.unknown_classes))
+    held_out = None
+    if data.unknown_classes or HELD_OUT in sources:
+        data, held_out = split_held_out(data)
+    splits = []
+    for source in sources:
+        if source == HELD_OUT:
+            assert held_out is not None  # split_held_out raised otherwise
+            splits.append(held_out)
+        elif source.startswith(SYNTHETIC_PREFIX):
+            splits.append(synthetic_split(source, data, seed=seed))
+        elif source.startswith(SHIFT_PREFIX):
+            splits.append(shifted_split(source, data, seed=seed))
+        else:
+            splits.append(load(source))
+    return data, splits
