@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import datasets
@@ -304,3 +305,16 @@ def test_held_out_classes_need_asking_for_and_exist(without_cross, tiny_dataset,
     assert "held-out" not in json.loads((tmp_path / "r.json").read_text())["ood"]
     assert main([*base, "--dataset", str(two), "--ood-dataset", "synthetic:pink"]) == 2
     assert "unknown OOD source 'synthetic:pink'; synthetic sets are" in capsys.readouterr().err
+
+
+def test_a_full_suite_evaluation_writes_the_cards_ood_limitations(without_cross, tiny_dataset, tmp_path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(without_cross, folder)
+    assert main(["evaluate", str(folder), "--dataset", str(tiny_dataset), "--ood-dataset", "suite"]) == 0
+    results = json.loads((folder / "eval_results.json").read_text())
+    card = (folder / "README.md").read_text()
+    near = results["ood"]["held-out"]["entropy"]["auroc"]
+    assert "- **near-OOD** (classes the model was not trained on: cross): " in card
+    assert f"`held-out` ({near:.3f})" in card
+    for name in results["ood"]:
+        assert f"`{name}` ({results['ood'][name]['entropy']['auroc']:.3f})" in card
