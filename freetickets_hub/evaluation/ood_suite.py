@@ -2,17 +2,12 @@
 
 Three kinds of OOD set, each a source name for ``freetickets evaluate --ood-dataset``:
 
-=========  =====================================  =====================================================
-kind       source names                           what the images are
-=========  =====================================  =====================================================
-far        ``sklearn:digits``, ``synthetic:*``,    another dataset; ``gaussian`` noise, ``uniform`` noise,
-           any other dataset source                ``constant`` images, made at the model's input shape
-shifted    ``shift:*``                             the evaluation split's own images, ``invert``-ed,
-                                                   ``rot90``-rotated, or corrupted at severity 5
-                                                   (``shift:<corruption>@<severity>`` for another one)
-near       ``held-out``                            the evaluation split's images of the classes the
-                                                   model was not trained on (recipe ``exclude_classes``)
-=========  =====================================  =====================================================
+- **far**: another dataset (``sklearn:digits``, any ``datasets`` source), or images made from nothing
+  but the model's input shape: ``synthetic:gaussian`` / ``synthetic:uniform`` noise, ``synthetic:constant``.
+- **shifted**: the evaluation split's own images, ``shift:invert``-ed, ``shift:rot90``-rotated, or
+  corrupted at severity 5 (``shift:contrast``; ``shift:contrast@3`` for another severity).
+- **near**: ``held-out``, the evaluation split's images of the classes the model was not trained on
+  (recipe key ``exclude_classes``); the in-distribution split keeps the model's classes.
 
 ``suite`` expands to ``sklearn:digits``, every ``synthetic:*``, every ``shift:*`` and, when the
 evaluation dataset has classes the model does not know, ``held-out``. Generated sets are seeded
