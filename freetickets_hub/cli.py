@@ -422,6 +422,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from freetickets_hub.evaluation import (
         CORRUPTIONS,
         EVAL_RESULTS_NAME,
+        EvalSplit,
         create_accelerator,
         evaluate,
         format_results,
@@ -429,12 +430,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         write_plots,
         write_results,
     )
+    from freetickets_hub.evaluation.ood_suite import HELD_OUT, SUITE, build_ood_splits, expand_ood_sources
     from freetickets_hub.files import check_writable, write_text_atomic
 
     corruptions = [] if args.corruptions is None else (args.corruptions or list(CORRUPTIONS))
     unknown = sorted(set(corruptions) - set(CORRUPTIONS))
     if unknown:
         raise FreeTicketsError(f"unknown corruptions {unknown}; choose from {sorted(CORRUPTIONS)}")
+    expand_ood_sources(args.ood_dataset, has_unknown_classes=False)  # a misspelt set fails before any loading
     results_files = [Path(args.output)] if args.output else []
     if args.output_dir:
         results_files.append(Path(args.output_dir) / EVAL_RESULTS_NAME)
@@ -446,12 +449,20 @@ def _evaluate(args: argparse.Namespace) -> int:
         results_files.append(Path(args.model) / EVAL_RESULTS_NAME)
     model = EnsembleModel.from_pretrained(args.model)
     data = load_eval_split(
-        args.dataset, model.config, split=args.split, dataset_config=args.dataset_config, max_samples=args.max_samples
+        args.dataset,
+        model.config,
+        split=args.split,
+        dataset_config=args.dataset_config,
+        max_samples=args.max_samples,
+        keep_unknown_classes=bool({HELD_OUT, SUITE} & set(args.ood_dataset)),
     )
-    ood = [
-        load_eval_split(name, model.config, split=args.ood_split, require_labels=False, max_samples=args.max_samples)
-        for name in args.ood_dataset
-    ]
+
+    def load_ood(name: str) -> EvalSplit:
+        return load_eval_split(
+            name, model.config, split=args.ood_split, require_labels=False, max_samples=args.max_samples
+        )
+
+    data, ood = build_ood_splits(args.ood_dataset, data, load=load_ood)
     accelerator = create_accelerator()
     results = evaluate(
         model, data, ood=ood, corruptions=corruptions, accelerator=accelerator, batch_size=args.batch_size
@@ -716,7 +727,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-config", default=None, help="datasets configuration name, if the source has several")
     p.add_argument(
         "--ood-dataset", action="append", default=[], metavar="DS",
-        help="out-of-distribution set, its 'test' split (repeatable); built-in: sklearn:digits",
+        help="out-of-distribution set, its --ood-split (repeatable): a datasets source, sklearn:digits, "
+        "synthetic:{gaussian,uniform,constant}, shift:{invert,rot90,<corruption>[@severity]}, held-out (the "
+        "--dataset classes the model was not trained on), or suite (all of these that apply)",
     )  # fmt: skip
     p.add_argument(
         "--corruptions", nargs="*", default=None, metavar="NAME",
@@ -793,7 +806,7 @@ _EXAMPLES = {
     "export onnx": "freetickets export onnx runs/tiny --opset 20",
     "calibrate": "freetickets calibrate runs/tiny --dataset ../shared/datasets/fashion_mnist --split validation",
     "evaluate": "freetickets evaluate runs/tiny --dataset ../shared/datasets/fashion_mnist "
-    "--ood-dataset sklearn:digits --plots runs/tiny/assets",
+    "--ood-dataset suite --plots runs/tiny/assets",
     "push": "freetickets push runs/tiny me/fmnist-edst --private",
     "merge": "freetickets merge runs/seed0 runs/seed1 runs/seed2 --output-dir runs/dst",
     "predict": "freetickets predict runs/tiny shirt.png boot.png --top-k 3",

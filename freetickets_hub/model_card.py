@@ -134,6 +134,7 @@ def render_model_card(model: EnsembleModel, folder: Path | None, *, repo_id: str
         assets=sorted(p.relative_to(folder).as_posix() for p in (folder / ASSETS_DIR).glob("*.png")) if folder else [],
         selective=_selective_section(cfg.ensemble.selective, folder),
         graphs=_graph_rows(folder, file_bytes),
+        ood_limits=_ood_limitations(folder),
     )
 
 
@@ -208,6 +209,62 @@ def _graph_rows(folder: Path | None, weights_bytes: int) -> list[dict[str, str]]
             {"file": int8["graph"], "precision": "int8 (QDQ)", "size": size(int8["graph_bytes"]), "quality": quality}
         )
     return rows
+
+
+# entropy AUROC at or above which the card says the ensemble flags an OOD set, or flags it partly
+OOD_FLAGS, OOD_PARTLY = 0.9, 0.7
+# OOD kind (``freetickets_hub.evaluation.ood_suite``) -> (title, what its sets are, how to measure it)
+_OOD_KINDS = {
+    "far": ("far-OOD", "other datasets and generated images", "`--ood-dataset sklearn:digits` or `synthetic:*`"),
+    "shifted": (
+        "shifted",
+        "the evaluation images inverted, rotated or corrupted at severity 5",
+        "`--ood-dataset shift:*`, or `suite`",
+    ),
+    "near": (
+        "near-OOD",
+        "classes the model was not trained on",
+        "train with the recipe key `exclude_classes` and evaluate with `--ood-dataset held-out`",
+    ),
+}
+
+
+def _ood_limitations(folder: Path | None) -> dict[str, Any] | None:
+    """Per OOD kind, the sets ``eval_results.json`` says the ensemble flags, partly flags and does not flag."""
+    results = _read_json(folder, EVAL_RESULTS_NAME)
+    ood = results.get("ood")
+    if not isinstance(ood, dict):
+        return None
+    verdicts: dict[str, dict[str, list[str]]] = {kind: {} for kind in _OOD_KINDS}
+    classes: dict[str, list[str]] = {}
+    for name, result in ood.items():
+        auroc = ((result or {}).get("entropy") or {}).get("auroc") if isinstance(result, dict) else None
+        if not _is_number(auroc):
+            continue
+        kind = result.get("kind", "far")  # results written before kinds existed held only dataset sources: far-OOD
+        if kind not in _OOD_KINDS:
+            continue
+        verdict = "flags" if auroc >= OOD_FLAGS else "partly flags" if auroc >= OOD_PARTLY else "does not flag"
+        verdicts[kind].setdefault(verdict, []).append(f"`{public_text(str(name))}` ({auroc:.3f})")
+        if isinstance(result.get("classes"), list):
+            classes[kind] = [str(c) for c in result["classes"]]
+    if not any(verdicts.values()):
+        return None
+    kinds, missing = [], []
+    for kind, (title, about, how) in _OOD_KINDS.items():
+        if not verdicts[kind]:
+            missing.append({"title": title, "how": how})
+            continue
+        if kind in classes:
+            about = f"{about}: {', '.join(classes[kind])}"
+        said = [
+            f"{v} {', '.join(verdicts[kind][v])}"
+            for v in ("flags", "partly flags", "does not flag")
+            if v in verdicts[kind]
+        ]
+        kinds.append({"title": title, "about": about, "verdicts": "; ".join(said)})
+    dataset = public_text(f"{results.get('dataset', 'the evaluation split')} [{results.get('split', 'test')}]")
+    return {"dataset": dataset, "flags": OOD_FLAGS, "partly": OOD_PARTLY, "kinds": kinds, "missing": missing}
 
 
 def _read_json(folder: Path | None, name: str) -> dict[str, Any]:

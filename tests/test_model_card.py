@@ -126,3 +126,42 @@ def test_non_numeric_metrics_are_left_out(model: EnsembleModel, tmp_path: Path) 
     summary = {**SUMMARY, "test": {"ensemble": {"accuracy": 0.5, "nll": "NaN?", "ece": True}}}
     card = _save(model, tmp_path / "run", train_summary=summary)
     assert _metrics(card) == {"accuracy": 0.5}
+
+
+def test_limitations_say_which_ood_kinds_the_ensemble_flags(model: EnsembleModel, tmp_path: Path) -> None:
+    def scores(entropy: float, kind: str, **extra: Any) -> dict[str, Any]:
+        return {"kind": kind, "msp": {"auroc": 0.99}, "entropy": {"auroc": entropy}, **extra}
+
+    ood = {
+        "sklearn:digits": scores(0.93, "far"),
+        "synthetic:constant": scores(0.61, "far"),
+        "/home/me/data/mnist": scores(0.9, "far"),  # exactly at the rule's bound: flags
+        "shift:rot90": scores(0.7, "shifted"),  # at the lower bound: partly
+        "shift:contrast": scores(0.69, "shifted"),
+        "held-out": scores(0.55, "near", classes=["Shirt", "Sneaker"]),
+    }
+    text = _save(model, tmp_path / "run", eval_results={**EVAL_RESULTS, "ood": ood}).text
+    limitations = text[text.index("## Limitations") : text.index("## Citation")]
+    assert "Ensembles improve calibration and out-of-distribution detection on average" in limitations
+    assert "**flags** a set at AUROC >= 0.9, **partly flags** it at 0.7 to 0.9, and **does not flag** it below 0.7" in (
+        " ".join(limitations.split())
+    )
+    assert (
+        "- **far-OOD** (other datasets and generated images): flags `sklearn:digits` (0.930), `mnist` (0.900); "
+        "does not flag `synthetic:constant` (0.610)." in limitations
+    )
+    assert "partly flags `shift:rot90` (0.700); does not flag `shift:contrast` (0.690)." in limitations
+    assert (
+        "- **near-OOD** (classes the model was not trained on: Shirt, Sneaker): does not flag `held-out` (0.550)."
+        in limitations
+    )
+    assert "/home/me" not in text and "not measured" not in limitations
+
+    only_far = _save(
+        model, tmp_path / "far", eval_results={**EVAL_RESULTS, "ood": {"sklearn:digits": ood["sklearn:digits"]}}
+    )
+    assert "- **near-OOD**: not measured (train with the recipe key `exclude_classes`" in only_far.text
+    assert "- **shifted**: not measured" in only_far.text
+    no_entropy = _save(model, tmp_path / "old", eval_results=EVAL_RESULTS).text  # an ood block without entropy
+    assert "Which out-of-distribution inputs this ensemble flags" not in no_entropy
+    assert "## Limitations" in no_entropy

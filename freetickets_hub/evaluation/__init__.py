@@ -7,9 +7,10 @@ processes with ``accelerate launch -m freetickets_hub.cli evaluate ...``; the nu
 from __future__ import annotations
 
 from .corruptions import CORRUPTIONS, SEVERITIES, CorruptionTransform, corrupt
-from .data import BUILTIN_SOURCES, EvalSplit, load_eval_split
+from .data import BUILTIN_SOURCES, UNKNOWN_LABEL, EvalSplit, load_eval_split
 from .diversity import mask_distance, prediction_diversity
 from .inference import Inference, create_accelerator, run_inference
+from .ood_suite import SHIFTS, SUITE_KINDS, SYNTHETIC, ood_kind, shifted_images, synthetic_images
 from .plots import PLOT_NAMES, write_plots
 from .report import EVAL_RESULTS_NAME, format_results, write_results
 from .suite import CONVENTIONS, OOD_SCORES, evaluate
@@ -22,6 +23,10 @@ __all__ = [
     "OOD_SCORES",
     "PLOT_NAMES",
     "SEVERITIES",
+    "SHIFTS",
+    "SUITE_KINDS",
+    "SYNTHETIC",
+    "UNKNOWN_LABEL",
     "CorruptionTransform",
     "EvalSplit",
     "Inference",
@@ -31,8 +36,11 @@ __all__ = [
     "format_results",
     "load_eval_split",
     "mask_distance",
+    "ood_kind",
     "prediction_diversity",
     "run_inference",
+    "shifted_images",
+    "synthetic_images",
     "write_plots",
     "write_results",
 ]

@@ -22,9 +22,10 @@ from ..config import EnsembleConfig
 from ..errors import ConfigError, DatasetError, MissingDependencyError
 from ..preprocessing import preprocess
 
-__all__ = ["BUILTIN_SOURCES", "EvalSplit", "load_eval_split", "validation_carve"]
+__all__ = ["BUILTIN_SOURCES", "UNKNOWN_LABEL", "EvalSplit", "load_eval_split", "validation_carve"]
 
 _CHUNK = 1024  # images resized per call, to bound the float32 working memory
+UNKNOWN_LABEL = -1  # label of a class the model does not know (``load_eval_split(..., keep_unknown_classes=True)``)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class EvalSplit:
     split: str
     images: torch.Tensor  # (N, C, H, W) uint8 at the model's input size
     labels: torch.Tensor | None  # (N,) int64 model class indices; None for an unlabelled OOD set
+    unknown_classes: tuple[str, ...] = ()  # the source's classes the model does not know (labelled UNKNOWN_LABEL)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -67,6 +69,7 @@ def load_eval_split(
     require_labels: bool = True,
     seed: int = 0,
     rows: Sequence[int] | None = None,
+    keep_unknown_classes: bool = False,
 ) -> EvalSplit:
     """Load one split of ``source`` for the model described by ``config``.
 
@@ -79,6 +82,8 @@ def load_eval_split(
         require_labels: check and map labels (off for out-of-distribution sets, whose labels are ignored).
         seed: seed of the ``max_samples`` subset.
         rows: evaluate only these rows of the split (e.g. a training run's validation carve).
+        keep_unknown_classes: label images of classes the model does not know ``UNKNOWN_LABEL`` and list
+            those classes in ``unknown_classes`` (a near-OOD set), instead of refusing the dataset.
 
     Raises:
         DatasetError: unknown source or split, empty split, labels that differ from the model's, or
@@ -92,8 +97,10 @@ def load_eval_split(
         images, labels, names = BUILTIN_SOURCES[source]()
         keep = _subset(len(images), max_samples, seed)
         pixels = _fit_arrays(images[keep], config, f"{source}:{split}")
-        label_ids = _map_labels(torch.from_numpy(labels[keep]), names, config, source) if require_labels else None
-        return EvalSplit(source, split, pixels, label_ids)
+        if not require_labels:
+            return EvalSplit(source, split, pixels, None)
+        label_ids, unknown = _map_labels(torch.from_numpy(labels[keep]), names, config, source, keep_unknown_classes)
+        return EvalSplit(source, split, pixels, label_ids, unknown)
     ds = _load_dataset(source, split, dataset_config)
     if rows is not None:
         ds = ds.select(list(rows))
@@ -102,12 +109,13 @@ def load_eval_split(
     ds = ds.select(_subset(len(ds), max_samples, seed))
     image_col, label_col = _columns(ds, source, require_labels)
     pixels = _decode(ds, image_col, config, f"{source}:{split}")
-    labels = None
-    if require_labels:
-        assert label_col is not None  # _columns raised otherwise
-        names = ds.features[label_col].names
-        labels = _map_labels(torch.as_tensor(np.asarray(ds[label_col][:]), dtype=torch.long), names, config, source)
-    return EvalSplit(source, split, pixels, labels)
+    if not require_labels:
+        return EvalSplit(source, split, pixels, None)
+    assert label_col is not None  # _columns raised otherwise
+    names = ds.features[label_col].names
+    ids = torch.as_tensor(np.asarray(ds[label_col][:]), dtype=torch.long)
+    labels, unknown = _map_labels(ids, names, config, source, keep_unknown_classes)
+    return EvalSplit(source, split, pixels, labels, unknown)
 
 
 def _load_dataset(source: str, split: str, dataset_config: str | None) -> Any:
@@ -233,20 +241,32 @@ def _channels_first(array: np.ndarray) -> torch.Tensor:
     return tensor.unsqueeze(1) if tensor.dim() == 3 else tensor.permute(0, 3, 1, 2).contiguous()
 
 
-def _map_labels(labels: torch.Tensor, names: list[str], config: EnsembleConfig, source: str) -> torch.Tensor:
-    """Dataset class indices -> model class indices, by label name; the two label sets must be equal."""
+def _map_labels(
+    labels: torch.Tensor, names: list[str], config: EnsembleConfig, source: str, keep_unknown: bool = False
+) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """Dataset class indices -> model class indices by label name, and the dataset's classes the model lacks.
+
+    The two label sets must be equal; with ``keep_unknown`` the dataset may also have classes the
+    model does not know, whose images get ``UNKNOWN_LABEL``.
+    """
     model_names = config.label_names
     if model_names is None:
         if len(names) != config.num_classes:
             raise DatasetError(
                 f"dataset {source!r} has {len(names)} classes, the model {config.num_classes} (and no label_names)"
             )
-        return labels
-    if sorted(names) != sorted(model_names):
-        missing, extra = sorted(set(model_names) - set(names)), sorted(set(names) - set(model_names))
+        return labels, ()
+    missing, extra = sorted(set(model_names) - set(names)), [name for name in names if name not in model_names]
+    if missing or (extra and not keep_unknown):
+        hint = (
+            f"; to evaluate on the model's classes and score {extra} as near-OOD, pass `--ood-dataset held-out` "
+            "to `freetickets evaluate` (keep_unknown_classes=True here)"
+            if extra and not missing
+            else ""
+        )
         raise DatasetError(
             f"dataset {source!r} has labels {names}, the model has {model_names} "
-            f"(the dataset lacks {missing}, and has {extra} that the model does not know)"
+            f"(the dataset lacks {missing}, and has {extra} that the model does not know){hint}"
         )
-    lookup = torch.tensor([model_names.index(name) for name in names], dtype=torch.long)
-    return lookup[labels]
+    lookup = torch.tensor([model_names.index(n) if n in model_names else UNKNOWN_LABEL for n in names])
+    return lookup[labels], tuple(extra)

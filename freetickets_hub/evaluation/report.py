@@ -35,17 +35,7 @@ def format_results(results: dict[str, Any]) -> str:
     )
     lines += _selective_lines(selective)
     if results.get("ood"):
-        lines += [
-            "",
-            f"OOD detection (in-distribution = positive)  {'score':<19} {'AUROC':>7} {'AUPR':>7} {'FPR@95%TPR':>11}",
-        ]
-        for name, ood in results["ood"].items():
-            for score in ("msp", "entropy", "mutual_information"):
-                m = ood[score]
-                label = f"{name} ({ood['num_images']} images)"
-                lines.append(
-                    f"{label:<43} {score:<19} {m['auroc']:>7.4f} {m['aupr']:>7.4f} {m['fpr_at_95_tpr']:>11.4f}"
-                )
+        lines += ["", *_ood_lines(results["ood"], results["ood_summary"])]
     if results.get("corruptions"):
         corruptions = results["corruptions"]
         lines += ["", f"corruptions (ensemble, mean over severities 1-5)  {'accuracy':>9} {'NLL':>8} {'ECE':>8}"]
@@ -96,4 +86,36 @@ def _selective_lines(selective: dict[str, Any]) -> list[str]:
             f"  stored conformal sets ({c['score']}, alpha {c['alpha']:g}): coverage {c['coverage']:.4f} "
             f"(target >= {1 - c['alpha']:g}), mean set size {c['mean_set_size']:.3f}, {c['empty_sets']} empty"
         )
+    return lines
+
+
+_OOD_SCORES = ("msp", "entropy", "mutual_information")
+
+
+def _ood_lines(ood: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    """One line per OOD set: its kind and the AUROC of each score, calibrated and at T = 1; then the means per kind."""
+    header = f"{'MSP':>7} {'entropy':>7} {'MI':>7}"
+    lines = [
+        "OOD detection AUROC (in-distribution = positive; AUPR and FPR@95%TPR in the JSON)",
+        f"{'set':<44} {'kind':<8} {header}   T=1: {header}",
+    ]
+
+    def row(label: str, kind: str, calibrated: dict[str, float], uncalibrated: dict[str, float]) -> str:
+        after = " ".join(f"{calibrated[s]:>7.4f}" for s in _OOD_SCORES)
+        before = " ".join(f"{uncalibrated[s]:>7.4f}" for s in _OOD_SCORES)
+        return f"{label:<44} {kind:<8} {after}        {before}"
+
+    for name, result in ood.items():
+        raw = result["at_temperature_1"]
+        lines.append(
+            row(
+                f"{name} ({result['num_images']} images)",
+                result["kind"],
+                {s: result[s]["auroc"] for s in _OOD_SCORES},
+                {s: raw[s]["auroc"] for s in _OOD_SCORES},
+            )
+        )
+    for kind, mean in summary.items():
+        label = f"mean of {len(mean['sets'])} set(s)"
+        lines.append(row(label, kind, mean["auroc"], mean["auroc_at_temperature_1"]))
     return lines

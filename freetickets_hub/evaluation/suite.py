@@ -5,7 +5,9 @@
     {"dataset", "split", "num_images", "ece_bins": 15, "temperature", "conventions": {...},
      "ensemble": {"accuracy", "nll", "brier", "ece"}, "members": [{"member": 0, ...}, ...],
      "reliability": {...}, "selective": {"aurc", "coverage", "risk", "risk_at_coverage", "stored_rule"?, ...},
-     "ood": {name: {"num_images", "msp": {"auroc", "aupr", "fpr_at_95_tpr"}, "entropy", "mutual_information"}},
+     "ood": {name: {"split", "num_images", "kind", "classes"?, "msp": {"auroc", "aupr", "fpr_at_95_tpr"},
+                    "entropy", "mutual_information", "at_temperature_1": {"msp", "entropy", "mutual_information"}}},
+     "ood_summary": {kind: {"sets": [name, ...], "auroc": {score: mean}, "auroc_at_temperature_1": {score: mean}}},
      "corruptions": {"mean": {...}, "per_corruption": {name: {"mean": {...}, "severities": {"1": {...}}}}, ...},
      "diversity": {"disagreement", "kl", "mask_distance"}, "runtime": {...}}
 """
@@ -28,6 +30,7 @@ from .corruptions import CORRUPTIONS, SEVERITIES, CorruptionTransform
 from .data import EvalSplit
 from .diversity import mask_distance, prediction_diversity
 from .inference import create_accelerator, run_inference
+from .ood_suite import KINDS, ood_kind
 
 __all__ = ["CONVENTIONS", "OOD_SCORES", "evaluate"]
 
@@ -41,8 +44,12 @@ CONVENTIONS = {
         "in-distribution is the positive class; scores are oriented so that higher means more in-distribution: "
         "msp = max probability, entropy = -(predictive entropy), mutual_information = -(mutual information); "
         "aupr is the area under the precision-recall curve of in-distribution detection; fpr_at_95_tpr is the "
-        "share of OOD images accepted when 95% of in-distribution images are"
+        "share of OOD images accepted when 95% of in-distribution images are; scores use the stored temperature, "
+        "at_temperature_1 the same scores at T = 1 (before calibration). kind: far = another dataset or generated "
+        "images (synthetic:*), shifted = the evaluation split's own images transformed (shift:*), near = the "
+        "evaluation dataset's classes the model was not trained on (held-out, listed in classes)"
     ),
+    "ood_summary": "per OOD kind, the mean AUROC of each score over that kind's sets (unweighted by set size)",
     "selective": (
         "risk = error rate of the predictions accepted by max probability; aurc = mean risk over coverage k/N; "
         "stored_rule = the model's ensemble.selective rule on this split: coverage = share answered, risk = error "
@@ -110,11 +117,14 @@ def evaluate(
     }
     results["ensemble"]["mean_disagreement"] = output.disagreement.mean().item()
     results["ood"] = {}
+    uncalibrated = combine_member_logits(clean.member_logits, 1.0)
     for split in ood:
         result = run_inference(model, split.images, accelerator, batch_size=batch_size, desc=f"OOD {split.source}")
-        results["ood"][split.source] = _ood_metrics(
-            output, combine_member_logits(result.member_logits, temperature), split
-        )
+        results["ood"][split.source] = {
+            **_ood_metrics(output, combine_member_logits(result.member_logits, temperature), split),
+            "at_temperature_1": _ood_metrics(uncalibrated, combine_member_logits(result.member_logits, 1.0)),
+        }
+    results["ood_summary"] = _ood_summary(results["ood"])
     if corruptions:
         results["corruptions"] = _corruption_metrics(
             model, data.images, labels, corruptions, accelerator, batch_size, seed
@@ -153,13 +163,33 @@ def _ood_scores(output: EnsembleOutput) -> dict[str, torch.Tensor]:
     }
 
 
-def _ood_metrics(inside: EnsembleOutput, outside: EnsembleOutput, split: EvalSplit) -> dict[str, Any]:
+def _ood_metrics(inside: EnsembleOutput, outside: EnsembleOutput, split: EvalSplit | None = None) -> dict[str, Any]:
+    """Detection metrics of every score; with ``split``, also what the set is (split, size, kind, classes)."""
     in_scores, out_scores = _ood_scores(inside), _ood_scores(outside)
-    return {
-        "split": split.split,
-        "num_images": len(split),
-        **{name: detection_metrics(in_scores[name], out_scores[name]) for name in OOD_SCORES},
-    }
+    metrics = {name: detection_metrics(in_scores[name], out_scores[name]) for name in OOD_SCORES}
+    if split is None:
+        return metrics
+    described = {"split": split.split, "num_images": len(split), "kind": ood_kind(split.source)}
+    if split.unknown_classes:
+        described["classes"] = list(split.unknown_classes)
+    return {**described, **metrics}
+
+
+def _ood_summary(ood: dict[str, Any]) -> dict[str, Any]:
+    """Per kind, the sets and the mean AUROC of each score over them, after and before calibration."""
+    summary: dict[str, Any] = {}
+    for kind in KINDS:
+        sets = [name for name, result in ood.items() if result["kind"] == kind]
+        if not sets:
+            continue
+        summary[kind] = {
+            "sets": sets,
+            "auroc": {s: sum(ood[n][s]["auroc"] for n in sets) / len(sets) for s in OOD_SCORES},
+            "auroc_at_temperature_1": {
+                s: sum(ood[n]["at_temperature_1"][s]["auroc"] for n in sets) / len(sets) for s in OOD_SCORES
+            },
+        }
+    return summary
 
 
 def _corruption_metrics(
