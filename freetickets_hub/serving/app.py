@@ -75,7 +75,7 @@ class ServingApp:
                 return
             batcher = self.service.batcher
             if route in _WORK and batcher is not None and not batcher.has_room():
-                await _reply_error(send_counted, batcher.busy())
+                await _reply_error(send_counted, batcher.refuse())
                 return
             await self.app(scope, _bounded(receive, limit), send_counted)
         finally:

@@ -172,7 +172,7 @@ class Service:
         self.require_engine()
         assert self.batcher is not None
         if not self.batcher.has_room():
-            raise self.batcher.busy()
+            raise self.batcher.refuse()
 
     async def infer(self, pixel_values: np.ndarray) -> BatchResult:
         """Run ``pixel_values`` through the batcher.
