@@ -169,43 +169,39 @@ def test_while_shedding_a_request_is_admitted_only_within_the_wait_budget() -> N
         assert batcher.wait_budget_images() == pytest.approx(16 * 2 / 3.2)  # 10 images
         first = asyncio.ensure_future(batcher.submit(images(4)))
         await asyncio.to_thread(engine.entered.acquire)  # 4 images computing
-        waiting = [asyncio.ensure_future(batcher.submit(images(4))) for _ in range(3)]
+        queued = [asyncio.ensure_future(batcher.submit(images(4))) for _ in range(3)]
         await asyncio.sleep(0)
         # not shedding: the queue limit alone; 16 admitted (4 computing, 12 queued): a load that fits is never refused
         assert batcher.admitted_images == 16 and not batcher.shedding
         with pytest.raises(ServerBusy, match=r"queue is full \(16 of 16"):
             await batcher.submit(images(1))
-        assert batcher.shedding  # for one drain time: 16 / 3.2 = 5 s
+        # shedding starts (for one drain time, 16 / 3.2 = 5 s); the queue's tail past the budget is refused:
+        # the third queued request had 4 + 8 images ahead, the second 4 + 4 (+ its batch of 4 > 10), the first 4
+        assert batcher.shedding and batcher.admitted_images == 8
+        for late in queued[1:]:
+            with pytest.raises(ServerBusy, match="sheds its queue"):
+                await late
+        # the queue limit has room (8 + 4 <= 16), the wait budget not: 4 computing + 4 queued + its batch 4 > 10
+        assert not batcher.has_room(1)
+        with pytest.raises(ServerBusy, match="for the engine's speed now") as busy:
+            await batcher.submit(images(4))
+        assert busy.value.headers["Retry-After"] == str(math.ceil(8 / 3.2))
         engine.release.release()  # the first batch ends; the next one computes
         await first
         await asyncio.to_thread(engine.entered.acquire)
         for n, s in speeds:  # the finished call's own (fake-fast) speed out of the window again
             batcher.observe(n, s)
-        assert batcher.admitted_images == 12 and batcher.queued_images == 8
-        # the queue limit has room (12 + 4 <= 16), the wait budget not: 4 computing + 8 queued + its batch 4 > 10
-        assert not batcher.has_room(1) and not batcher.has_room(4)
-        with pytest.raises(ServerBusy, match="for the engine's speed now") as busy:
-            await batcher.submit(images(4))
-        assert busy.value.headers["Retry-After"] == str(math.ceil(12 / 3.2))
-        engine.release.release()
-        await waiting[0]
-        await asyncio.to_thread(engine.entered.acquire)
-        for n, s in speeds:
-            batcher.observe(n, s)
-        assert batcher.admitted_images == 8 and not batcher.has_room(1)  # 4 + 4 + 4 > 10
-        engine.release.release()
-        await waiting[1]
-        await asyncio.to_thread(engine.entered.acquire)
         # nothing queued ahead: always admitted (it waits for the running batch and its own)
         assert batcher.queued_images == 0 and batcher.shedding and batcher.has_room(4)
-        late = asyncio.ensure_future(batcher.submit(images(4)))
+        last = asyncio.ensure_future(batcher.submit(images(4)))
         await asyncio.sleep(0)
-        for _ in range(8):
+        assert not batcher.has_room(1)  # 4 + 4 + 4 > 10
+        for _ in range(4):
             engine.release.release()
         await batcher.close()
-        return await late
+        return await asyncio.gather(queued[0], last)
 
-    assert run(main()).batch_size == 4
+    assert [result.batch_size for result in run(main())] == [4, 4]
 
 
 def test_without_a_refusal_the_wait_budget_does_not_apply() -> None:

@@ -16,8 +16,12 @@ Admission (``has_room``), two rules; a request that fails either is refused at o
   drain time (``max_queue`` / throughput), a request is admitted only if the engine would answer it
   within ``max_queue / throughput`` even at the slowest speed of its last ``window`` batches:
   ``computing + queued + max_batch_size`` images (the running batch, those ahead, its own batch)
-  at most ``max_queue x slowest / mean`` images/s of those batches. A request with nothing queued
-  ahead of it is always admitted (it waits for the running batch and its own).
+  may not pass ``max_queue x slowest / mean`` (the slowest and the mean images/s of those
+  batches). A request with nothing queued
+  ahead of it is always admitted (it waits for the running batch and its own). As shedding
+  starts, the queued requests this rule would not admit (FIFO: the latest arrivals) are refused
+  too, a moment after they came: an overload that begins on an idle server would otherwise answer
+  its first ``max_queue`` images late.
 
 The guarantee: under overload an admitted request is answered within ``max_queue / throughput``
 (throughput: the mean of the last batches), unless the engine runs slower than it did in any of
@@ -194,8 +198,9 @@ class MicroBatcher:
         ``Retry-After``: the seconds (at least 1) the admitted images likely take to drain. The
         refusal starts (or extends) shedding for one drain time, ``max_queue / throughput``.
         """
-        throughput = self.throughput
-        admitted = self.admitted_images
+        throughput, admitted = self.throughput, self.admitted_images
+        if not self.shedding:
+            self._trim()
         self._shedding_until = time.perf_counter() + (self.max_queue / throughput if throughput > 0 else 1.0)
         if admitted + count > self.max_queue:
             why = f"the queue is full ({admitted} of {self.max_queue} images admitted)"
@@ -204,8 +209,27 @@ class MicroBatcher:
                 f"the queue is full for the engine's speed now ({admitted} of {self.max_queue} images admitted; "
                 f"a newcomer would wait past {self.max_queue} / throughput)"
             )
-        drain_s = admitted / throughput if throughput > 0 else 1.0
+        drain_s = self.admitted_images / throughput if throughput > 0 else 1.0
         return ServerBusy(f"{why}; retry later", retry_after_s=max(1, math.ceil(drain_s)))
+
+    def _trim(self) -> None:
+        """As shedding starts, refuse the queue's tail that the wait budget would not have admitted.
+
+        FIFO: the tail is the latest arrivals, refused a moment after they came. Without this, an
+        overload that starts on an idle server would answer its first ``max_queue`` images late.
+        """
+        budget = self.wait_budget_images()
+        while len(self._pending) > 1:
+            last = self._pending[-1]
+            ahead = self._computing + self._queued_images - len(last.pixel_values)
+            if ahead + self.max_batch_size <= budget:
+                return
+            self._pending.pop()
+            self._queued_images -= len(last.pixel_values)
+            if not last.future.done():
+                last.future.set_exception(
+                    ServerBusy("the server is overloaded and sheds its queue to its wait budget; retry later")
+                )
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
