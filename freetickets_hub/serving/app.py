@@ -42,7 +42,8 @@ class ServingApp:
 
     A declared ``Content-Length`` over the limit is answered 413 without reading the body; a body
     without one (chunked) is counted while it streams and refused as soon as it passes the limit.
-    While the queue is full, work is refused here with 503 + ``Retry-After``, before routing: under
+    While no request would be admitted (``MicroBatcher.has_room``: the queue limit, and while shedding
+    the wait budget), work is refused here with 503 + ``Retry-After``, before routing: under
     an overload, refusals must cost next to nothing. Every response, including these, is counted in
     ``freetickets_requests_total{route,status}``.
     """

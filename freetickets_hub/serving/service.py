@@ -164,7 +164,7 @@ class Service:
         """Refuse work before its body is read when not even one more image fits (an overload's cheap 503).
 
         Raises:
-            ServerBusy: shutting down, or the queue is full.
+            ServerBusy: shutting down, or no room (the batcher's queue limit or wait budget).
             ServerNotReady: still loading.
         """
         if self.draining:
@@ -178,7 +178,7 @@ class Service:
         """Run ``pixel_values`` through the batcher.
 
         Raises:
-            ServerBusy: shutting down, or the queue is full.
+            ServerBusy: shutting down, or no room (the batcher's queue limit or wait budget).
             ServerNotReady: still loading.
             InvalidInput: more images than ``--max-batch-size``.
         """
