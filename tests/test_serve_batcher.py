@@ -178,9 +178,10 @@ def test_while_shedding_a_request_is_admitted_only_within_the_wait_budget() -> N
         # shedding starts (for one drain time, 16 / 3.2 = 5 s); the queue's tail past the budget is refused:
         # the third queued request had 4 + 8 images ahead, the second 4 + 4 (+ its batch of 4 > 10), the first 4
         assert batcher.shedding and batcher.admitted_images == 8
-        for late in queued[1:]:
-            with pytest.raises(ServerBusy, match="sheds its queue"):
+        for late, ahead in zip(queued[1:], [8, 12], strict=True):
+            with pytest.raises(ServerBusy, match="sheds its queue") as shed:
                 await late
+            assert shed.value.headers["Retry-After"] == str(math.ceil(ahead / 3.2))
         # the queue limit has room (8 + 4 <= 16), the wait budget not: 4 computing + 4 queued + its batch 4 > 10
         assert not batcher.has_room(1)
         with pytest.raises(ServerBusy, match="for the engine's speed now") as busy:

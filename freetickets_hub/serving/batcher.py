@@ -218,7 +218,7 @@ class MicroBatcher:
         FIFO: the tail is the latest arrivals, refused a moment after they came. Without this, an
         overload that starts on an idle server would answer its first ``max_queue`` images late.
         """
-        budget = self.wait_budget_images()
+        budget, throughput = self.wait_budget_images(), self.throughput
         while len(self._pending) > 1:
             last = self._pending[-1]
             ahead = self._computing + self._queued_images - len(last.pixel_values)
@@ -227,8 +227,12 @@ class MicroBatcher:
             self._pending.pop()
             self._queued_images -= len(last.pixel_values)
             if not last.future.done():
+                drain_s = ahead / throughput if throughput > 0 else 1.0
                 last.future.set_exception(
-                    ServerBusy("the server is overloaded and sheds its queue to its wait budget; retry later")
+                    ServerBusy(
+                        "the server is overloaded and sheds its queue to its wait budget; retry later",
+                        retry_after_s=max(1, math.ceil(drain_s)),
+                    )
                 )
 
     async def _loop(self) -> None:
