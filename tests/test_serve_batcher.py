@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import threading
 import time
 
 import numpy as np
@@ -134,3 +136,93 @@ def test_an_engine_failure_reaches_the_requests_of_its_batch_only() -> None:
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="need 1 <= max_batch_size <= max_queue"):
         MicroBatcher(FakeEngine(), batch_axes={}, max_batch_size=0)
+
+
+class BlockingEngine:
+    """An engine whose calls wait until the test lets them finish, one at a time."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Semaphore(0)
+
+    def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        self.entered.release()
+        self.release.acquire(timeout=30)
+        return {"row_sum": pixel_values.reshape(len(pixel_values), -1).sum(-1)}
+
+
+def images(count: int) -> np.ndarray:
+    return np.ones((count, 1, 1, 1), np.float32)
+
+
+def test_while_shedding_a_request_is_admitted_only_within_the_wait_budget() -> None:
+    engine = BlockingEngine()
+    # recent engine calls: three of 4 images at 4 images/s, one at 2 images/s (slowest); mean 3.2 images/s
+    speeds = [(4, 1.0), (4, 1.0), (4, 1.0), (4, 2.0)]
+
+    async def main():
+        batcher = MicroBatcher(engine, batch_axes={}, max_batch_size=4, max_delay_s=0.0, max_queue=16, window=4)
+        await batcher.start()
+        for n, s in speeds:
+            batcher.observe(n, s)
+        assert batcher.throughput == pytest.approx(3.2)
+        assert batcher.wait_budget_images() == pytest.approx(16 * 2 / 3.2)  # 10 images
+        first = asyncio.ensure_future(batcher.submit(images(4)))
+        await asyncio.to_thread(engine.entered.acquire)  # 4 images computing
+        queued = [asyncio.ensure_future(batcher.submit(images(4))) for _ in range(3)]
+        await asyncio.sleep(0)
+        # not shedding: the queue limit alone; 16 admitted (4 computing, 12 queued): a load that fits is never refused
+        assert batcher.admitted_images == 16 and not batcher.shedding
+        with pytest.raises(ServerBusy, match=r"queue is full \(16 of 16"):
+            await batcher.submit(images(1))
+        # shedding starts (for one drain time, 16 / 3.2 = 5 s); the queue's tail past the budget is refused:
+        # the third queued request had 4 + 8 images ahead, the second 4 + 4 (+ its batch of 4 > 10), the first 4
+        assert batcher.shedding and batcher.admitted_images == 8
+        for late, ahead in zip(queued[1:], [8, 12], strict=True):
+            with pytest.raises(ServerBusy, match="sheds its queue") as shed:
+                await late
+            assert shed.value.headers["Retry-After"] == str(math.ceil(ahead / 3.2))
+        # the queue limit has room (8 + 4 <= 16), the wait budget not: 4 computing + 4 queued + its batch 4 > 10
+        assert not batcher.has_room(1)
+        with pytest.raises(ServerBusy, match="for the engine's speed now") as busy:
+            await batcher.submit(images(4))
+        assert busy.value.headers["Retry-After"] == str(math.ceil(8 / 3.2))
+        engine.release.release()  # the first batch ends; the next one computes
+        await first
+        await asyncio.to_thread(engine.entered.acquire)
+        for n, s in speeds:  # the finished call's own (fake-fast) speed out of the window again
+            batcher.observe(n, s)
+        # nothing queued ahead: always admitted (it waits for the running batch and its own)
+        assert batcher.queued_images == 0 and batcher.shedding and batcher.has_room(4)
+        last = asyncio.ensure_future(batcher.submit(images(4)))
+        await asyncio.sleep(0)
+        assert not batcher.has_room(1)  # 4 + 4 + 4 > 10
+        for _ in range(4):
+            engine.release.release()
+        await batcher.close()
+        return await asyncio.gather(queued[0], last)
+
+    assert [result.batch_size for result in run(main())] == [4, 4]
+
+
+def test_without_a_refusal_the_wait_budget_does_not_apply() -> None:
+    engine = BlockingEngine()
+
+    async def main():
+        batcher = MicroBatcher(engine, batch_axes={}, max_batch_size=4, max_delay_s=0.0, max_queue=16, window=8)
+        await batcher.start()
+        for _ in range(7):
+            batcher.observe(4, 0.01)
+        batcher.observe(4, 10.0)  # one very slow call: the wait budget would admit almost nothing
+        assert batcher.wait_budget_images() < 4
+        first = asyncio.ensure_future(batcher.submit(images(4)))
+        await asyncio.to_thread(engine.entered.acquire)
+        rest = [asyncio.ensure_future(batcher.submit(images(4))) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert batcher.admitted_images == 16 and not batcher.shedding  # all admitted: the queue limit only
+        for _ in range(4):
+            engine.release.release()
+        await batcher.close()
+        return await asyncio.gather(first, *rest)
+
+    assert len(run(main())) == 4

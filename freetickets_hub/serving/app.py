@@ -42,7 +42,8 @@ class ServingApp:
 
     A declared ``Content-Length`` over the limit is answered 413 without reading the body; a body
     without one (chunked) is counted while it streams and refused as soon as it passes the limit.
-    While the queue is full, work is refused here with 503 + ``Retry-After``, before routing: under
+    While no request would be admitted (``MicroBatcher.has_room``: the queue limit, and while shedding
+    the wait budget), work is refused here with 503 + ``Retry-After``, before routing: under
     an overload, refusals must cost next to nothing. Every response, including these, is counted in
     ``freetickets_requests_total{route,status}``.
     """
@@ -75,7 +76,7 @@ class ServingApp:
                 return
             batcher = self.service.batcher
             if route in _WORK and batcher is not None and not batcher.has_room():
-                await _reply_error(send_counted, batcher.busy())
+                await _reply_error(send_counted, batcher.refuse())
                 return
             await self.app(scope, _bounded(receive, limit), send_counted)
         finally:

@@ -4,11 +4,31 @@ Requests wait in one queue; a single worker task takes as many whole requests as
 ``max_batch_size`` images, waiting at most ``max_delay_s`` after the oldest one arrived, runs the
 engine once on their concatenation in a worker thread (the event loop keeps answering meanwhile)
 and hands each request its own rows back. While the engine computes, new requests queue up, so
-under load batches form without waiting. A request that would take the images admitted and not
-yet answered (queued or being computed) past ``max_queue`` is refused at once (``ServerBusy``: 503
-+ ``Retry-After``). An admitted request then has at most ``max_queue`` images ahead of it or with
-it, and its batch at most ``max_batch_size`` more after it: it waits at most about
-``(max_queue + max_batch_size) / throughput``, however heavy the overload.
+under load batches form without waiting.
+
+Admission (``has_room``), two rules; a request that fails either is refused at once
+(``ServerBusy``: 503 + ``Retry-After``):
+
+- **Queue limit.** The images admitted and not yet answered (queued or being computed) may not pass
+  ``max_queue``. A load that fits (e.g. 32 clients x 8 images with ``max_queue`` 256) is never
+  refused.
+- **Wait budget, while shedding.** Once a request has been refused, and until none has been for one
+  drain time (``max_queue`` / throughput), a request is admitted only if the engine would answer it
+  within ``max_queue / throughput`` even at the slowest speed of its last ``window`` batches:
+  ``computing + queued + max_batch_size`` images (the running batch, those ahead, its own batch)
+  may not pass ``max_queue x slowest / mean`` (the slowest and the mean images/s of those
+  batches). A request with nothing queued
+  ahead of it is always admitted (it waits for the running batch and its own). As shedding
+  starts, the queued requests this rule would not admit (FIFO: the latest arrivals) are refused
+  too, a moment after they came: an overload that begins on an idle server would otherwise answer
+  its first ``max_queue`` images late.
+
+The guarantee: under overload an admitted request is answered within ``max_queue / throughput``
+(throughput: the mean of the last batches), unless the engine runs slower than it did in any of
+them. Throughput under overload is kept: the queue still holds work whenever a batch ends. The
+queue limit alone would not give this bound: it admits requests with ``max_queue`` images of work
+ahead of and with them, so any slowdown of the engine (on a CPU it shares with the HTTP side, the
+overload's own requests slow it) lands on their latency.
 """
 
 from __future__ import annotations
@@ -56,6 +76,7 @@ class MicroBatcher:
         max_queue: most images admitted and not yet answered (waiting or in the running engine call);
             at least ``max_batch_size``.
         on_batch: called after each engine call with ``(images, compute seconds)`` (metrics).
+        window: the recent engine calls whose speed the wait budget reads.
     """
 
     def __init__(
@@ -67,6 +88,7 @@ class MicroBatcher:
         max_delay_s: float = 0.005,
         max_queue: int = 256,
         on_batch: Callable[[int, float], None] | None = None,
+        window: int = 16,
     ) -> None:
         if not 1 <= max_batch_size <= max_queue or max_delay_s < 0:
             raise ValueError(
@@ -82,7 +104,8 @@ class MicroBatcher:
         self._pending: collections.deque[_Pending] = collections.deque()
         self._queued_images = 0
         self._computing = 0  # images in the engine call now running
-        self._throughput = 0.0  # images/s of the last batch, for Retry-After
+        self._recent: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)  # (images, seconds)
+        self._shedding_until = -math.inf  # perf_counter time; a refusal starts (or extends) shedding
         self._arrived = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -99,9 +122,39 @@ class MicroBatcher:
         """Images queued or being computed: what ``max_queue`` bounds."""
         return self._queued_images + self._computing
 
+    @property
+    def throughput(self) -> float:
+        """Images/s of the engine over its recent calls (0 before the first)."""
+        seconds = sum(s for _, s in self._recent)
+        return sum(n for n, _ in self._recent) / seconds if seconds > 0 else 0.0
+
+    @property
+    def shedding(self) -> bool:
+        """Whether a request was refused within the last drain time (the wait budget applies)."""
+        return time.perf_counter() < self._shedding_until
+
+    def wait_budget_images(self) -> float:
+        """Most images to compute before an admitted request is answered, while shedding.
+
+        ``max_queue`` x (slowest recent images/s) / (mean recent images/s): at the slowest recent
+        speed they take ``max_queue / throughput``.
+        """
+        if not self._recent or self.throughput <= 0:
+            return float(self.max_queue)
+        slowest = min(n / s if s > 0 else math.inf for n, s in self._recent)
+        return self.max_queue * min(1.0, slowest / self.throughput)
+
+    def observe(self, images: int, seconds: float) -> None:
+        """Record an engine call's speed (the worker does, after each batch)."""
+        self._recent.append((images, seconds))
+
     def has_room(self, count: int = 1) -> bool:
-        """Whether a request of ``count`` images is admitted now."""
-        return not self._closing and self.admitted_images + count <= self.max_queue
+        """Whether a request of ``count`` images is admitted now (the two rules of the module docstring)."""
+        if self._closing or self.admitted_images + count > self.max_queue:
+            return False
+        if self._queued_images == 0 or not self.shedding:
+            return True
+        return self._computing + self._queued_images + self.max_batch_size <= self.wait_budget_images()
 
     @property
     def idle(self) -> bool:
@@ -131,7 +184,7 @@ class MicroBatcher:
         if self._closing:
             raise ServerBusy("the server is shutting down")
         if not self.has_room(count):
-            raise self.busy()
+            raise self.refuse(count)
         loop = asyncio.get_running_loop()
         item = _Pending(pixel_values, loop.create_future(), time.perf_counter())
         self._pending.append(item)
@@ -139,13 +192,48 @@ class MicroBatcher:
         self._arrived.set()
         return await item.future
 
-    def busy(self) -> ServerBusy:
-        """The refusal of a full queue, with ``Retry-After``: the seconds (at least 1) it likely takes to drain."""
-        drain_s = self.admitted_images / self._throughput if self._throughput > 0 else 1.0
-        return ServerBusy(
-            f"the queue is full ({self.admitted_images} of {self.max_queue} images admitted); retry later",
-            retry_after_s=max(1, math.ceil(drain_s)),
-        )
+    def refuse(self, count: int = 1) -> ServerBusy:
+        """The refusal of a request of ``count`` images that has no room, with ``Retry-After``.
+
+        ``Retry-After``: the seconds (at least 1) the admitted images likely take to drain. The
+        refusal starts (or extends) shedding for one drain time, ``max_queue / throughput``.
+        """
+        throughput, admitted = self.throughput, self.admitted_images
+        if not self.shedding:
+            self._trim()
+        self._shedding_until = time.perf_counter() + (self.max_queue / throughput if throughput > 0 else 1.0)
+        if admitted + count > self.max_queue:
+            why = f"the queue is full ({admitted} of {self.max_queue} images admitted)"
+        else:
+            why = (
+                f"the queue is full for the engine's speed now ({admitted} of {self.max_queue} images admitted; "
+                f"a newcomer would wait past {self.max_queue} / throughput)"
+            )
+        drain_s = self.admitted_images / throughput if throughput > 0 else 1.0
+        return ServerBusy(f"{why}; retry later", retry_after_s=max(1, math.ceil(drain_s)))
+
+    def _trim(self) -> None:
+        """As shedding starts, refuse the queue's tail that the wait budget would not have admitted.
+
+        FIFO: the tail is the latest arrivals, refused a moment after they came. Without this, an
+        overload that starts on an idle server would answer its first ``max_queue`` images late.
+        """
+        budget, throughput = self.wait_budget_images(), self.throughput
+        while len(self._pending) > 1:
+            last = self._pending[-1]
+            ahead = self._computing + self._queued_images - len(last.pixel_values)
+            if ahead + self.max_batch_size <= budget:
+                return
+            self._pending.pop()
+            self._queued_images -= len(last.pixel_values)
+            if not last.future.done():
+                drain_s = ahead / throughput if throughput > 0 else 1.0
+                last.future.set_exception(
+                    ServerBusy(
+                        "the server is overloaded and sheds its queue to its wait budget; retry later",
+                        retry_after_s=max(1, math.ceil(drain_s)),
+                    )
+                )
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -186,7 +274,7 @@ class MicroBatcher:
             finally:
                 self._computing = 0
             compute_s = time.perf_counter() - started
-            self._throughput = size / compute_s if compute_s > 0 else 0.0
+            self.observe(size, compute_s)
             if self._on_batch is not None:
                 self._on_batch(size, compute_s)
             self._hand_out(batch, outputs, started, compute_s, size)

@@ -164,7 +164,7 @@ class Service:
         """Refuse work before its body is read when not even one more image fits (an overload's cheap 503).
 
         Raises:
-            ServerBusy: shutting down, or the queue is full.
+            ServerBusy: shutting down, or no room (the batcher's queue limit or wait budget).
             ServerNotReady: still loading.
         """
         if self.draining:
@@ -172,13 +172,13 @@ class Service:
         self.require_engine()
         assert self.batcher is not None
         if not self.batcher.has_room():
-            raise self.batcher.busy()
+            raise self.batcher.refuse()
 
     async def infer(self, pixel_values: np.ndarray) -> BatchResult:
         """Run ``pixel_values`` through the batcher.
 
         Raises:
-            ServerBusy: shutting down, or the queue is full.
+            ServerBusy: shutting down, or no room (the batcher's queue limit or wait budget).
             ServerNotReady: still loading.
             InvalidInput: more images than ``--max-batch-size``.
         """
