@@ -80,7 +80,6 @@ LEVERS = {  # EDST at seed 0, one change each; the same epochs (training FLOPs c
     "edst_reset0.05": ("refinement LR reset to 0.05 (default 0.01)", ["refine_lrs=[0.05, 0.01, 0.001]"]),
     "edst_explore6": ("exploration 6 + 3 x 1 epochs (default 3 + 3 x 2)", ["explore_epochs=6", "refine_epochs=1"]),
     "edst_s0.5": ("sparsity 0.5 (default 0.8)", ["sparsity=0.5"]),
-    "edst_s0.9": ("sparsity 0.9 (default 0.8)", ["sparsity=0.9"]),
     "edst_uniform": ("uniform layer densities (default ERK)", ["distribution=uniform"]),
 }
 
