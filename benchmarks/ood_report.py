@@ -423,28 +423,8 @@ def render(results: dict[str, Any], label: dict[str, str], levers: dict[str, Any
         d = summary[m]["diagnostics"]
         ens = " / ".join(f"{d['kinds'][k]['ensemble_entropy_auroc']:.3f}" for k in KINDS)
         mem = " / ".join(f"{d['kinds'][k]['member_entropy_auroc']:.3f}" for k in KINDS)
-        dis = (
-            "-"
-            if "diversity" not in d["test"]
-            else (
-                f"{d['test']['diversity']['disagreement']:.3f} → "
-                + " / ".join(f"{d['kinds'][k]['diversity']['disagreement']:.3f}" for k in KINDS)
-            )
-        )
-        mi = (
-            "-"
-            if "diversity" not in d["test"]
-            else (
-                f"{d['test']['diversity']['mutual_information']:.3f} → "
-                + " / ".join(f"{d['kinds'][k]['diversity']['mutual_information']:.3f}" for k in KINDS)
-            )
-        )
-        norm = f"{d['test']['logits']['logit_norm']:.1f} → " + " / ".join(
-            f"{d['kinds'][k]['logits']['logit_norm']:.1f}" for k in KINDS
-        )
-        msp = f"{d['test']['logits']['msp']:.3f} → " + " / ".join(
-            f"{d['kinds'][k]['logits']['msp']:.3f}" for k in KINDS
-        )
+        dis, mi = (_test_to_kinds(d, "diversity", key, "{:.3f}") for key in ("disagreement", "mutual_information"))
+        norm, msp = _test_to_kinds(d, "logits", "logit_norm", "{:.1f}"), _test_to_kinds(d, "logits", "msp", "{:.3f}")
         rows.append([label[m], ens, mem, dis, mi, norm, msp])
     header = [
         "method",
@@ -517,6 +497,14 @@ def render(results: dict[str, Any], label: dict[str, str], levers: dict[str, Any
     header = ["run", "change", "val score", "Δ val", "near", "shifted", "far", "acc %", "train FLOPs x dense"]
     lines += [markdown_table(header, rows), "", f"![OOD max-probability histograms]({PLOT.name})", ""]
     return "\n".join(lines)
+
+
+def _test_to_kinds(diagnostics: dict[str, Any], block: str, key: str, fmt: str) -> str:
+    """``test value → near / shifted / far`` of one diagnostic, or ``-`` when the method has none."""
+    if block not in diagnostics["test"]:
+        return "-"
+    kinds = " / ".join(fmt.format(diagnostics["kinds"][k][block][key]) for k in KINDS)
+    return f"{fmt.format(diagnostics['test'][block][key])} → {kinds}"
 
 
 def write_plot(logits: dict[str, dict[str, torch.Tensor]], runs: dict[str, Any], path: Path) -> None:
