@@ -35,6 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from ood_report import report, select_lever
 from quality_runs import REPO, RunSpec, epoch_budget, load_shared_data, train_run
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from freetickets_hub.ensemble import EnsembleModel
@@ -201,8 +202,6 @@ def run_logits(folder: Path, group: SeedGroup, accelerator: Any, *, bn: bool) ->
         }
     )
     if cache.exists():
-        from safetensors import safe_open
-
         with safe_open(cache, "pt") as handle:
             if (handle.metadata() or {}).get("settings") == settings:
                 return load_file(cache)
@@ -272,7 +271,7 @@ def main() -> None:
             train_run(spec, out / spec.name)
             logits[spec.name] = run_logits(out / spec.name, groups[spec.load().seed], accelerator, bn=False)
             specs.append(spec)
-    report(specs, groups, logits, out, args.results_md)
+    report(specs, groups, logits, out, args.results_md, selected)
 
 
 if __name__ == "__main__":

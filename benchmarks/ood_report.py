@@ -9,6 +9,7 @@ oriented so that higher means more in-distribution (max probability, -entropy, -
 
 from __future__ import annotations
 
+import json
 import time
 import zlib
 from collections.abc import Sequence
@@ -47,8 +48,12 @@ def report(
     logits: dict[str, dict[str, torch.Tensor]],
     out: Path,
     results_md: str,
+    selected: str,
 ) -> None:
-    """Analyse every run, aggregate over seeds, write the tables (see the module docstring)."""
+    """Analyse every run, aggregate over seeds, write the tables (see the module docstring).
+
+    ``selected`` is the lever :func:`select_lever` chose (its seeds 1 and 2 join the tables when trained).
+    """
     from ood import LEVERS, METHODS, SEEDS  # the benchmark's own definitions
 
     started = time.time()
@@ -64,10 +69,7 @@ def report(
     for run in runs.values():
         run["training_flops_vs_single_dense"] = run["training_flops"] / base_flops
     lever_names = ["edst_ensemble_s0", *LEVERS]
-    eligible = [
-        n for n in lever_names if runs[n]["training_flops"] <= FLOPS_GOAL * runs[f"{BASELINE}_s0"]["training_flops"]
-    ]
-    selected = max(eligible, key=lambda name: runs[name]["val_score"])
+    eligible = [n for n in lever_names if within_budget(out / n, out / f"{BASELINE}_s0")]
     labels = {m: METHODS[m][0] for m in METHODS}
     methods = {m: [runs[f"{m}_s{s}"] for s in SEEDS] for m in METHODS}
     if selected in LEVERS and all(f"{selected}_s{s}" in runs for s in SEEDS[1:]):  # the selected lever, 3 seeds
@@ -135,16 +137,17 @@ def analyse(logits: dict[str, torch.Tensor], group: SeedGroup, draws: dict[str, 
         "sets": {},
         "draws": {},
     }
+    inside_scores = {t: _scores(output, members) for t, output in inside.items()}
     member_inside = [_scores(combine_member_logits(logits["test"][i : i + 1], member_t[i]), 1) for i in range(members)]
     for s in group.test_sets:
         ood = logits[f"test/{s.name}"]
         entry: dict[str, Any] = {"kind": s.kind}
-        for label, t in (("calibrated", temperature), ("uncalibrated", 1.0)):
-            entry[label] = _detection(_scores(inside[t], members), _scores(combine_member_logits(ood, t), members))
-        calibrated_in = _scores(inside[temperature], members)
-        calibrated_out = _scores(combine_member_logits(ood, temperature), members)
+        outside = {t: _scores(combine_member_logits(ood, t), members) for t in inside_scores}
+        entry["calibrated"] = _detection(inside_scores[temperature], outside[temperature])
+        entry["uncalibrated"] = _detection(inside_scores[1.0], outside[1.0])
         run["draws"][s.name] = {
-            k: bootstrap_detection(calibrated_in[k], calibrated_out[k], draws[s.name]) for k in calibrated_in
+            k: bootstrap_detection(inside_scores[temperature][k], outside[temperature][k], draws[s.name])
+            for k in inside_scores[temperature]
         }
         entry["member_auroc"] = [
             {
@@ -236,8 +239,6 @@ def _logit_stats(member_logits: torch.Tensor) -> dict[str, float]:
 
 
 def _training_flops(folder: Path) -> float:
-    import json
-
     return float(json.loads((folder / "train_summary.json").read_text())["costs"]["training_flops"])
 
 

@@ -18,11 +18,12 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .config import EnsembleConfig
-from .errors import ArtifactError, MissingDependencyError
+from .errors import ArtifactError
 from .runtime import (
     METADATA_NUM_MEMBERS,
     METADATA_TEMPERATURE,
     OnnxEnsemble,
+    importable,
     resolve_graph,
 )
 
@@ -45,13 +46,7 @@ def has_openvino(necessary: bool = False) -> bool:
     Raises:
         MissingDependencyError: ``necessary`` is set and openvino is not installed.
     """
-    try:
-        import openvino  # noqa: F401
-    except ImportError as err:
-        if necessary:
-            raise MissingDependencyError(f"OpenVinoEnsemble needs openvino: {_INSTALL_HINT}") from err
-        return False
-    return True
+    return importable("openvino", engine="OpenVinoEnsemble", hint=_INSTALL_HINT, necessary=necessary)
 
 
 class OpenVinoEnsemble(OnnxEnsemble):

@@ -6,6 +6,7 @@ onnxruntime when an engine is built, so ``import freetickets_hub.runtime`` works
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import mmap
@@ -53,19 +54,28 @@ _GPU_HINT = "install onnxruntime-gpu with pip install 'freetickets-hub[gpu]' on 
 ProviderSpec = str | tuple[str, dict[str, Any]]
 
 
+def importable(module: str, *, engine: str, hint: str, necessary: bool = False) -> bool:
+    """Whether ``module`` imports; with ``necessary=True`` raise an error naming ``engine`` and ``hint`` instead.
+
+    Raises:
+        MissingDependencyError: ``necessary`` is set and ``module`` is not installed.
+    """
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        if necessary:
+            raise MissingDependencyError(f"{engine} needs {module}: {hint}") from err
+        return False
+    return True
+
+
 def has_onnxruntime(necessary: bool = False) -> bool:
     """Whether onnxruntime can be imported; with ``necessary=True`` raise a helpful error instead of False.
 
     Raises:
         MissingDependencyError: ``necessary`` is set and onnxruntime is not installed.
     """
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError as err:
-        if necessary:
-            raise MissingDependencyError(f"OnnxEnsemble needs onnxruntime: {_INSTALL_HINT}") from err
-        return False
-    return True
+    return importable("onnxruntime", engine="OnnxEnsemble", hint=_INSTALL_HINT, necessary=necessary)
 
 
 class OnnxEnsemble:
