@@ -89,6 +89,7 @@ def _finetune(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         report_to=args.report_to,
         from_scratch=args.from_scratch,
+        search_lr=args.search_lr,
     )
     if summary and args.from_scratch:
         print(format_summary_table(summary))
@@ -656,6 +657,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--from-scratch", action="store_true",
         help="baseline: the same recipe and steps from a random init and masks at MODEL's sparsity",
+    )  # fmt: skip
+    p.add_argument(
+        "--search-lr", action="store_true",
+        help="first pick lr and backbone_lr by validation NLL from 6 short runs (needs val_size > 0)",
     )  # fmt: skip
     p.add_argument("--report-to", default=None, help="accelerate tracker, e.g. tensorboard (optional)")
     p.add_argument(

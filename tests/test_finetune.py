@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,8 +21,9 @@ from safetensors.torch import load_file
 from freetickets_hub import EnsembleModel
 from freetickets_hub.cli import main
 from freetickets_hub.errors import RecipeError
+from freetickets_hub.training import lr_search
 from freetickets_hub.training.data import augment_batch
-from freetickets_hub.training.finetune import FineTuneRecipe, finetune, load_finetune_recipe
+from freetickets_hub.training.finetune import FineTuneRecipe, finetune, load_finetune_recipe, search_lr
 from freetickets_hub.training.phases import plan_runs
 from freetickets_hub.training.sparsity import SparseEngine, SparsityConfig, maskable_weights
 
@@ -332,3 +334,26 @@ def test_two_processes_fine_tune_with_identical_masks(base: Path, fmnist_5_9: Pa
     dist = json.loads((tmp_path / "out" / "train_summary.json").read_text())["distributed"]
     assert dist["num_processes"] == 2 and dist["batches_per_epoch_per_process"] == 128 // (2 * 16)
     assert len(set(dist["mask_hashes_by_process"])) == 1
+
+
+def test_search_lr_picks_the_good_lr_deterministically_from_the_validation_carve(
+    base: Path, fmnist_5_9: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One sensible head LR between one too small to learn in the time and one that diverges."""
+    monkeypatch.setattr(lr_search, "LR_FACTORS", (1e-3, 1.0, 100.0))
+    monkeypatch.setattr(lr_search, "BACKBONE_RATIOS", (0.2,))
+    sizes = {"epochs": 5, "batch_size": 16, "eval_batch_size": 64, "val_size": 32, "max_train_samples": 96}
+    recipe = FineTuneRecipe(base_model=str(base), dataset=str(fmnist_5_9), lr=0.05, backbone_lr=0.01, **sizes)
+    summary = finetune(recipe, tmp_path / "ft", search_lr=True)
+    table = summary["finetune"]["lr_search"]
+    assert [row["lr"] for row in table] == pytest.approx([5e-5, 0.05, 5.0])
+    chosen = summary["finetune"]["recipe"]
+    assert (chosen["lr"], chosen["backbone_lr"]) == pytest.approx((0.05, 0.01))
+    assert not (tmp_path / "ft" / "checkpoints" / "lr_search").exists()  # the short runs are removed
+    # the same train split, another test split: the same scores, bitwise (seeded; the test split is never read)
+    other = tmp_path / "other"
+    shutil.copytree(fmnist_5_9, other)
+    test = load_dataset(str(fmnist_5_9), split="test").map(lambda y: {"label": (y + 1) % 5}, input_columns="label")
+    test.to_parquet(str(other / "data" / "test-00000-of-00001.parquet"))  # every test label now wrong
+    picked, again = search_lr(dataclasses.replace(recipe, dataset=str(other)), tmp_path / "search")
+    assert again == table and (picked.lr, picked.backbone_lr) == pytest.approx((0.05, 0.01))

@@ -17,9 +17,11 @@ split before (the base members, their own heads) and after fine-tuning.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from freetickets_hub.hub import WEIGHTS_NAME
 from freetickets_hub.outputs import combine_member_logits
 from freetickets_hub.preprocessing import preprocess
 
+from . import lr_search
 from .checkpoint import CHECKPOINTS, latest_checkpoint
 from .costs import layer_flops
 from .data import ImageData, ImageSplit, Split, StreamedSplit, load_image_data, timm_train_transform
@@ -44,7 +47,7 @@ from .finetune_recipe import MODES, FineTuneRecipe, load_finetune_recipe, resolv
 from .sparsity import draw_masks, nonzero_counts
 from .train import train
 
-__all__ = ["MODES", "FineTuneRecipe", "finetune", "format_diversity", "load_finetune_recipe"]
+__all__ = ["MODES", "FineTuneRecipe", "finetune", "format_diversity", "load_finetune_recipe", "search_lr"]
 
 LINEAGE_NAME = "finetune_base.json"  # in checkpoints/: what a resumed run must fine-tune again
 _CHUNK = 1024  # images resized per call
@@ -59,6 +62,7 @@ def finetune(
     max_steps: int | None = None,
     report_to: str | None = None,
     from_scratch: bool = False,
+    search_lr: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune ``recipe.base_model`` on ``recipe.dataset`` and write the new ensemble to ``output_dir``.
 
@@ -71,6 +75,8 @@ def finetune(
         report_to: an accelerate tracker name, e.g. "tensorboard".
         from_scratch: the baseline instead: the same recipe, data and steps from a random init with
             random masks at the base model's sparsity (every layer at the recipe's ``lr``).
+        search_lr: first pick ``lr`` and ``backbone_lr`` by validation NLL from a few short runs
+            (:mod:`.lr_search`); needs ``val_size`` > 0.
 
     Returns:
         The summary written to ``train_summary.json`` (empty on other processes or when stopped early).
@@ -90,16 +96,22 @@ def finetune(
     base = EnsembleModel.from_pretrained(recipe.base_model, revision=recipe.revision)
     if base.source_dir is not None and output_dir.resolve() == base.source_dir.resolve():
         raise FreeTicketsError(f"{output_dir} is the base model's own folder: choose another --output-dir")
+    if search_lr and from_scratch:
+        raise RecipeError("--search-lr tunes the fine-tuning LRs; give the from-scratch baseline its LRs with --set")
     _prepare_output(output_dir, state, resume=resume, overwrite=overwrite)
     lineage = _lineage(recipe.base_model, base)
-    _check_lineage(output_dir, state, lineage, recipe, resume=resume)
     sparse = any(base.masks)
+    data = load_image_data(recipe.training_recipe(base.config, sparse=sparse))
+    scores: list[dict[str, float]] = []
+    if search_lr:
+        recipe, scores = _search_lr(recipe, base, data, lineage, output_dir / CHECKPOINTS / "lr_search", state)
+    _check_lineage(output_dir, state, lineage, recipe, resume=resume)
     training = recipe.training_recipe(base.config, sparse=sparse)
     state.print(
         f"fine-tuning {recipe.base_model} in {recipe.mode} mode: augment {recipe.augment}, {recipe.epochs} epochs per "
         f"member ({recipe.warmup_epochs} warm-up), lr {recipe.lr} (heads), backbone_lr {recipe.backbone_lr}"
     )
-    start = _FineTune(recipe, base, load_image_data(training), lineage)
+    start = _FineTune(recipe, base, data, lineage, lr_search=scores)
     if from_scratch:
         if recipe.mode == "linear-probe":
             raise RecipeError("a linear probe of a random backbone is no baseline: use frozen-masks or dst")
@@ -112,8 +124,16 @@ def finetune(
 class _FineTune:
     """Where each member starts (the base member, a new head) and what the summary adds (a ``MemberStart``)."""
 
-    def __init__(self, recipe: FineTuneRecipe, base: EnsembleModel, data: ImageData, lineage: dict[str, Any]) -> None:
-        self.recipe, self.base, self.lineage = recipe, base, lineage
+    def __init__(
+        self,
+        recipe: FineTuneRecipe,
+        base: EnsembleModel,
+        data: ImageData,
+        lineage: dict[str, Any],
+        *,
+        lr_search: list[dict[str, float]] | None = None,
+    ) -> None:
+        self.recipe, self.base, self.lineage, self.lr_search = recipe, base, lineage, lr_search or []
         cfg = base.config
         pretrained_cfg = resolve_pretrained_cfg(recipe, cfg, len(data.label_names))
         self.data = _fit_data(data, pretrained_cfg, recipe)
@@ -194,6 +214,7 @@ class _FineTune:
             "mode": self.recipe.mode,
             "recipe": self.recipe.to_dict(),
             "new_heads": self.new_heads,
+            "lr_search": self.lr_search,  # the --search-lr candidates with their validation NLL, or []
             "base_label_names": self.base.config.label_names,
             "diversity": {
                 "before": {**before, "label_space": "base" if self.new_heads else "same"},
@@ -202,6 +223,47 @@ class _FineTune:
         }
         if self.recipe.mode == "linear-probe":
             _linear_probe_costs(summary["costs"], model, data)
+
+
+def search_lr(recipe: FineTuneRecipe, work_dir: str | Path) -> tuple[FineTuneRecipe, list[dict[str, float]]]:
+    """``recipe`` with the LR pair of lowest validation NLL among :func:`~.lr_search.candidates`, and the scores.
+
+    The short runs are written under ``work_dir`` and removed afterwards; ``finetune(search_lr=True)`` runs
+    this before fine-tuning.
+    """
+    if recipe.base_model is None or recipe.dataset is None:
+        raise RecipeError("--search-lr needs a base model and a dataset")
+    base = EnsembleModel.from_pretrained(recipe.base_model, revision=recipe.revision)
+    data = load_image_data(recipe.training_recipe(base.config, sparse=any(base.masks)))
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    return _search_lr(recipe, base, data, _lineage(recipe.base_model, base), Path(work_dir), state)
+
+
+def _search_lr(
+    recipe: FineTuneRecipe,
+    base: EnsembleModel,
+    data: ImageData,
+    lineage: dict[str, Any],
+    work_dir: Path,
+    state: PartialState,
+) -> tuple[FineTuneRecipe, list[dict[str, float]]]:
+    """Score each :func:`~.lr_search.candidates` LR pair with a short run; ``recipe`` with the best one."""
+    scored = []
+    for index, candidate in enumerate(lr_search.candidates(recipe)):
+        short = lr_search.search_recipe(recipe, candidate)
+        run_dir = work_dir / str(index)
+        start = _FineTune(short, base, data, lineage)
+        train(short.training_recipe(base.config, sparse=any(base.masks)), run_dir, data=start.data, start=start)
+        state.wait_for_everyone()
+        nll = lr_search.validation_nll(EnsembleModel.from_pretrained(run_dir), start.data, recipe.eval_batch_size)
+        state.print(f"--search-lr: lr {candidate.lr:g}, backbone_lr {candidate.backbone_lr:g}: val NLL {nll:.4f}")
+        scored.append((candidate, nll))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        shutil.rmtree(work_dir)
+    best = lr_search.pick(scored)
+    table = [{"lr": c.lr, "backbone_lr": c.backbone_lr, "val_nll": nll} for c, nll in scored]
+    return dataclasses.replace(recipe, lr=best.lr, backbone_lr=best.backbone_lr), table
 
 
 def _prepare_output(output_dir: Path, state: PartialState, *, resume: bool, overwrite: bool) -> None:
