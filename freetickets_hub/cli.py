@@ -163,6 +163,9 @@ def _serve(args: argparse.Namespace) -> int:
             workers=args.workers,
             name=args.name,
             variant=args.variant,
+            keep_alive_s=args.keep_alive_s,
+            body_timeout_s=args.body_timeout_s,
+            drain_timeout_s=args.drain_timeout_s,
         )
     except ValueError as err:
         print(f"freetickets serve: error: {err}", file=sys.stderr)
@@ -264,6 +267,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from freetickets_hub.files import check_writable, prepare_output_dir, write_text_atomic
     from freetickets_hub.hub import CONFIG_NAME
 
+    _resolve_selective_flags(args)
     if "test" in args.split.lower() and not args.force:
         raise DatasetError(
             f"refusing to fit on split {args.split!r}: it looks like a test split (fit on held-out data, "
@@ -328,6 +332,27 @@ def _calibrate(args: argparse.Namespace) -> int:
         model.save_pretrained(args.output)
         print(f"wrote {args.output}")
     return 0
+
+
+_SELECTIVE_DEFAULTS = {  # flag -> (its default, the flag asking for the fit it tunes, what that fit is)
+    "score": ("confidence", "target_risk", "abstention threshold"),
+    "delta": (0.1, "target_risk", "abstention threshold"),
+    "conformal_score": ("lac", "conformal_alpha", "conformal prediction sets"),
+}
+
+
+def _resolve_selective_flags(args: argparse.Namespace) -> None:
+    """Refuse a selective-rule flag without the fit it tunes, then fill in the defaults.
+
+    Without it, ``calibrate --score entropy`` would silently refit only the temperature and drop the
+    stored rule.
+    """
+    for name, (default, needs, fit) in _SELECTIVE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        elif getattr(args, needs) is None:
+            flag, needed = (f"--{n.replace('_', '-')}" for n in (name, needs))
+            raise FreeTicketsError(f"{flag} tunes the {fit} that {needed} fits: add {needed} (nothing was changed)")
 
 
 def _calibration_rows(args: argparse.Namespace, count: int) -> tuple[Any, Any]:
@@ -609,13 +634,13 @@ def _add_selective_arguments(p: argparse.ArgumentParser) -> None:
         "--target-risk", type=_probability, default=None, metavar="R",
         help="fit an abstention threshold: error rate of the answered images <= R with probability >= 1 - delta",
     )  # fmt: skip
-    group.add_argument("--delta", type=_probability, default=0.1, help="failure probability of that bound (0.1)")
-    group.add_argument("--score", choices=SELECTIVE_SCORES, default="confidence", help="what the threshold is on")
+    group.add_argument("--delta", type=_probability, default=None, help="failure probability of that bound (0.1)")
+    group.add_argument("--score", choices=SELECTIVE_SCORES, default=None, help="the threshold's score (confidence)")
     group.add_argument(
         "--conformal-alpha", type=_probability, default=None, metavar="A",
         help="fit conformal prediction sets holding the true label with probability >= 1 - A",
     )  # fmt: skip
-    group.add_argument("--conformal-score", choices=CONFORMAL_SCORES, default="lac", help="conformity score (lac)")
+    group.add_argument("--conformal-score", choices=CONFORMAL_SCORES, default=None, help="conformity score (lac)")
     group.add_argument(
         "--keep-temperature", action="store_true",
         help="keep the stored temperature and fit only the selective rule, on every image of the split",
@@ -772,6 +797,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--variant", choices=("fp32", "int8"), default="fp32",
         help="onnx backend graph: fp32 (onnx/model.onnx) or int8 (onnx/model.int8.onnx, `export onnx --quantize int8`)",
     )  # fmt: skip
+    p.add_argument("--keep-alive-s", type=int, default=5, help="close idle connections after this (default: 5)")
+    p.add_argument("--body-timeout-s", type=float, default=30.0, help="408 when a body takes longer (default: 30)")
+    p.add_argument("--drain-timeout-s", type=float, default=30.0, help="on SIGTERM, exit within this (default: 30)")
     p.set_defaults(func=_serve)
 
     p = verbs.add_parser("merge", help="combine members of separate runs (same architecture) into one ensemble")
@@ -833,6 +861,13 @@ def _finish_parsers(parser: argparse.ArgumentParser, path: str = "") -> None:
                 _finish_parsers(sub, verb)
 
 
+def _check_shared_flags(args: argparse.Namespace) -> None:
+    """Flags several verbs share, checked before anything loads (one line and exit 2, not a traceback)."""
+    batch_size = getattr(args, "batch_size", None)
+    if batch_size is not None and batch_size < 1:
+        raise FreeTicketsError(f"--batch-size must be at least 1, got {batch_size}")
+
+
 def _user_error(err: BaseException) -> bool:
     """Errors that mean the user asked for something impossible (not a bug): reported in one line."""
     if isinstance(err, (FreeTicketsError, OSError)):
@@ -847,6 +882,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
+        _check_shared_flags(args)
         return args.func(args)
     except Exception as err:
         if not _user_error(err):

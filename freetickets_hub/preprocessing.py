@@ -25,6 +25,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "MAX_RESIZE_PIXELS",
     "ImageInput",
+    "batch_starts",
     "check_image_size",
     "check_pixel_shape",
     "load_images",
@@ -186,6 +187,17 @@ def _split_batch(array: np.ndarray, channels: int) -> list[np.ndarray]:
             "(array.transpose(0, 2, 3, 1))"
         )
     raise ValueError(f"expected an image (H, W) / (H, W, C) or a batch (B, H, W) / (B, H, W, C), got {array.shape}")
+
+
+def batch_starts(count: int, batch_size: int) -> range:
+    """The first index of each ``batch_size`` chunk of ``count`` images.
+
+    Raises:
+        ValueError: ``batch_size`` is not a positive integer.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return range(0, count, batch_size)
 
 
 def check_pixel_shape(shape: Sequence[int], input_size: Sequence[int]) -> None:

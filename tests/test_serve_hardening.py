@@ -12,6 +12,8 @@ import time
 import httpx
 import pytest
 
+from freetickets_hub.preprocessing import ALLOWED_FORMATS
+
 from .image_bombs import encoded, mutations, one_bit_png
 from .serve_support import exported_model, running
 
@@ -58,7 +60,11 @@ HUGE = "9" * 5000
 V2_CASES = {
     "nested 100,000 deep": (DEEP, "nested too deeply"),
     "5,000-digit integer": (tensor(f"[{HUGE}]"), "integer"),
-    "401-digit integer in data": (tensor("[" + ", ".join(["1" * 401] * 784) + "]"), "out of range"),
+    "401-digit integer in data": (tensor("[" + ", ".join(["1" * 401] * 784) + "]"), "must hold only numbers"),
+    "null in data": (tensor(json.dumps([None] * 784)), "must hold only numbers"),
+    "strings in data": (tensor(json.dumps(["1.5"] * 784)), "must hold only numbers"),
+    "a boolean in data": (tensor(json.dumps([True] + [0.5] * 783)), "must hold only numbers"),
+    "outputs overflow": (tensor(json.dumps([3e38] * 784)), "not finite"),
 }
 V1_JSON_CASES = {
     "nested 100,000 deep": (DEEP, "nested too deeply"),
@@ -95,7 +101,7 @@ def test_fuzz_never_gives_a_5xx_other_than_503(server) -> None:
     """Bounded: 6 formats x 12 seeded mutations on /v1/predict (multipart and base64) and the cases above."""
     statuses: dict[int, int] = {}
     deadline = time.monotonic() + 120
-    for i, fmt in enumerate(FORMATS):
+    for i, fmt in enumerate(ALLOWED_FORMATS):
         for j, blob in enumerate(mutations(encoded(fmt, seed=i, mode="RGB"), seed=100 + i, count=12)):
             if j % 2:
                 reply = upload(server.url, blob)
@@ -112,3 +118,13 @@ def test_fuzz_never_gives_a_5xx_other_than_503(server) -> None:
             assert reply.status_code < 500 or reply.status_code == 503, (path, reply.text)
     assert statuses.get(400) and statuses.get(200), statuses  # the mutations hit both outcomes
     assert json.loads(httpx.get(f"{server.url}/v2/health/ready").text)["ready"]
+
+
+def test_head_on_get_routes_and_no_cdn_docs(server) -> None:
+    for path in ("/v2/health/ready", "/v1/metadata", "/"):
+        reply = httpx.head(server.url + path)
+        assert reply.status_code == 200 and reply.content == b"", path
+    assert httpx.get(f"{server.url}/docs").status_code == 404  # Swagger UI would load from a CDN
+    assert httpx.get(f"{server.url}/openapi.json").status_code == 200
+    meta = httpx.get(f"{server.url}/v1/metadata").json()
+    assert meta["pretrained_cfg"]["input_size"] == [1, 28, 28] and "mean" in meta["pretrained_cfg"]

@@ -58,7 +58,9 @@ def decode_base64_images(payload: Any) -> list[tuple[str, bytes]]:
         raise InvalidInput('a JSON body must be {"images": ["<base64>", ...]} with one or more strings')
     blobs = []
     for i, text in enumerate(images):
-        encoded = text.split(",", 1)[1] if text.startswith("data:") else text
+        encoded = text.partition(",")[2] if text.startswith("data:") else text
+        if not encoded:
+            raise InvalidInput(f"images[{i}] holds no data (a data URL needs ';base64,' and the image after it)")
         try:
             blobs.append((f"images[{i}]", base64.b64decode(encoded, validate=True)))
         except (binascii.Error, ValueError) as err:
