@@ -57,7 +57,7 @@ _DECODE_ERRORS = (
     NotImplementedError, ZeroDivisionError, OverflowError, struct.error, Image.DecompressionBombWarning,
 )  # fmt: skip
 
-_CHANNELS = (1, 3, 4)  # gray, RGB, RGBA: what the last axis of an (H, W, C) image holds
+_CHANNELS = (1, 2, 3, 4)  # gray, gray+alpha, RGB, RGBA: what the last axis of an (H, W, C) image holds
 
 
 def load_images(images: ImageInput | Sequence[ImageInput], channels: int) -> list[Image.Image]:
@@ -94,8 +94,24 @@ def load_images(images: ImageInput | Sequence[ImageInput], channels: int) -> lis
             raise TypeError(
                 f"image {i}: expected a PIL image, a numpy array or a file path, got {type(image).__name__}"
             )
-        out.append(image.convert("L" if channels == 1 else "RGB"))
+        out.append(_to_8_bit(image, name=f"image {i}").convert("L" if channels == 1 else "RGB"))
     return out
+
+
+def _to_8_bit(image: Image.Image, *, name: str) -> Image.Image:
+    """16-bit gray (``I;16*``, ``I``) scaled to 0-255 (``convert("L")`` would saturate it); float refused.
+
+    Raises:
+        ImageError: a float image (mode ``F``: no fixed range), or 32-bit values outside 0-65535.
+    """
+    if image.mode == "F":
+        raise ImageError(f"{name}: a floating-point image (mode F) has no fixed range; save it as 8- or 16-bit")
+    if not image.mode.startswith("I"):
+        return image
+    array = np.asarray(image)
+    if array.size and (array.min() < 0 or array.max() > 65535):
+        raise ImageError(f"{name}: a 32-bit image (mode {image.mode}) with values outside 0-65535; save it as 16-bit")
+    return Image.fromarray(np.round(array.astype(np.float32) / 257.0).astype(np.uint8))
 
 
 def open_image(source: str | os.PathLike | IO[bytes], *, name: str) -> Image.Image:

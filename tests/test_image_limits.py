@@ -100,3 +100,18 @@ def test_predict_cli_refuses_a_bomb_in_one_line(tmp_path: Path, capsys: pytest.C
     assert main(["predict", str(saved), str(bomb), "--backend", "torch"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "aspect ratio 1000000:1 is over the limit of 50:1" in err
+
+
+def test_16_bit_images_are_scaled_not_saturated() -> None:
+    gray = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    wide = Image.fromarray(gray.astype(np.uint16) * 257)  # the same picture at 16 bits (mode I;16)
+    assert wide.mode.startswith("I")
+    np.testing.assert_allclose(preprocess([wide], CFG), preprocess([gray], CFG), atol=1e-6)
+    with pytest.raises(ImageError, match="floating-point image"):
+        preprocess([Image.fromarray(gray.astype(np.float32))], CFG)
+
+
+def test_gray_alpha_array_is_one_image() -> None:
+    gray = np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8)
+    pair = np.stack([gray, np.full_like(gray, 255)], axis=-1)  # (H, W, 2)
+    np.testing.assert_allclose(preprocess(pair, CFG), preprocess(gray, CFG), atol=1e-6)
