@@ -602,26 +602,66 @@ def _predict(args: argparse.Namespace) -> int:
     num_classes = model.config.num_classes
     if not 1 <= args.top_k <= num_classes:
         raise FreeTicketsError(f"--top-k must be from 1 to {num_classes} (the number of classes), got {args.top_k}")
-    records = model.predict(args.images, batch_size=args.batch_size).to_records(top_k=args.top_k)
+    paths, images = _readable_images(args.images, model.config.pretrained_cfg["input_size"])
+    if not images:
+        raise FreeTicketsError(f"none of the {len(args.images)} image(s) can be read (see the lines above)")
+    records = model.predict(images, batch_size=args.batch_size).to_records(top_k=args.top_k)
     if args.json:
-        print(
-            json.dumps([{"image": path, **record} for path, record in zip(args.images, records, strict=True)], indent=2)
-        )
+        print(json.dumps([{"image": path, **record} for path, record in zip(paths, records, strict=True)], indent=2))
         return 0
-    width = max(len("image"), *(len(path) for path in args.images))
+    selective = "abstain" in records[0]
+    width = max(len("image"), *(len(path) for path in paths))
     header = f"{'image':<{width}}  {'label':<16} {'conf':>6} {'entropy':>8} {'MI':>8} {'disagree':>8}"
+    header += f" {'abstain':>7}  prediction set" if selective else ""
     lines = [header + ("  top-k" if args.top_k > 1 else "")]
-    for path, r in zip(args.images, records, strict=True):
+    for path, r in zip(paths, records, strict=True):
         line = (
             f"{path:<{width}}  {r['label']:<16} {r['confidence']:>6.3f} {r['entropy']:>8.4f} "
             f"{r['mutual_information']:>8.4f} {r['disagreement']:>8.2f}"
         )
+        if selective:
+            prediction_set = r.get("prediction_set")
+            shown = "{" + ", ".join(map(str, prediction_set)) + "}" if prediction_set is not None else "-"
+            line += f" {'yes' if r['abstain'] else 'no':>7}  {shown}"
         if args.top_k > 1:
             line += "  " + ", ".join(f"{k['label']} {k['probability']:.3f}" for k in r["top_k"])
         lines.append(line)
     print("\n".join(lines))
     print(f"({backend} backend; entropy = total uncertainty, MI = epistemic, in nats)")
     return 0
+
+
+def _readable_images(paths: list[str], input_size: list[int]) -> tuple[list[str], list[Any]]:
+    """The images ``predict`` can read, decoded once; one stderr line per file skipped or far too small."""
+    from freetickets_hub.errors import ImageError
+    from freetickets_hub.preprocessing import open_image
+
+    kept, images = [], []
+    for path in paths:
+        try:
+            image = open_image(path, name=path)
+        except ImageError as err:
+            print(f"freetickets predict: skipped {err}", file=sys.stderr)
+            continue
+        if min(image.size) * 4 < min(input_size[1:]):
+            print(
+                f"freetickets predict: warning: {path} is {image.width}x{image.height} pixels, far smaller than the "
+                f"model's input {input_size[2]}x{input_size[1]}; its prediction means little",
+                file=sys.stderr,
+            )
+        kept.append(path)
+        images.append(image)
+    return kept, images
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value}")
+    return value
 
 
 def _add_selective_arguments(p: argparse.ArgumentParser) -> None:
@@ -741,7 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="save the calibrated ensemble here instead of updating MODEL (required for a Hub id)",
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass and process")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass and process")
     _add_selective_arguments(p)
     p.set_defaults(func=_calibrate)
 
@@ -769,7 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--plots", default=None, metavar="DIR", help="write reliability/disagreement/risk-coverage PNGs")
     p.add_argument("--max-samples", type=int, default=None, help="a seeded random subset of N images of each set")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass and process")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass and process")
     p.set_defaults(func=_evaluate)
 
     p = verbs.add_parser("push", help="upload a saved ensemble folder to the Hub as one commit")
@@ -819,7 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", choices=("auto", "onnx", "torch"), default="auto",
         help="engine: onnx (MODEL/onnx/model.onnx, no torch needed), torch, or auto (onnx when exported)",
     )  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass")
     p.set_defaults(func=_predict)
     _finish_parsers(parser)
     return parser

@@ -92,14 +92,30 @@ def test_seeded_mutations_of_real_images_raise_only_image_errors() -> None:
                 assert image.width * image.height > 0
 
 
-def test_predict_cli_refuses_a_bomb_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_cli_skips_a_bomb_with_a_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     saved = tmp_path / "model"
     make_ensemble(seed=1, members=2).save_pretrained(saved)
-    bomb = tmp_path / "bomb.png"
+    bomb, good, tiny = tmp_path / "bomb.png", tmp_path / "good.png", tmp_path / "tiny.png"
     bomb.write_bytes(one_bit_png(1, 1_000_000))
+    good.write_bytes(encoded("PNG", seed=2))
+    Image.new("L", (1, 1)).save(tiny)
     assert main(["predict", str(saved), str(bomb), "--backend", "torch"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "aspect ratio 1000000:1 is over the limit of 50:1" in err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "aspect ratio 1000000:1 is over the limit of 50:1" in err[0] and "skipped" in err[0]
+    assert len(err) == 2 and "none of the 1 image(s)" in err[1]
+    assert main(["predict", str(saved), str(bomb), str(good), str(tiny), "--backend", "torch"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped" in captured.err and "tiny.png is 1x1 pixels, far smaller" in captured.err
+    rows = captured.out.splitlines()
+    assert any(str(good) in row for row in rows) and not any(str(bomb) in row for row in rows)
+
+
+@pytest.mark.parametrize("size", ["0", "-1", "x"])
+def test_predict_batch_size_must_be_positive(size: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(tmp_path), "a.png", "--batch-size", size])
+    assert exit_info.value.code == 2
+    assert "--batch-size: expected a whole number of at least 1" in capsys.readouterr().err
 
 
 def test_16_bit_images_are_scaled_not_saturated() -> None:
