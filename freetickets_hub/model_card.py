@@ -399,7 +399,14 @@ def _finetune_rows(summary: dict[str, Any]) -> dict[str, Any] | None:
         for key, label in names.items()
         if _is_number(before.get(key)) and _is_number(after.get(key))
     ]
-    return {"mode": block.get("mode", ""), "base_space": before.get("label_space") == "base", "rows": rows}
+    recipe = block.get("recipe") if isinstance(block.get("recipe"), dict) else {}
+    schedule = {key: recipe.get(key) for key in ("augment", "lr", "backbone_lr", "epochs", "warmup_epochs")}
+    return {
+        "mode": block.get("mode", ""),
+        "base_space": before.get("label_space") == "base",
+        "rows": rows,
+        "schedule": schedule if all(value is not None for value in schedule.values()) else None,
+    }
 
 
 def _member_bytes(weights: Path | None, num_members: int) -> list[int]:

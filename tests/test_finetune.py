@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from freetickets_hub import EnsembleModel
 from freetickets_hub.cli import main
 from freetickets_hub.errors import RecipeError
+from freetickets_hub.training.data import augment_batch
 from freetickets_hub.training.finetune import FineTuneRecipe, finetune, load_finetune_recipe
 from freetickets_hub.training.phases import plan_runs
 from freetickets_hub.training.sparsity import SparseEngine, SparsityConfig, maskable_weights
@@ -129,6 +130,7 @@ def test_summary_records_lineage_and_diversity_before_and_after(base: Path, froz
     assert summary["costs"]["training_flops"] > 0 and summary["wall_time_s"] > 0
     card = (frozen / "README.md").read_text()
     assert f"Fine-tuned from `{base}`" in card and "## Fine-tuning" in card and "frozen-masks" in card
+    assert "augmentation `crop`" in card and "LR 0.05 for the new heads and 0.01 for the backbone" in card
     assert "base_model" not in ModelCard(card).data.to_dict()  # a local folder is no Hub id
 
 
@@ -263,6 +265,19 @@ def test_bundled_finetune_recipes_load_and_plan_one_run_per_member(path: Path) -
     assert training.method == ("dst" if recipe.mode == "dst" else "static_sparse")
     assert [run.seed for run in plan_runs(training)] == [recipe.seed + i for i in range(3)]
     assert recipe.backbone_lr < recipe.lr and recipe.warmup_epochs >= 1
+
+
+SMALL_RECIPE = ROOT / "training" / "recipes" / "finetune_small.yaml"
+
+
+@pytest.mark.parametrize("path", [None, SMALL_RECIPE], ids=["defaults", "small"])
+def test_default_fine_tune_never_mirrors_images(path: Path | None) -> None:
+    """The new task is unknown (a mirrored digit is another class): the default augmentation keeps left left."""
+    training = load_finetune_recipe(path, dataset="x").training_recipe(make_ensemble().config, sparse=True)
+    images = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
+    images[..., :14] = 255  # bright left half
+    out = augment_batch(images, training.augment, training.pad, torch.Generator().manual_seed(0)).float()
+    assert (out[..., :10].mean(dim=(1, 2, 3)) > out[..., -10:].mean(dim=(1, 2, 3))).all()
 
 
 def test_engine_starts_from_given_masks() -> None:

@@ -95,6 +95,10 @@ def finetune(
     _check_lineage(output_dir, state, lineage, recipe, resume=resume)
     sparse = any(base.masks)
     training = recipe.training_recipe(base.config, sparse=sparse)
+    state.print(
+        f"fine-tuning {recipe.base_model} in {recipe.mode} mode: augment {recipe.augment}, {recipe.epochs} epochs per "
+        f"member ({recipe.warmup_epochs} warm-up), lr {recipe.lr} (heads), backbone_lr {recipe.backbone_lr}"
+    )
     start = _FineTune(recipe, base, load_image_data(training), lineage)
     if from_scratch:
         if recipe.mode == "linear-probe":

@@ -44,7 +44,9 @@ class FineTuneRecipe:
     val_size: int = 0  # carved from the train split with `seed` (ticket selection, calibration)
     max_train_samples: int | None = None
     max_test_samples: int | None = None
-    augment: str = "pad_crop_flip"  # pad_crop_flip | crop | none (in-memory) | timm (streamed)
+    # crop | pad_crop_flip | none (in-memory) | timm (streamed). No flips unless asked: the new task is
+    # unknown, and a mirror image is another class for digits, text and many other tasks.
+    augment: str = "crop"
     pad: int = 2
     auto_augment: str | None = None  # augment "timm" only
     color_jitter: float = 0.0  # augment "timm" only
