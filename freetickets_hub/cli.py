@@ -654,16 +654,6 @@ def _readable_images(paths: list[str], input_size: list[int]) -> tuple[list[str]
     return kept, images
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value}")
-    return value
-
-
 def _add_selective_arguments(p: argparse.ArgumentParser) -> None:
     from .config import CONFORMAL_SCORES, SELECTIVE_SCORES
 
@@ -781,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="save the calibrated ensemble here instead of updating MODEL (required for a Hub id)",
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass and process")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass and process")
     _add_selective_arguments(p)
     p.set_defaults(func=_calibrate)
 
@@ -809,7 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--plots", default=None, metavar="DIR", help="write reliability/disagreement/risk-coverage PNGs")
     p.add_argument("--max-samples", type=int, default=None, help="a seeded random subset of N images of each set")
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass and process")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass and process")
     p.set_defaults(func=_evaluate)
 
     p = verbs.add_parser("push", help="upload a saved ensemble folder to the Hub as one commit")
@@ -859,7 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", choices=("auto", "onnx", "torch"), default="auto",
         help="engine: onnx (MODEL/onnx/model.onnx, no torch needed), torch, or auto (onnx when exported)",
     )  # fmt: skip
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.set_defaults(func=_predict)
     _finish_parsers(parser)
     return parser
