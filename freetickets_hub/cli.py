@@ -164,6 +164,9 @@ def _serve(args: argparse.Namespace) -> int:
             workers=args.workers,
             name=args.name,
             variant=args.variant,
+            keep_alive_s=args.keep_alive_s,
+            body_timeout_s=args.body_timeout_s,
+            drain_timeout_s=args.drain_timeout_s,
         )
     except ValueError as err:
         print(f"freetickets serve: error: {err}", file=sys.stderr)
@@ -265,6 +268,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from freetickets_hub.files import check_writable, prepare_output_dir, write_text_atomic
     from freetickets_hub.hub import CONFIG_NAME
 
+    _resolve_selective_flags(args)
     if "test" in args.split.lower() and not args.force:
         raise DatasetError(
             f"refusing to fit on split {args.split!r}: it looks like a test split (fit on held-out data, "
@@ -329,6 +333,27 @@ def _calibrate(args: argparse.Namespace) -> int:
         model.save_pretrained(args.output)
         print(f"wrote {args.output}")
     return 0
+
+
+_SELECTIVE_DEFAULTS = {  # flag -> (its default, the flag asking for the fit it tunes, what that fit is)
+    "score": ("confidence", "target_risk", "abstention threshold"),
+    "delta": (0.1, "target_risk", "abstention threshold"),
+    "conformal_score": ("lac", "conformal_alpha", "conformal prediction sets"),
+}
+
+
+def _resolve_selective_flags(args: argparse.Namespace) -> None:
+    """Refuse a selective-rule flag without the fit it tunes, then fill in the defaults.
+
+    Without it, ``calibrate --score entropy`` would silently refit only the temperature and drop the
+    stored rule.
+    """
+    for name, (default, needs, fit) in _SELECTIVE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        elif getattr(args, needs) is None:
+            flag, needed = (f"--{n.replace('_', '-')}" for n in (name, needs))
+            raise FreeTicketsError(f"{flag} tunes the {fit} that {needed} fits: add {needed} (nothing was changed)")
 
 
 def _calibration_rows(args: argparse.Namespace, count: int) -> tuple[Any, Any]:
@@ -578,26 +603,56 @@ def _predict(args: argparse.Namespace) -> int:
     num_classes = model.config.num_classes
     if not 1 <= args.top_k <= num_classes:
         raise FreeTicketsError(f"--top-k must be from 1 to {num_classes} (the number of classes), got {args.top_k}")
-    records = model.predict(args.images, batch_size=args.batch_size).to_records(top_k=args.top_k)
+    paths, images = _readable_images(args.images, model.config.pretrained_cfg["input_size"])
+    if not images:
+        raise FreeTicketsError(f"none of the {len(args.images)} image(s) can be read (see the lines above)")
+    records = model.predict(images, batch_size=args.batch_size).to_records(top_k=args.top_k)
     if args.json:
-        print(
-            json.dumps([{"image": path, **record} for path, record in zip(args.images, records, strict=True)], indent=2)
-        )
+        print(json.dumps([{"image": path, **record} for path, record in zip(paths, records, strict=True)], indent=2))
         return 0
-    width = max(len("image"), *(len(path) for path in args.images))
+    selective = "abstain" in records[0]
+    width = max(len("image"), *(len(path) for path in paths))
     header = f"{'image':<{width}}  {'label':<16} {'conf':>6} {'entropy':>8} {'MI':>8} {'disagree':>8}"
+    header += f" {'abstain':>7}  prediction set" if selective else ""
     lines = [header + ("  top-k" if args.top_k > 1 else "")]
-    for path, r in zip(args.images, records, strict=True):
+    for path, r in zip(paths, records, strict=True):
         line = (
             f"{path:<{width}}  {r['label']:<16} {r['confidence']:>6.3f} {r['entropy']:>8.4f} "
             f"{r['mutual_information']:>8.4f} {r['disagreement']:>8.2f}"
         )
+        if selective:
+            prediction_set = r.get("prediction_set")
+            shown = "{" + ", ".join(map(str, prediction_set)) + "}" if prediction_set is not None else "-"
+            line += f" {'yes' if r['abstain'] else 'no':>7}  {shown}"
         if args.top_k > 1:
             line += "  " + ", ".join(f"{k['label']} {k['probability']:.3f}" for k in r["top_k"])
         lines.append(line)
     print("\n".join(lines))
     print(f"({backend} backend; entropy = total uncertainty, MI = epistemic, in nats)")
     return 0
+
+
+def _readable_images(paths: list[str], input_size: list[int]) -> tuple[list[str], list[Any]]:
+    """The images ``predict`` can read, decoded once; one stderr line per file skipped or far too small."""
+    from freetickets_hub.errors import ImageError
+    from freetickets_hub.preprocessing import open_image
+
+    kept, images = [], []
+    for path in paths:
+        try:
+            image = open_image(path, name=path)
+        except ImageError as err:
+            print(f"freetickets predict: skipped {err}", file=sys.stderr)
+            continue
+        if min(image.size) * 4 < min(input_size[1:]):
+            print(
+                f"freetickets predict: warning: {path} is {image.width}x{image.height} pixels, far smaller than the "
+                f"model's input {input_size[2]}x{input_size[1]}; its prediction means little",
+                file=sys.stderr,
+            )
+        kept.append(path)
+        images.append(image)
+    return kept, images
 
 
 def _add_selective_arguments(p: argparse.ArgumentParser) -> None:
@@ -610,13 +665,13 @@ def _add_selective_arguments(p: argparse.ArgumentParser) -> None:
         "--target-risk", type=_probability, default=None, metavar="R",
         help="fit an abstention threshold: error rate of the answered images <= R with probability >= 1 - delta",
     )  # fmt: skip
-    group.add_argument("--delta", type=_probability, default=0.1, help="failure probability of that bound (0.1)")
-    group.add_argument("--score", choices=SELECTIVE_SCORES, default="confidence", help="what the threshold is on")
+    group.add_argument("--delta", type=_probability, default=None, help="failure probability of that bound (0.1)")
+    group.add_argument("--score", choices=SELECTIVE_SCORES, default=None, help="the threshold's score (confidence)")
     group.add_argument(
         "--conformal-alpha", type=_probability, default=None, metavar="A",
         help="fit conformal prediction sets holding the true label with probability >= 1 - A",
     )  # fmt: skip
-    group.add_argument("--conformal-score", choices=CONFORMAL_SCORES, default="lac", help="conformity score (lac)")
+    group.add_argument("--conformal-score", choices=CONFORMAL_SCORES, default=None, help="conformity score (lac)")
     group.add_argument(
         "--keep-temperature", action="store_true",
         help="keep the stored temperature and fit only the selective rule, on every image of the split",
@@ -777,6 +832,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--variant", choices=("fp32", "int8"), default="fp32",
         help="onnx backend graph: fp32 (onnx/model.onnx) or int8 (onnx/model.int8.onnx, `export onnx --quantize int8`)",
     )  # fmt: skip
+    p.add_argument("--keep-alive-s", type=int, default=5, help="close idle connections after this (default: 5)")
+    p.add_argument("--body-timeout-s", type=float, default=30.0, help="408 when a body takes longer (default: 30)")
+    p.add_argument("--drain-timeout-s", type=float, default=30.0, help="on SIGTERM, exit within this (default: 30)")
     p.set_defaults(func=_serve)
 
     p = verbs.add_parser("merge", help="combine members of separate runs (same architecture) into one ensemble")
@@ -838,6 +896,13 @@ def _finish_parsers(parser: argparse.ArgumentParser, path: str = "") -> None:
                 _finish_parsers(sub, verb)
 
 
+def _check_shared_flags(args: argparse.Namespace) -> None:
+    """Flags several verbs share, checked before anything loads (one line and exit 2, not a traceback)."""
+    batch_size = getattr(args, "batch_size", None)
+    if batch_size is not None and batch_size < 1:
+        raise FreeTicketsError(f"--batch-size must be at least 1, got {batch_size}")
+
+
 def _user_error(err: BaseException) -> bool:
     """Errors that mean the user asked for something impossible (not a bug): reported in one line."""
     if isinstance(err, (FreeTicketsError, OSError)):
@@ -852,6 +917,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
+        _check_shared_flags(args)
         return args.func(args)
     except Exception as err:
         if not _user_error(err):

@@ -44,7 +44,7 @@ from .masks import VALUES_DTYPES, decode_member, encode_member
 from .model_card import render_model_card
 from .outputs import EnsembleOutput, combine_member_logits
 from .predictions import Predictions
-from .preprocessing import ImageInput, check_pixel_shape, preprocess
+from .preprocessing import ImageInput, batch_starts, check_pixel_shape, preprocess
 
 __all__ = ["EnsembleModel"]
 
@@ -181,7 +181,7 @@ class EnsembleModel(
         pixels = preprocess(images, self.config.pretrained_cfg)
         device = next(self.parameters()).device
         chunks: dict[str, list[np.ndarray]] = {}
-        for start in range(0, len(pixels), batch_size):
+        for start in batch_starts(len(pixels), batch_size):
             out = self(torch.from_numpy(pixels[start : start + batch_size]).to(device))
             for key in ("probs", *_UNCERTAINTY):
                 chunks.setdefault(key, []).append(getattr(out, key).float().cpu().numpy())

@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "DatasetError",
     "FreeTicketsError",
+    "ImageError",
     "MissingDependencyError",
     "ModelNotFoundError",
     "OutputDirError",
@@ -32,6 +33,10 @@ class ArtifactError(FreeTicketsError, ValueError):
 
 class DatasetError(FreeTicketsError, ValueError):
     """A dataset cannot be evaluated on: unknown split, empty split, foreign labels or unconvertible images."""
+
+
+class ImageError(FreeTicketsError, ValueError):
+    """An image cannot be used: not an allowed format, undecodable, or dimensions over a limit."""
 
 
 class RecipeError(FreeTicketsError, ValueError):

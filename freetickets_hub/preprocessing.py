@@ -9,13 +9,29 @@ from __future__ import annotations
 
 import math
 import os
+import struct
+import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageInput", "check_pixel_shape", "load_images", "preprocess"]
+from freetickets_hub.errors import ImageError
+
+__all__ = [
+    "ALLOWED_FORMATS",
+    "MAX_ASPECT_RATIO",
+    "MAX_IMAGE_PIXELS",
+    "MAX_RESIZE_PIXELS",
+    "ImageInput",
+    "batch_starts",
+    "check_image_size",
+    "check_pixel_shape",
+    "load_images",
+    "open_image",
+    "preprocess",
+]
 
 ImageInput = Image.Image | np.ndarray | str | os.PathLike
 
@@ -29,7 +45,19 @@ _RESAMPLE = {
 }
 
 
-_CHANNELS = (1, 3, 4)  # gray, RGB, RGBA: what the last axis of an (H, W, C) image holds
+# Limits checked on the header, before any pixel is decoded or resized (a 2 KB 1x1,000,000 PNG would
+# otherwise become a 28x28,000,000 intermediate): see the README's "Limits".
+ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")  # never EPS or Pillow's other readers
+MAX_ASPECT_RATIO = 50  # longer side / shorter side
+MAX_IMAGE_PIXELS = 40_000_000  # decoded width x height (a 6,300-pixel square)
+MAX_RESIZE_PIXELS = 2**24  # width x height of the image resized to the model's shorter side
+# what Pillow's readers raise on broken files besides OSError/ValueError (struct.error, IndexError, ...)
+_DECODE_ERRORS = (
+    OSError, SyntaxError, ValueError, TypeError, IndexError, KeyError, AttributeError, EOFError,
+    NotImplementedError, ZeroDivisionError, OverflowError, struct.error, Image.DecompressionBombWarning,
+)  # fmt: skip
+
+_CHANNELS = (1, 2, 3, 4)  # gray, gray+alpha, RGB, RGBA: what the last axis of an (H, W, C) image holds
 
 
 def load_images(images: ImageInput | Sequence[ImageInput], channels: int) -> list[Image.Image]:
@@ -50,8 +78,7 @@ def load_images(images: ImageInput | Sequence[ImageInput], channels: int) -> lis
     out = []
     for i, image in enumerate(images):
         if isinstance(image, (str, os.PathLike)):
-            with Image.open(image) as opened:
-                image = opened.copy()
+            image = open_image(image, name=str(image))
         elif isinstance(image, np.ndarray):
             if (
                 image.dtype != np.uint8
@@ -67,8 +94,89 @@ def load_images(images: ImageInput | Sequence[ImageInput], channels: int) -> lis
             raise TypeError(
                 f"image {i}: expected a PIL image, a numpy array or a file path, got {type(image).__name__}"
             )
-        out.append(image.convert("L" if channels == 1 else "RGB"))
+        out.append(_to_8_bit(image, name=f"image {i}").convert("L" if channels == 1 else "RGB"))
     return out
+
+
+def _to_8_bit(image: Image.Image, *, name: str) -> Image.Image:
+    """16-bit gray (``I;16*``, ``I``) scaled to 0-255 (``convert("L")`` would saturate it); float refused.
+
+    Raises:
+        ImageError: a float image (mode ``F``: no fixed range), or 32-bit values outside 0-65535.
+    """
+    if image.mode == "F":
+        raise ImageError(f"{name}: a floating-point image (mode F) has no fixed range; save it as 8- or 16-bit")
+    if not image.mode.startswith("I"):
+        return image
+    array = np.asarray(image)
+    if array.size and (array.min() < 0 or array.max() > 65535):
+        raise ImageError(f"{name}: a 32-bit image (mode {image.mode}) with values outside 0-65535; save it as 16-bit")
+    return Image.fromarray(np.round(array.astype(np.float32) / 257.0).astype(np.uint8))
+
+
+def open_image(source: str | os.PathLike | IO[bytes], *, name: str) -> Image.Image:
+    """Decode one image file or stream, refusing before decoding what would cost too much.
+
+    Only :data:`ALLOWED_FORMATS` are read; the size is checked on the header (:func:`check_image_size`);
+    a JPEG over :data:`MAX_IMAGE_PIXELS` is decoded at a reduced scale (``draft``) rather than refused.
+
+    Raises:
+        ImageError: not an allowed format, broken or truncated, or over a limit; the message starts with ``name``.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source, formats=ALLOWED_FORMATS) as opened:
+                if opened.format == "JPEG" and opened.width * opened.height > MAX_IMAGE_PIXELS:
+                    scale = math.sqrt(MAX_IMAGE_PIXELS / (opened.width * opened.height))
+                    opened.draft(opened.mode, (int(opened.width * scale), int(opened.height * scale)))
+                check_image_size(opened.size, name=name)
+                opened.load()
+                return opened.copy()
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not a {', '.join(ALLOWED_FORMATS)} image") from None
+    except ImageError:
+        raise
+    except (*_DECODE_ERRORS, Image.DecompressionBombError) as err:
+        raise ImageError(f"{name}: a broken or truncated {_format_of(source)}image ({_without_repr(err)})") from None
+
+
+def check_image_size(size: Sequence[int], *, name: str, pretrained_cfg: dict[str, Any] | None = None) -> None:
+    """Refuse an image whose size (width, height) is empty or over a limit, before it is decoded or resized.
+
+    Raises:
+        ImageError: naming the limit (:data:`MAX_ASPECT_RATIO`, :data:`MAX_IMAGE_PIXELS`, and with
+            ``pretrained_cfg`` :data:`MAX_RESIZE_PIXELS` of the image resized for that model).
+    """
+    width, height = (int(d) for d in size)
+    if width < 1 or height < 1:
+        raise ImageError(f"{name}: the image is {width}x{height} pixels, it has no pixels")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageError(
+            f"{name}: the image is {width}x{height} pixels; its aspect ratio "
+            f"{max(width, height) / min(width, height):.0f}:1 is over the limit of {MAX_ASPECT_RATIO}:1"
+        )
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError(
+            f"{name}: the image is {width}x{height} = {width * height:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,}"
+        )
+    if pretrained_cfg is not None:
+        resized = _resized_size((width, height), _shorter_side(pretrained_cfg))
+        if resized[0] * resized[1] > MAX_RESIZE_PIXELS:
+            raise ImageError(
+                f"{name}: the image is {width}x{height} pixels; resized for this model it would be "
+                f"{resized[0]}x{resized[1]}, over the limit of {MAX_RESIZE_PIXELS:,} pixels"
+            )
+
+
+def _format_of(source: object) -> str:
+    return f"{os.path.splitext(source)[1].lstrip('.').upper()} " if isinstance(source, (str, os.PathLike)) else ""
+
+
+def _without_repr(err: BaseException) -> str:
+    """The error's text without the in-memory stream's repr (``<_io.BytesIO object at 0x...>``)."""
+    text = str(err) or type(err).__name__
+    return text.split(" <_io.")[0] if " <_io." in text else text
 
 
 def _split_batch(array: np.ndarray, channels: int) -> list[np.ndarray]:
@@ -95,6 +203,17 @@ def _split_batch(array: np.ndarray, channels: int) -> list[np.ndarray]:
             "(array.transpose(0, 2, 3, 1))"
         )
     raise ValueError(f"expected an image (H, W) / (H, W, C) or a batch (B, H, W) / (B, H, W, C), got {array.shape}")
+
+
+def batch_starts(count: int, batch_size: int) -> range:
+    """The first index of each ``batch_size`` chunk of ``count`` images.
+
+    Raises:
+        ValueError: ``batch_size`` is not a positive integer.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return range(0, count, batch_size)
 
 
 def check_pixel_shape(shape: Sequence[int], input_size: Sequence[int]) -> None:
@@ -129,13 +248,14 @@ def check_pixel_shape(shape: Sequence[int], input_size: Sequence[int]) -> None:
 def preprocess(images: ImageInput | Sequence[ImageInput], pretrained_cfg: dict[str, Any]) -> np.ndarray:
     """Images -> float32 ``(B, C, H, W)`` ready for the model described by ``pretrained_cfg`` (B may be 0)."""
     channels, height, width = pretrained_cfg["input_size"]
-    crop_pct = float(pretrained_cfg.get("crop_pct") or 1.0)
     resample = _RESAMPLE.get(pretrained_cfg.get("interpolation", "bilinear"), Image.Resampling.BILINEAR)
     mean = np.asarray(pretrained_cfg.get("mean", (0.0,) * channels), dtype=np.float32).reshape(-1, 1, 1)
     std = np.asarray(pretrained_cfg.get("std", (1.0,) * channels), dtype=np.float32).reshape(-1, 1, 1)
+    shorter = _shorter_side(pretrained_cfg)
     batch = []
-    for image in load_images(images, channels):
-        image = _resize_shorter(image, math.floor(min(height, width) / crop_pct), resample)
+    for i, image in enumerate(load_images(images, channels)):
+        check_image_size(image.size, name=f"image {i}", pretrained_cfg=pretrained_cfg)
+        image = _resize_shorter(image, shorter, resample)
         image = _center_crop(image, height, width)
         array = np.asarray(image, dtype=np.float32) / 255.0
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
@@ -145,15 +265,21 @@ def preprocess(images: ImageInput | Sequence[ImageInput], pretrained_cfg: dict[s
     return np.stack(batch).astype(np.float32)
 
 
+def _shorter_side(pretrained_cfg: dict[str, Any]) -> int:
+    """The length timm resizes the shorter side to: ``min(H, W) / crop_pct``."""
+    _, height, width = pretrained_cfg["input_size"]
+    return math.floor(min(height, width) / float(pretrained_cfg.get("crop_pct") or 1.0))
+
+
+def _resized_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
+    w, h = size
+    return (shorter, int(shorter * h / w)) if w <= h else (int(shorter * w / h), shorter)
+
+
 def _resize_shorter(image: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
-    w, h = image.size
-    if min(w, h) == size:
+    if min(image.size) == size:
         return image
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
-    else:
-        new_w, new_h = int(size * w / h), size
-    return image.resize((new_w, new_h), resample)
+    return image.resize(_resized_size(image.size, size), resample)
 
 
 def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:

@@ -21,7 +21,7 @@ from .config import EnsembleConfig
 from .errors import ArtifactError, MissingDependencyError
 from .hub import CONFIG_NAME, ONNX_NAME, resolve_file
 from .predictions import Predictions
-from .preprocessing import ImageInput, check_pixel_shape, preprocess
+from .preprocessing import ImageInput, batch_starts, check_pixel_shape, preprocess
 
 __all__ = [
     "DEFAULT_PROVIDERS",
@@ -207,7 +207,7 @@ class OnnxEnsemble:
         """Classify PIL images, uint8 arrays or image files, with uncertainty, as ``EnsembleModel.predict``."""
         pixels = preprocess(images, self.config.pretrained_cfg).astype(_INPUT_DTYPES[self._input.type])
         chunks: dict[str, list[np.ndarray]] = {key: [] for key in _PREDICT_OUTPUTS}
-        for start in range(0, len(pixels), batch_size):
+        for start in batch_starts(len(pixels), batch_size):
             out = self(pixels[start : start + batch_size])
             for key in _PREDICT_OUTPUTS:
                 chunks[key].append(out[key])

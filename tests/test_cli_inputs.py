@@ -47,7 +47,7 @@ def test_numpy_batches_are_split_and_channels_first_is_refused() -> None:
     assert len(load_images(np.zeros((3, 28, 28), np.uint8), 1)) == 3  # three gray images for a gray model
     with pytest.raises(ValueError, match=r"looks channels-first \(B, C, H, W\)"):
         load_images(np.zeros((2, 3, 28, 28), np.uint8), 3)
-    with pytest.raises(ValueError, match=r"image 0: .* with C in \(1, 3, 4\), got uint8 \(3, 28, 28\)"):
+    with pytest.raises(ValueError, match=r"image 0: .* with C in \(1, 2, 3, 4\), got uint8 \(3, 28, 28\)"):
         load_images([np.zeros((3, 28, 28), np.uint8)], 3)
 
 

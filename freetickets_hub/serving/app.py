@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -16,11 +17,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from freetickets_hub import __version__
 
 from . import v1, v2
-from .errors import PayloadTooLarge, ServingError
+from .errors import PayloadTooLarge, RequestTimeout, ServingError
 from .metrics import route_template
 from .server import drain_on_sigterm
 from .service import ServeSettings, Service
@@ -66,6 +68,9 @@ class ServingApp:
                 status = message["status"]
             await send(message)
 
+        if scope["method"] == "HEAD":  # every GET route answers HEAD: its headers, no body
+            scope = {**scope, "method": "GET"}
+            send_counted = _headers_only(send_counted)
         limit = self.service.settings.max_body_bytes
         counts = route not in _PROBES
         self.service.in_flight += counts
@@ -78,7 +83,10 @@ class ServingApp:
             if route in _WORK and batcher is not None and not batcher.has_room():
                 await _reply_error(send_counted, batcher.refuse())
                 return
-            await self.app(scope, _bounded(receive, limit), send_counted)
+            await self.app(scope, _bounded(receive, limit, self.service.settings.body_timeout_s), send_counted)
+        except ClientDisconnect:  # the client left before sending its whole body: nothing to answer
+            status = 499
+            logger.info("client disconnected during %s %s", scope["method"], scope["path"])
         finally:
             self.service.in_flight -= counts
             metrics = self.service.metrics
@@ -104,6 +112,8 @@ def create_app(settings: ServeSettings) -> ServingApp:
         version=__version__,
         summary=f"Uncertainty-aware predictions of {service.name}: /v1/predict and the Open Inference Protocol v2",
         lifespan=lifespan,
+        docs_url=None,  # Swagger UI and ReDoc load from a CDN (blank offline); /openapi.json stays
+        redoc_url=None,
     )
     app.state.service = service
     app.include_router(v1.router)
@@ -149,13 +159,24 @@ def _too_large(size: int, limit: int) -> str:
     return f"the body is {size} bytes or more; this server takes at most {limit} (--max-body-mb {limit / 2**20:g})"
 
 
-def _bounded(receive: Receive, limit: int) -> Receive:
-    """``receive`` that raises ``PayloadTooLarge`` as soon as the body streamed so far passes ``limit``."""
+def _bounded(receive: Receive, limit: int, timeout_s: float) -> Receive:
+    """``receive`` that raises ``PayloadTooLarge`` as soon as the body streamed so far passes ``limit``,
+    and ``RequestTimeout`` when the body is not whole ``timeout_s`` after the request began."""
     received = 0
+    complete = False
+    deadline = time.monotonic() + timeout_s
 
     async def bounded() -> Message:
-        nonlocal received
-        message = await receive()
+        nonlocal received, complete
+        if complete:
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the body did not arrive within {timeout_s:g} s (--body-timeout-s); {received} bytes came"
+            ) from None
+        complete = message["type"] != "http.request" or not message.get("more_body", False)
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
             if received > limit:
@@ -165,11 +186,20 @@ def _bounded(receive: Receive, limit: int) -> Receive:
     return bounded
 
 
+def _headers_only(send: Send) -> Send:
+    async def headers_only(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return headers_only
+
+
 async def _reply_error(send: Send, err: ServingError) -> None:
     body = json.dumps({"error": str(err)}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(key.lower().encode(), value.encode()) for key, value in err.headers.items()]
-    if isinstance(err, PayloadTooLarge):
+    if isinstance(err, (PayloadTooLarge, RequestTimeout)):
         headers.append((b"connection", b"close"))  # the unread body would follow on this connection
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -10,6 +10,7 @@ __all__ = [
     "InvalidInput",
     "ModelNotFound",
     "PayloadTooLarge",
+    "RequestTimeout",
     "ServerBusy",
     "ServerNotReady",
     "ServingError",
@@ -39,6 +40,12 @@ class ModelNotFound(ServingError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+class RequestTimeout(ServingError):
+    """408: the body did not arrive whole within ``--body-timeout-s`` (a client slower than it declared)."""
+
+    status = 408
 
 
 class PayloadTooLarge(ServingError):

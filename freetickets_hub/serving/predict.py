@@ -10,16 +10,15 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from freetickets_hub.config import EnsembleConfig
+from freetickets_hub.errors import ImageError
 from freetickets_hub.predictions import Predictions
-from freetickets_hub.preprocessing import preprocess
+from freetickets_hub.preprocessing import open_image, preprocess
 
 from .errors import InvalidInput
 
@@ -30,7 +29,8 @@ def decode_images(blobs: Sequence[tuple[str, bytes]], config: EnsembleConfig) ->
     """``(name, encoded bytes)`` pairs -> ``pixel_values`` ``(B, C, H, W)`` float32.
 
     Raises:
-        InvalidInput: a blob is empty, not an image PIL can decode, truncated, or a decompression bomb.
+        InvalidInput: a blob is empty, not in ``ALLOWED_FORMATS``, broken, or over a size limit
+            (``freetickets_hub.preprocessing``: checked before it is decoded or resized).
     """
     images = []
     for i, (name, blob) in enumerate(blobs):
@@ -38,13 +38,9 @@ def decode_images(blobs: Sequence[tuple[str, bytes]], config: EnsembleConfig) ->
         if not blob:
             raise InvalidInput(f"{where} is empty")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(blob)) as opened:
-                    opened.load()
-                    images.append(opened.copy())
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-            raise InvalidInput(f"{where}: {len(blob)} bytes that are not an image PIL can decode ({err})") from None
+            images.append(open_image(io.BytesIO(blob), name=f"{where}, {len(blob)} bytes"))
+        except ImageError as err:
+            raise InvalidInput(str(err)) from None
     try:
         return preprocess(images, config.pretrained_cfg)
     except (OSError, ValueError) as err:  # e.g. a mode PIL cannot convert to the model's channels
@@ -62,7 +58,9 @@ def decode_base64_images(payload: Any) -> list[tuple[str, bytes]]:
         raise InvalidInput('a JSON body must be {"images": ["<base64>", ...]} with one or more strings')
     blobs = []
     for i, text in enumerate(images):
-        encoded = text.split(",", 1)[1] if text.startswith("data:") else text
+        encoded = text.partition(",")[2] if text.startswith("data:") else text
+        if not encoded:
+            raise InvalidInput(f"images[{i}] holds no data (a data URL needs ';base64,' and the image after it)")
         try:
             blobs.append((f"images[{i}]", base64.b64decode(encoded, validate=True)))
         except (binascii.Error, ValueError) as err:

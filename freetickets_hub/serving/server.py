@@ -19,6 +19,8 @@ from .service import SETTINGS_ENV, ServeSettings, Service
 
 __all__ = ["drain_on_sigterm", "run_server"]
 
+_GRACE_S = 1  # uvicorn's own grace for connections still open once the drain has ended
+
 
 def drain_on_sigterm(service: Service) -> asyncio.Task[None] | None:
     """Replace uvicorn's SIGTERM handler by a drain; call from the app's startup, in the main thread.
@@ -36,6 +38,8 @@ def drain_on_sigterm(service: Service) -> asyncio.Task[None] | None:
     requested = asyncio.Event()
 
     def on_sigterm(sig: int, frame: FrameType | None) -> None:
+        if service.failure is None:
+            service.begin_drain()  # readiness 503 from now on (the handler runs on the loop's thread)
         loop.call_soon_threadsafe(requested.set)
 
     signal.signal(signal.SIGTERM, on_sigterm)
@@ -45,7 +49,7 @@ def drain_on_sigterm(service: Service) -> asyncio.Task[None] | None:
             await asyncio.sleep(0.05)
         if service.failure is None:
             service.begin_drain()
-            deadline = loop.time() + service.settings.drain_timeout_s
+            deadline = loop.time() + max(0.0, service.settings.drain_timeout_s - _GRACE_S)
             while not service.idle and loop.time() < deadline:
                 await asyncio.sleep(0.02)
         server.should_exit = True
@@ -65,7 +69,8 @@ def run_server(settings: ServeSettings) -> int:
         proxy_headers=False,
         access_log=False,
         log_level="info",
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1,
+        timeout_keep_alive=settings.keep_alive_s,
+        timeout_graceful_shutdown=_GRACE_S,  # after the drain: the whole shutdown stays within --drain-timeout-s
     )
     print(f"serving {settings.name} ({settings.backend}) on http://{settings.host}:{settings.port}", flush=True)
     if settings.workers > 1:

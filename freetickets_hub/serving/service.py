@@ -21,7 +21,7 @@ import numpy as np
 
 from .batcher import BatchResult, MicroBatcher
 from .engine import BACKENDS, ServingEngine, load_engine
-from .errors import ModelNotFound, ServerBusy, ServerNotReady
+from .errors import InvalidInput, ModelNotFound, ServerBusy, ServerNotReady
 from .metrics import ServingMetrics
 
 __all__ = ["ServeSettings", "Service"]
@@ -46,7 +46,9 @@ class ServeSettings:
     workers: int = 1
     name: str | None = None  # default: the last part of MODEL
     variant: str = "fp32"  # the onnx backend's graph: fp32 (onnx/model.onnx) or int8 (onnx/model.int8.onnx)
-    drain_timeout_s: float = 30.0  # on SIGTERM, the longest wait for in-flight requests
+    drain_timeout_s: float = 30.0  # on SIGTERM, the longest time until the process exits
+    keep_alive_s: int = 5  # an idle keep-alive connection is closed after this long
+    body_timeout_s: float = 30.0  # a request body not received whole within this long gets 408
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -57,6 +59,9 @@ class ServeSettings:
             ("--workers", self.workers, 1),
             ("--max-delay-ms", self.max_delay_ms, 0),
             ("--max-body-mb", self.max_body_mb, 1e-6),
+            ("--keep-alive-s", self.keep_alive_s, 1),
+            ("--body-timeout-s", self.body_timeout_s, 0.001),
+            ("--drain-timeout-s", self.drain_timeout_s, 1),
         ):
             if value < low:
                 raise ValueError(f"{flag} must be at least {low}, got {value}")
@@ -188,6 +193,12 @@ class Service:
         assert self.batcher is not None
         result = await self.batcher.submit(pixel_values)
         self.metrics.queue_latency.observe(result.queue_s)
+        bad = [name for name, value in result.outputs.items() if not np.isfinite(value).all()]
+        if bad:  # JSON has no NaN: e.g. finite inputs near 3e38 overflow inside the model
+            raise InvalidInput(
+                f"the model's outputs {bad} are not finite for this input; send normalised pixel values "
+                "(the model's mean/std, see /v1/metadata pretrained_cfg)"
+            )
         return result
 
     def metadata(self) -> dict[str, Any]:
@@ -211,6 +222,7 @@ class Service:
             "variant": self.settings.variant,
             "providers": engine.providers,
             "versions": engine.versions(),
+            "pretrained_cfg": config.pretrained_cfg,
             "input": engine.input.to_dict(),
             "outputs": [spec.to_dict() for spec in engine.outputs],
             "batching": {

@@ -19,7 +19,7 @@ import numpy as np
 from .engine import TensorSpec
 from .errors import InvalidInput
 
-__all__ = ["HEADER_LENGTH", "InferRequest", "decode_infer_request", "encode_infer_response"]
+__all__ = ["HEADER_LENGTH", "InferRequest", "decode_infer_request", "encode_infer_response", "parse_json"]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _NUMPY = {"FP32": "<f4", "FP16": "<f2", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4", "UINT8": "u1", "BOOL": "?"}
@@ -119,11 +119,8 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], byte
             raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
         if not 0 < length <= len(body):
             raise InvalidInput(f"{HEADER_LENGTH} is {length}, but the body has {len(body)} bytes")
-    try:
-        header = json.loads(body[:length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        where = f"the first {HEADER_LENGTH} bytes" if header_length is not None else "the body"
-        raise InvalidInput(f"{where} must be a JSON inference request ({err})") from None
+    where = f"the first {HEADER_LENGTH} bytes" if header_length is not None else "the body"
+    header = parse_json(body[:length], where=f"{where} must be a JSON inference request")
     if not isinstance(header, dict):
         raise InvalidInput(f"the inference request must be a JSON object, got {type(header).__name__}")
     return header, body[length:]
@@ -155,12 +152,34 @@ def _from_json(data: Any, shape: list[int], spec: TensorSpec) -> np.ndarray:
     if not isinstance(data, list):
         raise InvalidInput(f"input {spec.name!r} needs 'data' (a list of numbers) or binary data")
     try:
-        array = np.asarray(data, dtype=np.float64)
-    except (TypeError, ValueError) as err:
+        array = np.asarray(data)
+    except (TypeError, ValueError, OverflowError) as err:
         raise InvalidInput(f"input {spec.name!r}: 'data' must hold only numbers ({err})") from None
+    if array.dtype.kind not in "iuf" or _holds_bool(data):  # strings, null, booleans, integers past int64
+        raise InvalidInput(
+            f"input {spec.name!r}: 'data' must hold only numbers (no strings, null, booleans or integers "
+            f"over 64 bits), got {array.dtype.name} values"
+        )
     if array.size != math.prod(shape):
         raise InvalidInput(f"input {spec.name!r} of shape {shape} needs {math.prod(shape)} values, got {array.size}")
     return array.reshape(shape)
+
+
+def _holds_bool(data: list[Any]) -> bool:
+    """Whether a nested list holds a JSON boolean (numpy would read ``true`` as 1 among numbers)."""
+    return any(_holds_bool(v) if isinstance(v, list) else isinstance(v, bool) for v in data)
+
+
+def parse_json(body: bytes, *, where: str) -> Any:
+    """``json.loads`` whose every failure (syntax, nesting too deep, an integer too long) is ``InvalidInput``."""
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InvalidInput(f"{where} ({err})") from None
+    except RecursionError:
+        raise InvalidInput(f"{where} (the JSON is nested too deeply)") from None
+    except ValueError as err:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise InvalidInput(f"{where} ({err})") from None
 
 
 def _requested_outputs(header: dict[str, Any], output_names: Sequence[str]) -> list[tuple[str, bool]]:

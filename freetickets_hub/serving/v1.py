@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from importlib import resources
 from typing import Any
 
@@ -15,6 +14,7 @@ from starlette.datastructures import UploadFile
 from .errors import InvalidInput
 from .predict import decode_base64_images, decode_images, parse_top_k, records
 from .service import Service
+from .tensors import parse_json
 
 __all__ = ["router"]
 
@@ -67,10 +67,7 @@ async def predict(request: Request, top_k: str | None = None) -> JSONResponse:
     if content_type.startswith("multipart/form-data"):
         blobs = await _uploaded(request, limit, service.settings.max_body_bytes)
     elif content_type.startswith("application/json"):
-        try:
-            payload = json.loads(await request.body())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise InvalidInput(f"the body is not valid JSON ({err})") from None
+        payload = parse_json(await request.body(), where="the body is not valid JSON")
         blobs = decode_base64_images(payload)
     else:
         raise InvalidInput(

@@ -1,0 +1,68 @@
+"""The CLI's promise on bad flags: one line naming the problem, exit 2, nothing changed or loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from freetickets_hub.cli import main
+
+from .conftest_hub import make_ensemble
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("saved") / "model"
+    make_ensemble(seed=1, members=2).save_pretrained(folder)
+    return folder
+
+
+def one_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+@pytest.mark.parametrize("verb", ["predict", "calibrate", "evaluate"])
+def test_a_batch_size_below_one_is_one_line_and_exit_2(
+    saved: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], verb: str, value: str
+) -> None:
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(image)
+    args = {
+        "predict": [str(image)],
+        "calibrate": ["--dataset", "nowhere", "--split", "validation"],
+        "evaluate": ["--dataset", "nowhere"],
+    }[verb]
+    assert main([verb, str(saved), *args, "--batch-size", value]) == 2
+    assert f"--batch-size must be at least 1, got {value}" in one_line(capsys)
+
+
+def test_the_python_api_refuses_a_batch_size_below_one(saved: Path) -> None:
+    from freetickets_hub import EnsembleModel
+
+    image = np.zeros((28, 28), np.uint8)
+    for batch_size in (0, -1):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            EnsembleModel.from_pretrained(saved).predict([image], batch_size=batch_size)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--score", "entropy"], "--score tunes the abstention threshold that --target-risk fits"),
+        (["--delta", "0.05"], "--delta tunes the abstention threshold that --target-risk fits"),
+        (["--conformal-score", "aps"], "--conformal-score tunes the conformal prediction sets that --conformal-alpha"),
+    ],
+)
+def test_calibrate_refuses_rule_flags_without_the_rule(
+    saved: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    before = {p.name: p.read_bytes() for p in saved.iterdir() if p.is_file()}
+    assert main(["calibrate", str(saved), "--dataset", "nowhere", "--split", "validation", *flags]) == 2
+    assert message in one_line(capsys)
+    assert {p.name: p.read_bytes() for p in saved.iterdir() if p.is_file()} == before
