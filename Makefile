@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps nvidia-pytriton==0.7.0  # wants numpy<2; only its tritonserver is used
 	touch $(STAMP)
 
 demo: $(STAMP)

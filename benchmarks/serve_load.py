@@ -23,6 +23,14 @@ baseline does not.
 
     .venv/bin/python benchmarks/serve_load.py [--model DIR] [--duration 4] [--rounds 3]
 
+``--against triton`` runs the same load on ``freetickets serve`` and on a real Triton server (the
+``nvidia-pytriton`` wheel's ``tritonserver``, started as ``tests/triton_server.py`` does) loading
+``freetickets export triton --backend python`` of the same model: one instance each, the same max
+batch size, delay and queue (Triton's ``max_queue_size`` counts requests: 256 images / 8), rounds
+alternating. Targets (issue 25): at concurrency 32 the service reaches >= 1.0x Triton's images/s with
+p99 no worse; under overload both refuse fast (refusal p99 < 100 ms) and their accepted p99 stays
+bounded.
+
 Exits 1 when a target is missed.
 """
 
@@ -280,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per load level and round")
     parser.add_argument("--max-requests", type=int, default=20000, help="requests per load level at most")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per concurrency (medians)")
+    parser.add_argument("--against", choices=("naive", "triton"), default="naive", help="the peer (default: naive)")
     parser.add_argument("--naive-server", nargs=2, metavar=("MODEL", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.naive_server:
@@ -288,7 +297,77 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average before: {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else build_model(Path(tmp) / "demo")
+        if args.against == "triton":
+            return run_against_triton(model, Path(tmp), args.duration, args.max_requests, args.rounds)
         return run(model, args.duration, args.max_requests, args.rounds)
+
+
+def run_against_triton(model: Path, tmp: Path, duration: float, max_requests: int, rounds: int) -> int:
+    """The same closed loops and overload on ``freetickets serve`` and Triton's Python backend, side by side."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from freetickets_hub.export.triton import export_triton
+    from tests.triton_server import TritonServer, start_problem
+
+    if start_problem() is not None:
+        print(f"cannot start Triton here: {start_problem()}")
+        return 1
+    repo = tmp / "model_repository"
+    export_triton(model, repo, name=NAME, max_batch_size=MAX_BATCH, instances=1, kind="cpu",
+                  max_queue=MAX_QUEUE // IMAGES_PER_REQUEST, max_delay_ms=MAX_DELAY_MS, backend="python")  # fmt: skip
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    serve = [sys.executable, "-m", "freetickets_hub.cli", "serve", str(model), "--name", NAME, "--port", str(port)]
+    serve += ["--max-batch-size", str(MAX_BATCH), "--max-delay-ms", str(MAX_DELAY_MS), "--max-queue", str(MAX_QUEUE)]
+    triton = TritonServer(repo, log=tmp / "tritonserver.log", work=tmp)
+    try:
+        triton.wait_ready()
+        urls = {"serve": f"{base}/v2/models/{NAME}/infer", "triton": f"http://{triton.url}/v2/models/{NAME}/infer"}
+        medians: dict[str, list[Level]] = {"serve": [], "triton": []}
+        with subprocess_server(serve, base, "/v2/health/ready"):
+            for concurrency in (1, 8, 32):
+                per_round: dict[str, list[Level]] = {"serve": [], "triton": []}
+                for _ in range(rounds):  # alternating, so a change in the machine's load hits both alike
+                    for peer, url in urls.items():
+                        label = f"{peer} c={concurrency}"
+                        level = asyncio.run(closed_loop(url, concurrency, duration, max_requests, label))
+                        per_round[peer].append(level)
+                        print(level.row(), flush=True)
+                for peer in urls:
+                    medians[peer].append(_median_level(per_round[peer]))
+            rate = 3 * medians["serve"][-1].images_per_s / IMAGES_PER_REQUEST  # the same arrivals for both
+            overloads = {}
+            for peer, url in urls.items():
+                overloads[peer] = asyncio.run(open_loop(url, rate, duration, 4000))
+                overloads[peer].label = f"{peer} overload"
+                print(overloads[peer].row(), flush=True)
+    finally:
+        triton.stop()
+    print(f"load average after: {os.getloadavg()}")
+    print(f"\n{'level':<22} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6}  statuses")
+    for ours, theirs in zip(
+        [*medians["serve"], overloads["serve"]], [*medians["triton"], overloads["triton"]], strict=True
+    ):
+        print(ours.row())
+        print(theirs.row())
+    s32, t32 = medians["serve"][-1], medians["triton"][-1]
+    checks = [
+        ("c=32 images/s serve / triton", s32.images_per_s / t32.images_per_s, ">=", 1.0),
+        ("c=32 p99 serve / triton", s32.p(99) / t32.p(99), "<=", 1.0),
+    ]
+    for peer, level in overloads.items():
+        refused = sum(v for k, v in level.statuses.items() if k != 200)
+        checks += [
+            (f"{peer} overload: share refused", refused / max(sum(level.statuses.values()), 1), ">", 0.0),
+            (f"{peer} overload: refusal p99 ms", level.p(99, level.busy_latencies), "<", 100.0),
+            (f"{peer} overload: accepted p99 ms", level.p(99), "<", 1e3 * (MAX_QUEUE / level.images_per_s + 0.01)),
+        ]
+    missed = False
+    print()
+    for name, value, op, target in checks:
+        ok = {">=": value >= target, "<=": value <= target, ">": value > target, "<": value < target}[op]
+        missed |= not ok
+        print(f"{name:<34} {value:>9.3f}  (target {op} {target:.3f})  {'PASS' if ok else 'MISS'}")
+    return 1 if missed else 0
 
 
 def run(model: Path, duration: float, max_requests: int, rounds: int) -> int:

@@ -1,13 +1,17 @@
 """``export_triton``: a Triton Inference Server model repository for an exported ensemble graph.
 
-It writes ``<repo>/<name>/1/model.onnx`` (the ``freetickets export onnx`` graph, unchanged),
-``<repo>/<name>/config.pbtxt`` and ``<repo>/<name>/labels.txt``. The config runs the graph on the
-``onnxruntime`` backend with dynamic batching over a bounded queue that rejects when full (as
-``freetickets serve`` does), and declares the graph's tensors as Triton sees them: batch-first,
-the batch left out of ``dims``. Per-image outputs of shape ``[B]`` are declared ``dims: [1]`` with
-``reshape { shape: [] }`` (Triton forbids empty dims), so Triton returns them as ``[B, 1]``.
+Two backends. ``onnxruntime`` writes ``<repo>/<name>/1/model.onnx`` (the ``freetickets export onnx``
+graph, unchanged) for Triton's ONNX Runtime backend. ``python`` writes ``<repo>/<name>/1/model.py``
+(``triton_model.py``: the graph through ``OnnxEnsemble``) with ``1/config.json`` and
+``1/onnx/model.onnx``, so Triton also answers ``abstain`` and ``prediction_set`` from the stored
+selective rule, as ``freetickets serve`` does. Both write ``<repo>/<name>/config.pbtxt`` and
+``<repo>/<name>/labels.txt``. The config runs the model with dynamic batching over a bounded
+queue that rejects when full (as ``freetickets serve`` does), and declares the graph's tensors as
+Triton sees them: batch-first, the batch left out of ``dims``. Per-image outputs of shape ``[B]``
+are declared ``dims: [1]`` with ``reshape { shape: [] }`` (Triton forbids empty dims), so Triton
+returns them as ``[B, 1]``.
 ``member_probs`` is ``(M, B, K)``, not batch-first, which Triton's batcher cannot split: it is
-left out (Triton's ONNX Runtime backend serves the outputs the config declares).
+left out (Triton serves the outputs the config declares).
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from freetickets_hub.config import EnsembleConfig
 from freetickets_hub.hub import CONFIG_NAME, ONNX_NAME, resolve_file
 from freetickets_hub.runtime import ONNX_DATA_NAME
 
-__all__ = ["LABELS_NAME", "TRITON_CONFIG_NAME", "export_triton"]
+__all__ = ["BACKENDS", "LABELS_NAME", "TRITON_CONFIG_NAME", "export_triton"]
 
 TRITON_CONFIG_NAME = "config.pbtxt"
 LABELS_NAME = "labels.txt"
 KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
+BACKENDS = ("onnxruntime", "python")
+_PYTHON_MODEL = Path(__file__).with_name("triton_model.py")
 _TYPES = {
     onnx.TensorProto.FLOAT: "TYPE_FP32",
     onnx.TensorProto.FLOAT16: "TYPE_FP16",
@@ -49,6 +55,7 @@ def export_triton(
     kind: str = "gpu",
     max_queue: int = 256,
     max_delay_ms: float = 5.0,
+    backend: str = "onnxruntime",
 ) -> Path:
     """Write the model repository entry for ``model``'s ``onnx/model.onnx``; returns the ``config.pbtxt`` path.
 
@@ -61,6 +68,8 @@ def export_triton(
         kind: ``gpu`` or ``cpu`` instances.
         max_queue: requests the queue holds before Triton rejects new ones.
         max_delay_ms: longest wait for a batch to fill.
+        backend: ``onnxruntime`` (the graph on Triton's ONNX Runtime backend) or ``python`` (the
+            ensemble through ``OnnxEnsemble`` on Triton's Python backend, with the selective outputs).
 
     Raises:
         ValueError: a bad argument, a graph without a batch-first input, or a folder that is not a
@@ -72,12 +81,15 @@ def export_triton(
         raise ValueError(f"--name must be letters, digits, '_', '.' or '-' (a Triton model name), got {name!r}")
     if kind not in KINDS:
         raise ValueError(f"--kind must be one of {sorted(KINDS)}, got {kind!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {list(BACKENDS)}, got {backend!r}")
     for flag, value in (("--max-batch-size", max_batch_size), ("--instances", instances), ("--max-queue", max_queue)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value!r}")
     if max_delay_ms < 0:
         raise ValueError(f"--max-delay-ms must be >= 0, got {max_delay_ms}")
-    config = EnsembleConfig.from_json_file(str(resolve_file(model, CONFIG_NAME)))
+    config_path = resolve_file(model, CONFIG_NAME)
+    config = EnsembleConfig.from_json_file(str(config_path))
     try:
         graph_path = resolve_file(model, ONNX_NAME)
     except FileNotFoundError as err:
@@ -86,7 +98,8 @@ def export_triton(
     external = any(
         init.data_location == onnx.TensorProto.EXTERNAL for init in graph.graph.initializer
     )  # the weights live in model.onnx.data beside the graph
-    text = _config_text(graph, name, max_batch_size, instances, kind, max_queue, max_delay_ms)
+    extra = _selective_outputs(config) if backend == "python" else []
+    text = _config_text(graph, name, backend, extra, max_batch_size, instances, kind, max_queue, max_delay_ms)
     labels = config.label_names or [str(i) for i in range(config.num_classes)]
 
     repository = Path(repository)
@@ -96,11 +109,16 @@ def export_triton(
     repository.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=repository, prefix=f".{name}."))
     try:
-        (staging / "1").mkdir()
-        shutil.copyfile(graph_path, staging / "1" / "model.onnx")
+        # python: the version folder is an ONNX-only saved ensemble that OnnxEnsemble.from_pretrained loads
+        graph_dir = staging / "1" / Path(ONNX_NAME).parent if backend == "python" else staging / "1"
+        graph_dir.mkdir(parents=True)
+        shutil.copyfile(graph_path, graph_dir / "model.onnx")
         if external:
             data = resolve_file(model, ONNX_DATA_NAME)
-            shutil.copyfile(data, staging / "1" / Path(ONNX_DATA_NAME).name)
+            shutil.copyfile(data, graph_dir / Path(ONNX_DATA_NAME).name)
+        if backend == "python":
+            shutil.copyfile(_PYTHON_MODEL, staging / "1" / "model.py")
+            shutil.copyfile(config_path, staging / "1" / CONFIG_NAME)
         (staging / TRITON_CONFIG_NAME).write_text(text, encoding="utf-8")
         (staging / LABELS_NAME).write_text("\n".join(labels) + "\n", encoding="utf-8")
         if target.exists():
@@ -132,9 +150,24 @@ def _tensor(value: onnx.ValueInfoProto, *, labelled: bool = False) -> str | None
     return "  {\n    " + "\n    ".join(fields) + "\n  }"
 
 
+def _selective_outputs(config: EnsembleConfig) -> list[str]:
+    """``abstain`` ``[B]`` and ``prediction_set`` ``[B, K]`` (bool), for the parts of the rule the config stores."""
+    selective = config.ensemble.selective
+    if selective is None:
+        return []
+    entries = []
+    if selective.score is not None:
+        entries.append('name: "abstain"\n    data_type: TYPE_BOOL\n    dims: [ 1 ]\n    reshape: { shape: [ ] }')
+    if selective.conformal_score is not None:
+        entries.append(f'name: "prediction_set"\n    data_type: TYPE_BOOL\n    dims: [ {config.num_classes} ]')
+    return ["  {\n    " + entry + "\n  }" for entry in entries]
+
+
 def _config_text(
     graph: onnx.ModelProto,
     name: str,
+    backend: str,
+    extra_outputs: list[str],
     max_batch_size: int,
     instances: int,
     kind: str,
@@ -145,12 +178,12 @@ def _config_text(
     if len(inputs) != 1 or inputs[0] is None:
         raise ValueError(f"the graph must have one batch-first image input, got {[v.name for v in graph.graph.input]}")
     outputs = [_tensor(value, labelled=value.name == _LABELLED_OUTPUT) for value in graph.graph.output]
-    declared = [entry for entry in outputs if entry is not None]
+    declared = [entry for entry in outputs if entry is not None] + extra_outputs
     if not declared:
         raise ValueError("the graph has no batch-first output to declare")
     return (
         f'name: "{name}"\n'
-        'backend: "onnxruntime"\n'
+        f'backend: "{backend}"\n'
         f"max_batch_size: {max_batch_size}\n"
         f"input [\n{inputs[0]}\n]\n"
         f"output [\n{(',' + chr(10)).join(declared)}\n]\n"

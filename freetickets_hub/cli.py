@@ -138,6 +138,7 @@ def _export_triton(args: argparse.Namespace) -> int:
             kind=args.kind,
             max_queue=args.max_queue,
             max_delay_ms=args.max_delay_ms,
+            backend=args.backend,
         )
     except (ValueError, OSError) as err:  # bad flags, no onnx/model.onnx, an unwritable folder
         print(f"freetickets export triton: error: {err}", file=sys.stderr)
@@ -761,6 +762,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=("gpu", "cpu"), default="gpu", help="instance kind (default: gpu)")
     p.add_argument("--max-queue", type=int, default=256, help="dynamic batcher queue bound, requests (default: 256)")
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="dynamic batcher max queue delay (default: 5)")
+    p.add_argument(
+        "--backend", choices=("onnxruntime", "python"), default="onnxruntime",
+        help="Triton backend: onnxruntime (the graph) or python (OnnxEnsemble, with abstain/prediction_set)",
+    )  # fmt: skip
     p.set_defaults(func=_export_triton)
     p = verbs.add_parser(
         "calibrate", help="fit the temperature (and a selective rule) on a held-out split; store them in config.json"

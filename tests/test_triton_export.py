@@ -100,6 +100,24 @@ def test_cpu_instances_queue_bounds_and_default_name(model_dir: Path, tmp_path: 
     assert export(model_dir, tmp_path, "--kind", "cpu") == 0  # re-exporting replaces the previous export
 
 
+def test_the_python_backend_variant(model_dir: Path, tmp_path: Path, schema: ModuleType) -> None:
+    """``--backend python``: model.py beside an ONNX-only saved ensemble; no selective rule, no selective outputs."""
+    assert export(model_dir, tmp_path, "--name", "py", "--backend", "python", "--kind", "cpu") == 0
+    folder = tmp_path / "py"
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
+        "1/config.json",
+        "1/model.py",
+        "1/onnx/model.onnx",
+        "config.pbtxt",
+        "labels.txt",
+    ]
+    assert "class TritonPythonModel" in (folder / "1" / "model.py").read_text()
+    assert (folder / "1" / "config.json").read_bytes() == (model_dir / "config.json").read_bytes()
+    config = text_format.Parse((folder / "config.pbtxt").read_text(), schema.ModelConfig())
+    assert config.backend == "python" and config.dynamic_batching.default_queue_policy.max_queue_size == 256
+    assert "abstain" not in {o.name for o in config.output}  # the test model stores no selective rule
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -111,6 +129,17 @@ def test_cpu_instances_queue_bounds_and_default_name(model_dir: Path, tmp_path: 
 def test_bad_arguments(model_dir: Path, tmp_path: Path, capsys, flags: tuple[str, ...], message: str) -> None:
     assert export(model_dir, tmp_path, *flags) == 2
     assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "a refused export wrote something"
+
+
+def test_unknown_backend(model_dir: Path, tmp_path: Path, capsys) -> None:
+    from freetickets_hub.export.triton import export_triton
+
+    with pytest.raises(SystemExit) as exited:  # argparse's choices: one line and exit 2
+        export(model_dir, tmp_path, "--backend", "tensorrt")
+    assert exited.value.code == 2 and "invalid choice: 'tensorrt'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--backend must be one of"):
+        export_triton(model_dir, tmp_path, backend="tensorrt")
     assert not any(tmp_path.iterdir()), "a refused export wrote something"
 
 
