@@ -146,7 +146,7 @@ def _export_triton(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from freetickets_hub.serving.engine import check_model
+    from freetickets_hub.serving.engine import check_graph, check_model
     from freetickets_hub.serving.server import run_server
     from freetickets_hub.serving.service import ServeSettings
 
@@ -171,6 +171,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"freetickets serve: error: {err}", file=sys.stderr)
         return 2
     check_model(settings.model, settings.backend, settings.variant)  # one line naming the fix, before any process
+    if settings.backend == "onnx":
+        check_graph(settings.model, settings.variant)  # a corrupt graph never binds the port
     return run_server(settings)
 
 
