@@ -87,3 +87,17 @@ def test_serve_refuses_a_corrupt_graph_before_binding_the_port(
     assert main(["serve", str(folder)]) == 2
     err = one_line(capsys)
     assert "onnx/model.onnx is not a valid ONNX graph" in err and "freetickets export onnx" in err
+
+
+def test_docs_are_opt_in_because_their_assets_come_from_a_cdn() -> None:
+    from starlette.testclient import TestClient
+
+    from freetickets_hub.cli import build_parser
+    from freetickets_hub.serving.app import create_app
+    from freetickets_hub.serving.service import ServeSettings
+
+    assert build_parser().parse_args(["serve", "m", "--docs"]).docs
+    for docs, status in ((False, 404), (True, 200)):
+        client = TestClient(create_app(ServeSettings("m", docs=docs)))  # no lifespan: the model is not loaded
+        assert client.get("/docs").status_code == status and client.get("/redoc").status_code == status
+        assert client.get("/openapi.json").status_code == 200
