@@ -148,7 +148,7 @@ def _export_triton(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from freetickets_hub.serving.engine import check_model
+    from freetickets_hub.serving.engine import check_graph, check_model
     from freetickets_hub.serving.server import run_server
     from freetickets_hub.serving.service import ServeSettings
 
@@ -168,11 +168,14 @@ def _serve(args: argparse.Namespace) -> int:
             keep_alive_s=args.keep_alive_s,
             body_timeout_s=args.body_timeout_s,
             drain_timeout_s=args.drain_timeout_s,
+            docs=args.docs,
         )
     except ValueError as err:
         print(f"freetickets serve: error: {err}", file=sys.stderr)
         return 2
     check_model(settings.model, settings.backend, settings.variant)  # one line naming the fix, before any process
+    if settings.backend == "onnx":
+        check_graph(settings.model, settings.variant)  # a corrupt graph never binds the port
     return run_server(settings)
 
 
@@ -839,6 +842,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--keep-alive-s", type=int, default=5, help="close idle connections after this (default: 5)")
     p.add_argument("--body-timeout-s", type=float, default=30.0, help="408 when a body takes longer (default: 30)")
+    p.add_argument(
+        "--docs", action="store_true", help="serve Swagger UI at /docs and ReDoc at /redoc (they load from a CDN)"
+    )
     p.add_argument("--drain-timeout-s", type=float, default=30.0, help="on SIGTERM, exit within this (default: 30)")
     p.set_defaults(func=_serve)
 

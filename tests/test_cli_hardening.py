@@ -66,3 +66,38 @@ def test_calibrate_refuses_rule_flags_without_the_rule(
     assert main(["calibrate", str(saved), "--dataset", "nowhere", "--split", "validation", *flags]) == 2
     assert message in one_line(capsys)
     assert {p.name: p.read_bytes() for p in saved.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_serve_refuses_a_corrupt_graph_before_binding_the_port(
+    tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    damage: str,
+) -> None:  # fmt: skip
+    import shutil
+
+    from freetickets_hub.serving import server
+
+    from .serve_support import exported_model
+
+    folder = tmp_path_factory.mktemp("corrupt") / "model"
+    shutil.copytree(exported_model(tmp_path_factory), folder)
+    graph = folder / "onnx" / "model.onnx"
+    graph.write_bytes(b"\x08\x07not a graph" * 50 if damage == "garbage" else graph.read_bytes()[:500])
+    monkeypatch.setattr(server, "run_server", lambda settings: pytest.fail("the server started on a corrupt graph"))
+    assert main(["serve", str(folder)]) == 2
+    err = one_line(capsys)
+    assert "onnx/model.onnx is not a valid ONNX graph" in err and "freetickets export onnx" in err
+
+
+def test_docs_are_opt_in_because_their_assets_come_from_a_cdn() -> None:
+    from starlette.testclient import TestClient
+
+    from freetickets_hub.cli import build_parser
+    from freetickets_hub.serving.app import create_app
+    from freetickets_hub.serving.service import ServeSettings
+
+    assert build_parser().parse_args(["serve", "m", "--docs"]).docs
+    for docs, status in ((False, 404), (True, 200)):
+        client = TestClient(create_app(ServeSettings("m", docs=docs)))  # no lifespan: the model is not loaded
+        assert client.get("/docs").status_code == status and client.get("/redoc").status_code == status
+        assert client.get("/openapi.json").status_code == 200

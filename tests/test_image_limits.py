@@ -110,12 +110,11 @@ def test_predict_cli_skips_a_bomb_with_a_line(tmp_path: Path, capsys: pytest.Cap
     assert any(str(good) in row for row in rows) and not any(str(bomb) in row for row in rows)
 
 
-@pytest.mark.parametrize("size", ["0", "-1", "x"])
+@pytest.mark.parametrize("size", ["0", "-1"])
 def test_predict_batch_size_must_be_positive(size: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["predict", str(tmp_path), "a.png", "--batch-size", size])
-    assert exit_info.value.code == 2
-    assert "--batch-size: expected a whole number of at least 1" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path), "a.png", "--batch-size", size]) == 2  # before the model is read
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--batch-size must be at least 1, got {size}" in err
 
 
 def test_16_bit_images_are_scaled_not_saturated() -> None:

@@ -112,8 +112,8 @@ def create_app(settings: ServeSettings) -> ServingApp:
         version=__version__,
         summary=f"Uncertainty-aware predictions of {service.name}: /v1/predict and the Open Inference Protocol v2",
         lifespan=lifespan,
-        docs_url=None,  # Swagger UI and ReDoc load from a CDN (blank offline); /openapi.json stays
-        redoc_url=None,
+        docs_url="/docs" if settings.docs else None,  # Swagger UI and ReDoc load from a CDN: blank offline
+        redoc_url="/redoc" if settings.docs else None,  # /openapi.json is always served
     )
     app.state.service = service
     app.include_router(v1.router)

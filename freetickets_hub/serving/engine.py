@@ -21,7 +21,7 @@ from freetickets_hub.errors import ArtifactError, FreeTicketsError
 from freetickets_hub.hub import CONFIG_NAME, resolve_file
 from freetickets_hub.runtime import ONNX_VARIANTS, variant_graph_name
 
-__all__ = ["BACKENDS", "INPUT_NAME", "ServingEngine", "TensorSpec", "check_model", "load_engine"]
+__all__ = ["BACKENDS", "INPUT_NAME", "ServingEngine", "TensorSpec", "check_graph", "check_model", "load_engine"]
 
 BACKENDS = ("onnx", "torch")
 INPUT_NAME = "pixel_values"
@@ -142,6 +142,29 @@ def _load_onnx(
 
     engine = OnnxEnsemble.from_pretrained(model, variant=variant, session_options=_session_options())
     return engine, engine.providers
+
+
+def check_graph(model: str | os.PathLike[str], variant: str = "fp32") -> None:
+    """Parse the onnx backend's graph once, so that a corrupt file is refused before the port is bound.
+
+    The session is built without graph optimisations and dropped (the worker builds its own).
+
+    Raises:
+        ArtifactError: the file is not a valid ONNX graph; the message names the export command.
+    """
+    import onnxruntime as ort
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf
+
+    graph = variant_graph_name(variant)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(str(resolve_file(model, graph)), options, providers=["CPUExecutionProvider"])
+    except (Fail, InvalidGraph, InvalidProtobuf) as err:
+        reason = str(err).strip().splitlines()[0][:200]
+        raise ArtifactError(
+            f"{model}: {graph} is not a valid ONNX graph ({reason}); re-run `freetickets export onnx {model}`"
+        ) from None
 
 
 def _session_options() -> Any:

@@ -49,6 +49,7 @@ class ServeSettings:
     drain_timeout_s: float = 30.0  # on SIGTERM, the longest time until the process exits
     keep_alive_s: int = 5  # an idle keep-alive connection is closed after this long
     body_timeout_s: float = 30.0  # a request body not received whole within this long gets 408
+    docs: bool = False  # serve Swagger UI at /docs and ReDoc at /redoc (their assets load from a CDN)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
