@@ -21,7 +21,17 @@ from freetickets_hub.files import write_text_atomic
 
 from .sparsity import SparseEngine
 
-__all__ = ["Progress", "Ticket", "latest_checkpoint", "load_checkpoint", "load_engine_state", "save_checkpoint"]
+__all__ = [
+    "Progress",
+    "Ticket",
+    "latest_checkpoint",
+    "load_average_state",
+    "load_checkpoint",
+    "load_engine_state",
+    "save_checkpoint",
+]
+
+AVERAGE_FILE = "ticket_average.safetensors"
 
 CHECKPOINTS = "checkpoints"
 
@@ -61,8 +71,11 @@ def save_checkpoint(
     engine: SparseEngine | None,
     tickets: list[Ticket],
     best: Ticket | None,
+    average: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a checkpoint (every process takes part) and drop the older ones."""
+    """Write a checkpoint (every process takes part) and drop the older ones.
+
+    ``average``: a ticket average in progress (``training/averaging.py``), saved as safetensors."""
     root = output_dir / CHECKPOINTS
     final = root / f"step_{progress.total_steps:09d}_run{progress.run}"
     tmp = root / f".{final.name}.tmp"
@@ -75,6 +88,8 @@ def save_checkpoint(
             save_file({k: v.to(torch.uint8) for k, v in engine.masks.items()}, str(tmp / "engine_masks.safetensors"))
             state = {k: v for k, v in engine.state_dict().items() if k != "masks"}
             write_text_atomic(tmp / "engine.json", json.dumps(state))
+        if average:
+            save_file(average, str(tmp / AVERAGE_FILE))
         for i, ticket in enumerate([*tickets, *([best] if best else [])]):
             _save_ticket(ticket, tmp / f"ticket_{i}")
         meta = {"progress": asdict(progress), "num_tickets": len(tickets), "has_best": best is not None}
@@ -107,6 +122,12 @@ def load_checkpoint(path: Path) -> tuple[Progress, list[Ticket], Ticket | None]:
 def load_engine_state(path: Path, engine: SparseEngine) -> None:
     masks = {k: v.bool() for k, v in load_file(str(path / "engine_masks.safetensors")).items()}
     engine.load_state_dict({"masks": masks, **json.loads((path / "engine.json").read_text())})
+
+
+def load_average_state(path: Path) -> dict[str, torch.Tensor]:
+    """The ticket average a checkpoint holds (empty when it was taken outside an averaging window)."""
+    file = path / AVERAGE_FILE
+    return load_file(str(file)) if file.is_file() else {}
 
 
 def _save_ticket(ticket: Ticket, stem: Path) -> None:

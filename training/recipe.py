@@ -82,6 +82,9 @@ class Recipe:
     lr: float = 0.1
     warmup_epochs: int = 0
     ticket_selection: str = "last"  # last | best_val
+    # SWA-style ticket: the mean of the last fraction of each ticket phase's iterates, masks frozen
+    # there, BatchNorm recomputed on the training split (training/averaging.py); 0: the last iterate
+    average_fraction: float = 0.0
 
     # optimisation
     batch_size: int = 128
@@ -117,7 +120,7 @@ class Recipe:
         for key in ("sparsity",):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise RecipeError(f"recipe key {key!r} must be in [0, 1), got {getattr(self, key)}")
-        for key in ("prune_rate", "prune_rate_final", "escape_rate"):
+        for key in ("prune_rate", "prune_rate_final", "escape_rate", "average_fraction"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise RecipeError(f"recipe key {key!r} must be in [0, 1], got {getattr(self, key)}")
         positive = ("num_members", "update_interval", "batch_size", "eval_batch_size", "grad_accum_steps")
@@ -135,6 +138,10 @@ class Recipe:
             raise RecipeError("method 'edst' needs refine_epochs >= 1: each refinement phase yields one ticket")
         if self.method != "edst" and self.epochs < 1:
             raise RecipeError(f"method {self.method!r} needs epochs >= 1")
+        if self.average_fraction and self.ticket_selection != "last":
+            raise RecipeError(
+                "recipe key 'average_fraction' averages the last iterates: it needs ticket_selection: last"
+            )
         if not self.refine_lrs:
             raise RecipeError("recipe key 'refine_lrs' must list at least one learning rate")
         if len(set(self.exclude_classes)) != len(self.exclude_classes):

@@ -35,7 +35,16 @@ from freetickets_hub.ensemble import EnsembleModel
 from freetickets_hub.files import write_text_atomic
 from freetickets_hub.model_card import SUMMARY_NAME
 
-from .checkpoint import Progress, Ticket, latest_checkpoint, load_checkpoint, load_engine_state, save_checkpoint
+from .averaging import TicketAverage, in_window
+from .checkpoint import (
+    Progress,
+    Ticket,
+    latest_checkpoint,
+    load_average_state,
+    load_checkpoint,
+    load_engine_state,
+    save_checkpoint,
+)
 from .data import ImageData, load_image_data
 from .phases import Phase, Run, plan_runs
 from .recipe import Recipe
@@ -147,6 +156,7 @@ class _Member:
     engine: SparseEngine | None
     steps_per_epoch: int  # optimizer steps (not batches) per epoch and process
     bar: tqdm
+    average: TicketAverage  # the ticket phase's weight average (``average_fraction``)
 
 
 class _Loop:
@@ -254,6 +264,9 @@ class _Loop:
             accelerator.load_state(str(checkpoint))
             if engine is not None:
                 load_engine_state(checkpoint, engine)
+        average = TicketAverage()
+        if checkpoint is not None:
+            average.load_state_dict(load_average_state(checkpoint), accelerator.unwrap_model(model))
         self.batches_per_epoch = len(loader)
         steps_per_epoch = math.ceil(len(loader) / recipe.grad_accum_steps)
         bar = tqdm(
@@ -263,7 +276,7 @@ class _Loop:
             disable=not accelerator.is_local_main_process,
             dynamic_ncols=True,
         )
-        return _Member(run.seed, model, optimizer, loader, engine, steps_per_epoch, bar)
+        return _Member(run.seed, model, optimizer, loader, engine, steps_per_epoch, bar, average)
 
     def _begin_phase(self, member: _Member, phase: Phase) -> None:
         """Before a phase's first batch: EDST's forced escape, and the prune-rate schedule's restart."""
@@ -300,7 +313,7 @@ class _Loop:
                 if self._should_stop():
                     return False
                 if self.recipe.checkpoint_every and not progress.total_steps % self.recipe.checkpoint_every:
-                    self._checkpoint(member.engine)
+                    self._checkpoint(member)
         progress.epoch += 1
         progress.batch = 0
         return True
@@ -332,7 +345,15 @@ class _Loop:
         progress.images += recipe.batch_size * recipe.grad_accum_steps * self.accelerator.num_processes
         member.bar.update(1)
         density = 1.0
-        if engine is not None:
+        averaging = phase.ticket and in_window(
+            progress.epoch * member.steps_per_epoch + progress.batch // recipe.grad_accum_steps + 1,
+            phase.epochs * member.steps_per_epoch,
+            recipe.average_fraction,
+        )
+        if engine is not None and averaging:
+            engine.apply_masks()  # masks frozen over the averaging window
+            density = engine.density()
+        elif engine is not None:
             update = engine.step(progress.step)
             density = engine.density()
             if update is not None:
@@ -341,6 +362,8 @@ class _Loop:
                 member.bar.write(
                     f"[{phase.name}] step {progress.step}: mask update, {update['regrown']} weights pruned and regrown"
                 )
+        if averaging:
+            member.average.update(self.accelerator.unwrap_model(member.model))
         self.accelerator.log({"train/loss": loss, "train/lr": lr, "train/density": density}, step=progress.total_steps)
         if progress.step % 10 == 0:
             member.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", phase=phase.name, density=f"{density:.3f}")
@@ -363,15 +386,24 @@ class _Loop:
 
     def _end_phase(self, member: _Member, phase: Phase, phase_index: int) -> None:
         """Save the phase's ticket (if it yields one) and checkpoint at the phase boundary."""
-        if phase.ticket:
-            self._take_ticket(phase, self.accelerator.unwrap_model(member.model), member)
+        model = self.accelerator.unwrap_model(member.model)
+        if phase.ticket and member.average.count:
+            batches = self.data.eval_batches(self.data.train, self.recipe.eval_batch_size, self.accelerator.device)
+            with member.average.applied(model, batches):  # the ticket is the average; training goes on from the last
+                self._take_ticket(phase, model, member)
+            member.bar.write(
+                f"[{phase.name}] ticket averaged over {member.average.count} iterates, BatchNorm recomputed"
+            )
+        elif phase.ticket:
+            self._take_ticket(phase, model, member)
+        member.average.reset()
         progress = self.progress
         progress.phase, progress.epoch, progress.batch, progress.escaped = phase_index + 1, 0, 0, False
-        self._checkpoint(member.engine)
+        self._checkpoint(member)
 
     def _stop(self, member: _Member) -> bool:
         """``max_steps`` reached: checkpoint as if interrupted."""
-        self._checkpoint(member.engine)
+        self._checkpoint(member)
         member.bar.close()
         self.accelerator.free_memory()
         return False
@@ -407,9 +439,17 @@ class _Loop:
         note = f", val accuracy {ticket.val_accuracy:.4f}" if ticket.val_accuracy is not None else ""
         member.bar.write(f"[{phase.name}] ticket {len(self.tickets)} saved (step {ticket.step}{note})")
 
-    def _checkpoint(self, engine: SparseEngine | None) -> None:
+    def _checkpoint(self, member: _Member) -> None:
         self.progress.seconds = self.seconds()
-        save_checkpoint(self.accelerator, self.output_dir, self.progress, engine, self.tickets, self.best)
+        save_checkpoint(
+            self.accelerator,
+            self.output_dir,
+            self.progress,
+            member.engine,
+            self.tickets,
+            self.best,
+            member.average.state_dict(),
+        )
 
     def _should_stop(self) -> bool:
         return self.max_steps is not None and self.progress.total_steps >= self.max_steps
