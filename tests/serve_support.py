@@ -66,36 +66,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """A ``freetickets serve`` subprocess; ``url`` once ready."""
+class ServerProcess:
+    """A server subprocess on 127.0.0.1 logging to a file, ready once ``ready_url`` answers 200."""
 
-    def __init__(
-        self, model: Path | str, *flags: str, pythonpath: Path | None = None, log: Path, env: dict | None = None
-    ) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", **(env or {}))
-        if pythonpath is not None:
-            env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        command = [sys.executable, "-m", "freetickets_hub.cli", "serve", str(model), "--port", str(self.port), *flags]
+    name = "server"
+    ready_url = ""
+
+    def _launch(self, command: list[str], env: dict, log: Path) -> None:
         self.log = log
         self._log = open(log, "wb")  # noqa: SIM115  (closed in stop)
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
-    def wait_ready(self, timeout: float = 180.0) -> Server:
+    def wait_ready(self, timeout: float = 180.0) -> ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log.read_text()}")
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log.read_text()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
+                if httpx.get(self.ready_url, timeout=2).status_code == 200:
                     return self
             time.sleep(0.1)
         self.stop()
-        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log.read_text()}")
-
-    def terminate(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
+        raise TimeoutError(f"{self.name} not ready after {timeout} s:\n{self.log.read_text()}")
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.process.poll() is None:
@@ -107,6 +99,25 @@ class Server:
                 self.process.wait(10)
         self._log.close()
         return self.process.returncode
+
+
+class Server(ServerProcess):
+    """A ``freetickets serve`` subprocess; ``url`` once ready."""
+
+    def __init__(
+        self, model: Path | str, *flags: str, pythonpath: Path | None = None, log: Path, env: dict | None = None
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ready_url = f"{self.url}/v2/health/ready"
+        env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", **(env or {}))
+        if pythonpath is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        command = [sys.executable, "-m", "freetickets_hub.cli", "serve", str(model), "--port", str(self.port), *flags]
+        self._launch(command, env, log)
+
+    def terminate(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
 
 
 @contextlib.contextmanager

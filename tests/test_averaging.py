@@ -11,31 +11,19 @@ from safetensors.torch import load_file
 from torch.optim.swa_utils import update_bn
 
 from freetickets_hub import EnsembleModel
-from freetickets_hub.cli import main
 from freetickets_hub.errors import RecipeError
 from freetickets_hub.training import averaging
 from freetickets_hub.training.averaging import TicketAverage, in_window
 from freetickets_hub.training.checkpoint import AVERAGE_FILE
 from freetickets_hub.training.recipe import Recipe
 
-ARGS = [
-    "max_train_samples=60",
-    "val_size=24",
-    "batch_size=16",
-    "eval_batch_size=64",
-    "update_interval=1",
-    "explore_epochs=1",
-    "refine_epochs=1",
-    "num_members=2",
-    "growth=random",
-]
+from .test_resume import train_tiny
+
+AVERAGING_RUN = ("update_interval=1", "explore_epochs=1", "growth=random")  # over test_resume's tiny run
 
 
 def _train(out: Path, dataset: Path, *extra: str, overrides: tuple[str, ...] = ()) -> int:
-    args = ["train", "--recipe", "training/recipes/fmnist_tiny_edst.yaml", "--output-dir", str(out)]
-    for item in (f"dataset={dataset}", *ARGS, *overrides):
-        args += ["--set", item]
-    return main([*args, *extra])
+    return train_tiny(out, dataset, *extra, overrides=(*AVERAGING_RUN, *overrides))
 
 
 def _net() -> torch.nn.Module:

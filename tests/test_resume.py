@@ -23,7 +23,7 @@ ARGS = [
 ]
 
 
-def _train(out: Path, dataset: Path, *extra: str, overrides: tuple[str, ...] = ()) -> int:
+def train_tiny(out: Path, dataset: Path, *extra: str, overrides: tuple[str, ...] = ()) -> int:
     args = ["train", "--recipe", "training/recipes/fmnist_tiny_edst.yaml", "--output-dir", str(out)]
     for item in (f"dataset={dataset}", *ARGS, *overrides):
         args += ["--set", item]
@@ -43,14 +43,14 @@ def _train(out: Path, dataset: Path, *extra: str, overrides: tuple[str, ...] = (
 def test_resume_matches_uninterrupted_run(
     tmp_path: Path, tiny_dataset: Path, overrides: tuple[str, ...], stop_at: int
 ) -> None:
-    assert _train(tmp_path / "full", tiny_dataset, overrides=overrides) == 0
-    assert _train(tmp_path / "cut", tiny_dataset, "--max-steps", str(stop_at), overrides=overrides) == 0
+    assert train_tiny(tmp_path / "full", tiny_dataset, overrides=overrides) == 0
+    assert train_tiny(tmp_path / "cut", tiny_dataset, "--max-steps", str(stop_at), overrides=overrides) == 0
     assert not (tmp_path / "cut" / "model.safetensors").exists()  # stopped: nothing published yet
     checkpoints = list((tmp_path / "cut" / "checkpoints").glob("step_*"))
     assert [p.name.split("_")[1] for p in checkpoints] == [f"{stop_at:09d}"]
     seconds_before = json.loads((checkpoints[0] / "progress.json").read_text())["progress"]["seconds"]
     assert seconds_before > 0
-    assert _train(tmp_path / "cut", tiny_dataset, "--resume", overrides=overrides) == 0
+    assert train_tiny(tmp_path / "cut", tiny_dataset, "--resume", overrides=overrides) == 0
 
     full = load_file(str(tmp_path / "full" / "model.safetensors"))
     resumed = load_file(str(tmp_path / "cut" / "model.safetensors"))
@@ -65,6 +65,6 @@ def test_resume_matches_uninterrupted_run(
 def test_resume_without_checkpoint_starts_fresh(
     tmp_path: Path, tiny_dataset: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert _train(tmp_path, tiny_dataset, "--resume", overrides=("explore_epochs=0", "num_members=1")) == 0
+    assert train_tiny(tmp_path, tiny_dataset, "--resume", overrides=("explore_epochs=0", "num_members=1")) == 0
     assert "no checkpoint" in capsys.readouterr().out
     assert (tmp_path / "model.safetensors").is_file()

@@ -13,19 +13,14 @@ import contextlib
 import importlib.util
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import sysconfig
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-
 import freetickets_hub
 
-from .serve_support import free_port
+from .serve_support import ServerProcess, free_port
 
 
 def _wheel() -> Path | None:
@@ -46,8 +41,10 @@ def start_problem() -> str | None:
     return None
 
 
-class TritonServer:
+class TritonServer(ServerProcess):
     """``tritonserver --model-repository REPO`` on free HTTP and GRPC ports of 127.0.0.1; ``url`` once ready."""
+
+    name = "tritonserver"
 
     def __init__(self, repository: Path, *, log: Path, work: Path, env: dict | None = None) -> None:
         wheel = _wheel()
@@ -60,6 +57,7 @@ class TritonServer:
         paths = [str(Path(freetickets_hub.__file__).parents[1]), *(p for p in sys.path if p and Path(p).is_dir())]
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
+        self.ready_url = f"http://{self.url}/v2/health/ready"
         env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", **(env or {}))
         # this interpreter's libpython first: the stub would otherwise take the system's, whose ABI may
         # not match this interpreter's compiled modules (_ssl of CPython 3.11.7 vs Debian's 3.11.2)
@@ -80,38 +78,13 @@ class TritonServer:
             "--allow-gpu-metrics=false",
             "--log-verbose=0",
         ]
-        self.log = log
-        self._log = open(log, "wb")  # noqa: SIM115  (closed in stop)
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def wait_ready(self, timeout: float = 120.0) -> TritonServer:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n{self.log.read_text()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://{self.url}/v2/health/ready", timeout=2).status_code == 200:
-                    return self
-            time.sleep(0.2)
-        self.stop()
-        raise TimeoutError(f"tritonserver not ready after {timeout} s:\n{self.log.read_text()}")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self._log.close()
-        return self.process.returncode
+        self._launch(command, env, log)
 
 
 @contextlib.contextmanager
 def running_triton(repository: Path, *, log: Path, work: Path) -> Iterator[TritonServer]:
     server = TritonServer(repository, log=log, work=work)
     try:
-        yield server.wait_ready()
+        yield server.wait_ready(timeout=120.0)
     finally:
         server.stop()
