@@ -40,14 +40,14 @@ from quality import Preset, build_specs
 from quality_report import markdown_table, provenance, provenance_lines, write_results
 from quality_runs import REPO, train_run
 
-from freetickets_hub.calibration import fit_temperature
-from freetickets_hub.ensemble import EnsembleModel
+from freetickets_hub.artifact.files import write_text_atomic
 from freetickets_hub.errors import FreeTicketsError
 from freetickets_hub.evaluation import create_accelerator, load_eval_split, run_inference
 from freetickets_hub.evaluation.data import validation_carve
-from freetickets_hub.files import write_text_atomic
-from freetickets_hub.metrics import classification_metrics
-from freetickets_hub.outputs import combine_member_logits
+from freetickets_hub.model.ensemble import EnsembleModel
+from freetickets_hub.uncertainty.calibration import fit_temperature
+from freetickets_hub.uncertainty.metrics import classification_metrics
+from freetickets_hub.uncertainty.outputs import combine_member_logits
 
 RECIPE = "training/recipes/finetune_small.yaml"
 SEED = 0

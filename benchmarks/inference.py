@@ -54,12 +54,12 @@ import torch
 from random_ensemble import random_sparse_ensemble
 
 from freetickets_hub import EnsembleConfig, EnsembleModel, OnnxEnsemble
+from freetickets_hub.engines.openvino import OpenVinoEnsemble, has_openvino
+from freetickets_hub.engines.preprocessing import preprocess
 from freetickets_hub.export import export_onnx
 from freetickets_hub.export.graph import export_graph
 from freetickets_hub.export.quantize import write_int8_graph
 from freetickets_hub.export.verify import synthetic_images
-from freetickets_hub.openvino_engine import OpenVinoEnsemble, has_openvino
-from freetickets_hub.preprocessing import preprocess
 from freetickets_hub.training.sparsity import random_masks
 
 TARGET_INT8 = 1.5  # int8 WRN ensemble / one dense fp32 model (ORT), batch 64

@@ -38,10 +38,10 @@ from quality_runs import REPO, RunSpec, epoch_budget, load_shared_data, train_ru
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from freetickets_hub.ensemble import EnsembleModel
+from freetickets_hub.artifact.files import atomic_path
 from freetickets_hub.evaluation import create_accelerator, load_eval_split, run_inference
 from freetickets_hub.evaluation.ood_suite import SHIFTS, SYNTHETIC, shifted_images, synthetic_images
-from freetickets_hub.files import atomic_path
+from freetickets_hub.model.ensemble import EnsembleModel
 from freetickets_hub.training.data import ImageData, load_image_data
 
 DST_RECIPE = "training/recipes/fmnist_wrn10_2_dst.yaml"

@@ -21,11 +21,11 @@ import torch
 from ood_stats import Draws, bootstrap_detection, interval, separated
 from quality_report import markdown_table, provenance, write_results
 
-from freetickets_hub.calibration import fit_temperature
-from freetickets_hub.ensemble import EnsembleModel
 from freetickets_hub.evaluation import prediction_diversity
-from freetickets_hub.metrics import classification_metrics, detection_metrics
-from freetickets_hub.outputs import EnsembleOutput, combine_member_logits
+from freetickets_hub.model.ensemble import EnsembleModel
+from freetickets_hub.uncertainty.calibration import fit_temperature
+from freetickets_hub.uncertainty.metrics import classification_metrics, detection_metrics
+from freetickets_hub.uncertainty.outputs import EnsembleOutput, combine_member_logits
 
 if TYPE_CHECKING:
     from ood import SeedGroup

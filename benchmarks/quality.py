@@ -32,8 +32,8 @@ from typing import Any
 from quality_report import markdown_table, provenance, provenance_lines, write_results
 from quality_runs import REPO, EvalSettings, RunSpec, epoch_budget, evaluate_run, load_shared_data, train_run
 
+from freetickets_hub.artifact.files import atomic_path
 from freetickets_hub.evaluation import create_accelerator
-from freetickets_hub.files import atomic_path
 
 DST_RECIPE = "training/recipes/fmnist_wrn10_2_dst.yaml"
 EDST_RECIPE = "training/recipes/fmnist_wrn10_2_edst.yaml"

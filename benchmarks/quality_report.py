@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from freetickets_hub.files import write_text_atomic
+from freetickets_hub.artifact.files import write_text_atomic
 
 __all__ = ["format_number", "markdown_table", "provenance", "provenance_lines", "replace_section", "write_results"]
 

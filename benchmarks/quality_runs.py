@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 
-from freetickets_hub.calibration import fit_temperature
-from freetickets_hub.ensemble import EnsembleModel
+from freetickets_hub.artifact.files import write_text_atomic
 from freetickets_hub.errors import FreeTicketsError
 from freetickets_hub.evaluation import (
     CORRUPTIONS,
@@ -33,11 +32,12 @@ from freetickets_hub.evaluation import (
     run_inference,
 )
 from freetickets_hub.evaluation.ood_suite import SHIFTS, SYNTHETIC, shifted_images, synthetic_images
-from freetickets_hub.files import write_text_atomic
-from freetickets_hub.metrics import classification_metrics, detection_metrics
-from freetickets_hub.outputs import combine_member_logits
+from freetickets_hub.model.ensemble import EnsembleModel
 from freetickets_hub.training.data import ImageData, ImageSplit, load_image_data
 from freetickets_hub.training.recipe import Recipe, load_recipe
+from freetickets_hub.uncertainty.calibration import fit_temperature
+from freetickets_hub.uncertainty.metrics import classification_metrics, detection_metrics
+from freetickets_hub.uncertainty.outputs import combine_member_logits
 
 __all__ = ["REPO", "EvalSettings", "RunSpec", "epoch_budget", "evaluate_run", "load_shared_data", "train_run"]
 

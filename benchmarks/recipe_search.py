@@ -31,13 +31,13 @@ from typing import Any
 from quality_report import markdown_table, provenance, provenance_lines, write_results
 from quality_runs import REPO, EvalSettings, RunSpec, epoch_budget, evaluate_run, load_shared_data, train_run
 
-from freetickets_hub.calibration import fit_temperature
-from freetickets_hub.ensemble import EnsembleModel
+from freetickets_hub.artifact.files import write_text_atomic
 from freetickets_hub.evaluation import create_accelerator, run_inference
-from freetickets_hub.files import write_text_atomic
-from freetickets_hub.metrics import classification_metrics
-from freetickets_hub.outputs import combine_member_logits
+from freetickets_hub.model.ensemble import EnsembleModel
 from freetickets_hub.training.data import ImageData
+from freetickets_hub.uncertainty.calibration import fit_temperature
+from freetickets_hub.uncertainty.metrics import classification_metrics
+from freetickets_hub.uncertainty.outputs import combine_member_logits
 
 DST_RECIPE = "training/recipes/fmnist_wrn10_2_dst.yaml"
 EDST_RECIPE = "training/recipes/fmnist_wrn10_2_edst.yaml"

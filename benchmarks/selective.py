@@ -35,11 +35,11 @@ from quality import PRESETS, SMOKE_NOTE, build_specs
 from quality_report import markdown_table, provenance, write_results
 from quality_runs import REPO, load_shared_data, train_run
 
-from freetickets_hub.calibration import fit_temperature
-from freetickets_hub.ensemble import EnsembleModel
 from freetickets_hub.evaluation import create_accelerator, load_eval_split, run_inference
-from freetickets_hub.outputs import combine_member_logits
-from freetickets_hub.selective import (
+from freetickets_hub.model.ensemble import EnsembleModel
+from freetickets_hub.uncertainty.calibration import fit_temperature
+from freetickets_hub.uncertainty.outputs import combine_member_logits
+from freetickets_hub.uncertainty.selective import (
     SELECTIVE_SCORES,
     InfeasibleRiskError,
     fit_conformal,
@@ -163,7 +163,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"- models: the `{preset}` preset's single dense model, dense ensemble (M=3) and EDST ensemble (M=3), "
         f"test accuracy {accuracies} (all 10,000 test images, uncalibrated top-1)",
         f"- delta = {DELTA}; Learn-then-Test over a fixed grid of 100 thresholds, exact binomial p-values, fallback "
-        f"procedure (freetickets_hub/selective.py); conformal alpha = {ALPHA}",
+        f"procedure (freetickets_hub/uncertainty/selective.py); conformal alpha = {ALPHA}",
         "",
         f"**As `freetickets calibrate` does it** (temperature on {results['cli_n']} images of the validation carve, "
         f"threshold on the other {results['cli_n']}; coverage and risk on the whole test split; "

@@ -16,7 +16,7 @@ import time
 import timm
 import torch
 
-import freetickets_hub.architectures  # noqa: F401
+import freetickets_hub.model.architectures  # noqa: F401
 from freetickets_hub.training.data import augment_batch, normalize
 from freetickets_hub.training.sparsity import SparseEngine, SparsityConfig
 

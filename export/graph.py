@@ -15,10 +15,10 @@ import onnx
 import torch
 from torch import nn
 
-from freetickets_hub.ensemble import EnsembleModel
+from freetickets_hub.engines.onnxruntime import METADATA_NUM_MEMBERS, METADATA_TEMPERATURE
 from freetickets_hub.errors import ExportError
-from freetickets_hub.outputs import OUTPUT_NAMES, combine_member_logits
-from freetickets_hub.runtime import METADATA_NUM_MEMBERS, METADATA_TEMPERATURE
+from freetickets_hub.model.ensemble import EnsembleModel
+from freetickets_hub.uncertainty.outputs import OUTPUT_NAMES, combine_member_logits
 
 __all__ = ["DEFAULT_OPSET", "MIN_OPSET", "EnsembleGraph", "check_opset", "export_graph"]
 
@@ -31,7 +31,7 @@ class EnsembleGraph(nn.Module):
     """``EnsembleModel`` returning the DESIGN.md outputs as a tuple in ``OUTPUT_NAMES`` order.
 
     The calibration temperature becomes a constant of the graph and the aggregation is
-    :func:`~freetickets_hub.outputs.combine_member_logits`, the code the torch engine runs.
+    :func:`~freetickets_hub.uncertainty.outputs.combine_member_logits`, the code the torch engine runs.
 
     Args:
         model: the ensemble (left unchanged).

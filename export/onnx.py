@@ -20,13 +20,13 @@ from typing import Any
 import onnx
 import torch
 
-from freetickets_hub.config import EnsembleConfig
-from freetickets_hub.ensemble import EnsembleModel
+from freetickets_hub.artifact.config import EnsembleConfig
+from freetickets_hub.artifact.files import write_text_atomic
+from freetickets_hub.artifact.hub import CONFIG_NAME, ONNX_NAME, README_NAME, WEIGHTS_NAME
+from freetickets_hub.engines.onnxruntime import ONNX_DATA_NAME, ONNX_INT8_NAME, OnnxEnsemble, has_onnxruntime
+from freetickets_hub.engines.preprocessing import ImageInput
 from freetickets_hub.errors import ExportError
-from freetickets_hub.files import write_text_atomic
-from freetickets_hub.hub import CONFIG_NAME, ONNX_NAME, README_NAME, WEIGHTS_NAME
-from freetickets_hub.preprocessing import ImageInput
-from freetickets_hub.runtime import ONNX_DATA_NAME, ONNX_INT8_NAME, OnnxEnsemble, has_onnxruntime
+from freetickets_hub.model.ensemble import EnsembleModel
 
 from .compact import compact_graph_file
 from .graph import DEFAULT_OPSET, check_opset, export_graph

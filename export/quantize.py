@@ -26,11 +26,11 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from freetickets_hub.config import EnsembleConfig
+from freetickets_hub.artifact.config import EnsembleConfig
+from freetickets_hub.engines.onnxruntime import METADATA_NUM_MEMBERS, METADATA_TEMPERATURE, ONNX_INT8_NAME, OnnxEnsemble
 from freetickets_hub.errors import ExportError
 from freetickets_hub.evaluation.data import EvalSplit
-from freetickets_hub.metrics import classification_metrics
-from freetickets_hub.runtime import METADATA_NUM_MEMBERS, METADATA_TEMPERATURE, ONNX_INT8_NAME, OnnxEnsemble
+from freetickets_hub.uncertainty.metrics import classification_metrics
 
 from .verify import check_interface
 

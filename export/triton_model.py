@@ -7,7 +7,7 @@ imports it with ``triton_python_backend_utils`` on its path; the ``freetickets-h
 (torch-free) must be importable by the backend's stub. Each call runs the requests the dynamic
 batcher gathered as one batch, then answers every request with its own rows. ``abstain`` (``[B]``
 bool) and ``prediction_set`` (``[B, K]`` bool membership) come from
-:func:`freetickets_hub.selective.decide`, the function ``freetickets serve`` uses.
+:func:`freetickets_hub.uncertainty.selective.decide`, the function ``freetickets serve`` uses.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils  # provided by Triton's Python backend
 
 from freetickets_hub import OnnxEnsemble
-from freetickets_hub.selective import decide
+from freetickets_hub.uncertainty.selective import decide
 
 INPUT_NAME = "pixel_values"
 

@@ -13,11 +13,11 @@ import onnx
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from freetickets_hub.ensemble import EnsembleModel
+from freetickets_hub.engines.onnxruntime import OnnxEnsemble
+from freetickets_hub.engines.preprocessing import ImageInput, preprocess
 from freetickets_hub.errors import ExportError
-from freetickets_hub.outputs import OUTPUT_NAMES
-from freetickets_hub.preprocessing import ImageInput, preprocess
-from freetickets_hub.runtime import OnnxEnsemble
+from freetickets_hub.model.ensemble import EnsembleModel
+from freetickets_hub.uncertainty.outputs import OUTPUT_NAMES
 
 __all__ = ["GATED_OUTPUTS", "check_interface", "check_pixels", "compare_with_torch", "synthetic_images"]
 

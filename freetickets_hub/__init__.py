@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "EnsembleModel": "freetickets_hub.ensemble",
-    "EnsembleOutput": "freetickets_hub.outputs",
-    "combine_member_logits": "freetickets_hub.outputs",
-    "EnsembleConfig": "freetickets_hub.config",
-    "EnsembleInfo": "freetickets_hub.config",
-    "CalibrationConfig": "freetickets_hub.config",
-    "Predictions": "freetickets_hub.predictions",
-    "preprocess": "freetickets_hub.preprocessing",
-    "OnnxEnsemble": "freetickets_hub.runtime",
+    "EnsembleModel": "freetickets_hub.model.ensemble",
+    "EnsembleOutput": "freetickets_hub.uncertainty.outputs",
+    "combine_member_logits": "freetickets_hub.uncertainty.outputs",
+    "EnsembleConfig": "freetickets_hub.artifact.config",
+    "EnsembleInfo": "freetickets_hub.artifact.config",
+    "CalibrationConfig": "freetickets_hub.artifact.config",
+    "Predictions": "freetickets_hub.uncertainty.predictions",
+    "preprocess": "freetickets_hub.engines.preprocessing",
+    "OnnxEnsemble": "freetickets_hub.engines.onnxruntime",
 }
 _ERRORS = (
     "ArtifactError",
@@ -36,10 +36,16 @@ _ERRORS = (
 __all__ = ["__version__", *_LAZY, *_ERRORS]
 
 if TYPE_CHECKING:
-    from .config import CalibrationConfig as CalibrationConfig
-    from .config import EnsembleConfig as EnsembleConfig
-    from .config import EnsembleInfo as EnsembleInfo
-    from .ensemble import EnsembleModel as EnsembleModel
+    from freetickets_hub.artifact.config import CalibrationConfig as CalibrationConfig
+    from freetickets_hub.artifact.config import EnsembleConfig as EnsembleConfig
+    from freetickets_hub.artifact.config import EnsembleInfo as EnsembleInfo
+    from freetickets_hub.engines.onnxruntime import OnnxEnsemble as OnnxEnsemble
+    from freetickets_hub.engines.preprocessing import preprocess as preprocess
+    from freetickets_hub.model.ensemble import EnsembleModel as EnsembleModel
+    from freetickets_hub.uncertainty.outputs import EnsembleOutput as EnsembleOutput
+    from freetickets_hub.uncertainty.outputs import combine_member_logits as combine_member_logits
+    from freetickets_hub.uncertainty.predictions import Predictions as Predictions
+
     from .errors import ArtifactError as ArtifactError
     from .errors import ConfigError as ConfigError
     from .errors import DatasetError as DatasetError
@@ -49,11 +55,6 @@ if TYPE_CHECKING:
     from .errors import ModelNotFoundError as ModelNotFoundError
     from .errors import OutputDirError as OutputDirError
     from .errors import RecipeError as RecipeError
-    from .outputs import EnsembleOutput as EnsembleOutput
-    from .outputs import combine_member_logits as combine_member_logits
-    from .predictions import Predictions as Predictions
-    from .preprocessing import preprocess as preprocess
-    from .runtime import OnnxEnsemble as OnnxEnsemble
 
 
 def __getattr__(name: str) -> Any:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from freetickets_hub.runtime import OnnxEnsemble
+from freetickets_hub.engines.onnxruntime import OnnxEnsemble
 
 from .conftest import SHARED_FMNIST
 from .serve_support import exported_model, running

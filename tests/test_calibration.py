@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from freetickets_hub import EnsembleModel
-from freetickets_hub.calibration import TEMPERATURE_BOUNDS, ensemble_nll, fit_temperature
 from freetickets_hub.cli import main
-from freetickets_hub.metrics import classification_metrics
-from freetickets_hub.outputs import combine_member_logits
+from freetickets_hub.uncertainty.calibration import TEMPERATURE_BOUNDS, ensemble_nll, fit_temperature
+from freetickets_hub.uncertainty.metrics import classification_metrics
+from freetickets_hub.uncertainty.outputs import combine_member_logits
 
 from .test_evaluation import LABELS, model_labels, random_images, save_tiny_ensemble, write_dataset
 

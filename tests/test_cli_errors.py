@@ -32,7 +32,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_path_like_names_fail_at_once_without_the_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr("freetickets_hub.hub.hf_hub_download", _never)
+    monkeypatch.setattr("freetickets_hub.artifact.hub.hf_hub_download", _never)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     (tmp_path / "weights.bin").write_bytes(b"")

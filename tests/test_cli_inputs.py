@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from freetickets_hub import EnsembleModel
+from freetickets_hub.engines.onnxruntime import OnnxEnsemble
+from freetickets_hub.engines.preprocessing import load_images
 from freetickets_hub.errors import ArtifactError
 from freetickets_hub.export import export_onnx
-from freetickets_hub.merge import architecture_import
-from freetickets_hub.preprocessing import load_images
-from freetickets_hub.runtime import OnnxEnsemble
+from freetickets_hub.model.merge import architecture_import
 from freetickets_hub.training import demo
 
 from .conftest_hub import make_ensemble
@@ -100,7 +100,7 @@ def test_exported_members_card_snippet_runs_in_a_fresh_process(tmp_path: Path) -
     model = make_ensemble(seed=2, members=1, method="dst")
     folder = model.export_member(0, tmp_path / "member0")
     card = (folder / "README.md").read_text()
-    assert "import freetickets_hub.architectures" in card and "Unknown model (cifar_wrn10_2)" in card
+    assert "import freetickets_hub.model.architectures" in card and "Unknown model (cifar_wrn10_2)" in card
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     pixels = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     np.save(tmp_path / "pixels.npy", pixels.numpy())

@@ -169,7 +169,7 @@ def test_unwritable_destinations_fail_before_the_work(
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setattr("freetickets_hub.training.train", _never)
-    monkeypatch.setattr("freetickets_hub.ensemble.EnsembleModel.from_pretrained", _never)
+    monkeypatch.setattr("freetickets_hub.model.ensemble.EnsembleModel.from_pretrained", _never)
     commands = [
         _train_args(blocker / "out", data),
         ["merge", str(model_dir), str(model_dir), "--output-dir", str(blocker / "m")],

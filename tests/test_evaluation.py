@@ -14,6 +14,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from freetickets_hub import EnsembleConfig, EnsembleModel
 from freetickets_hub.cli import main
+from freetickets_hub.engines.preprocessing import preprocess
 from freetickets_hub.errors import DatasetError
 from freetickets_hub.evaluation import (
     EVAL_RESULTS_NAME,
@@ -22,9 +23,13 @@ from freetickets_hub.evaluation import (
     mask_distance,
     prediction_diversity,
 )
-from freetickets_hub.metrics import classification_metrics, detection_metrics, reliability_bins, risk_coverage
-from freetickets_hub.preprocessing import preprocess
 from freetickets_hub.training.random_ensemble import random_sparse_ensemble
+from freetickets_hub.uncertainty.metrics import (
+    classification_metrics,
+    detection_metrics,
+    reliability_bins,
+    risk_coverage,
+)
 
 LABELS = ["circle", "square", "cross"]
 

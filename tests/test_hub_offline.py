@@ -21,7 +21,7 @@ from PIL import Image
 
 import freetickets_hub
 from freetickets_hub import EnsembleModel
-from freetickets_hub.preprocessing import preprocess
+from freetickets_hub.engines.preprocessing import preprocess
 
 from .conftest_hub import INPUT, LABELS, make_ensemble, put_in_hub_cache
 
@@ -128,7 +128,7 @@ def test_downloads_are_tagged_with_library_name_and_version(
         calls.append({"repo_id": repo_id, "filename": filename, **kwargs})
         return str(tmp_path / "repo" / filename)
 
-    monkeypatch.setattr("freetickets_hub.hub.hf_hub_download", fake_download)
+    monkeypatch.setattr("freetickets_hub.artifact.hub.hf_hub_download", fake_download)
     EnsembleModel.from_pretrained("org/name", revision="v1", token="t", local_files_only=True)
     assert [c["filename"] for c in calls] == ["config.json", "model.safetensors"]
     for call in calls:
@@ -200,7 +200,7 @@ def test_companions_follow_an_unchanged_model_only(
     assert "![assets/reliability.png](assets/reliability.png)" in (tmp_path / "copy" / "README.md").read_text()
 
     loaded.set_temperature(1.5, fit_on="validation")
-    with caplog.at_level(logging.WARNING, logger="freetickets_hub.ensemble"):
+    with caplog.at_level(logging.WARNING, logger="freetickets_hub.model.ensemble"):
         loaded.save_pretrained(tmp_path / "changed")
     assert _files(tmp_path / "changed") == ARTIFACT_FILES
     assert "the ensemble changed since it was loaded" in caplog.text
@@ -214,7 +214,7 @@ def test_saving_in_place_keeps_companions_and_warns_when_they_go_stale(
 ) -> None:
     _with_companions(model, tmp_path / "run")
     loaded = EnsembleModel.from_pretrained(tmp_path / "run")
-    with caplog.at_level(logging.WARNING, logger="freetickets_hub.ensemble"):
+    with caplog.at_level(logging.WARNING, logger="freetickets_hub.model.ensemble"):
         loaded.save_pretrained(tmp_path / "run")
         assert not caplog.text
         loaded.set_temperature(2.0, fit_on="validation")

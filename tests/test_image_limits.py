@@ -14,14 +14,14 @@ import pytest
 from PIL import Image
 
 from freetickets_hub.cli import main
-from freetickets_hub.errors import ImageError
-from freetickets_hub.preprocessing import (
+from freetickets_hub.engines.preprocessing import (
     ALLOWED_FORMATS,
     MAX_ASPECT_RATIO,
     MAX_RESIZE_PIXELS,
     open_image,
     preprocess,
 )
+from freetickets_hub.errors import ImageError
 
 from .conftest_hub import make_ensemble
 from .image_bombs import encoded, mutations, one_bit_png

@@ -14,7 +14,7 @@ import torch
 
 from freetickets_hub import ConfigError, EnsembleModel
 from freetickets_hub.cli import main
-from freetickets_hub.merge import merge_ensembles
+from freetickets_hub.model.merge import merge_ensembles
 
 from .conftest_hub import INPUT, LABELS, make_ensemble
 
@@ -35,7 +35,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def test_merge_cli_concatenates_members_and_drops_the_temperature(
     runs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="freetickets_hub.merge"):
+    with caplog.at_level(logging.WARNING, logger="freetickets_hub.model.merge"):
         assert main(["merge", *map(str, runs), "--output", str(tmp_path / "merged")]) == 0
     assert f"Dropping the calibration temperature of {runs[0]}" in caplog.text
     assert "merged 2 runs into 3 members (method dst, sparsity 0.8)" in capsys.readouterr().out
@@ -104,7 +104,7 @@ def test_timm_needs_the_architectures_import_first(runs: list[Path], tmp_path: P
         "import sys, timm\n"
         "try:\n    timm.create_model('local-dir:' + sys.argv[1], pretrained=True)\n"
         "except RuntimeError as e:\n    print(e)\n"
-        "import freetickets_hub.architectures\n"
+        "import freetickets_hub.model.architectures\n"
         "print(type(timm.create_model('local-dir:' + sys.argv[1], pretrained=True)).__name__)\n"
     )
     result = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True)

@@ -12,9 +12,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from freetickets_hub.cli import main
+from freetickets_hub.engines.preprocessing import preprocess
 from freetickets_hub.export.compact import compact_sparse_initializers
 from freetickets_hub.export.verify import synthetic_images
-from freetickets_hub.preprocessing import preprocess
 
 from .test_onnx_export import make_ensemble
 

@@ -14,14 +14,14 @@ from onnx import TensorProto, helper
 
 from freetickets_hub import EnsembleConfig, EnsembleModel
 from freetickets_hub.cli import main
+from freetickets_hub.engines.onnxruntime import OnnxEnsemble
+from freetickets_hub.engines.preprocessing import preprocess
 from freetickets_hub.errors import ExportError
 from freetickets_hub.export import export_onnx
 from freetickets_hub.export import onnx as export_module
 from freetickets_hub.export.verify import check_interface, synthetic_images
-from freetickets_hub.outputs import OUTPUT_NAMES, combine_member_logits
-from freetickets_hub.preprocessing import preprocess
-from freetickets_hub.runtime import OnnxEnsemble
 from freetickets_hub.training.random_ensemble import random_sparse_ensemble
+from freetickets_hub.uncertainty.outputs import OUTPUT_NAMES, combine_member_logits
 
 TEMPERATURE = 1.7
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from freetickets_hub.metrics import detection_metrics
+from freetickets_hub.uncertainty.metrics import detection_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

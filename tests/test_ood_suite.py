@@ -36,7 +36,7 @@ from freetickets_hub.evaluation.ood_suite import (
     synthetic_images,
     synthetic_split,
 )
-from freetickets_hub.metrics import detection_metrics
+from freetickets_hub.uncertainty.metrics import detection_metrics
 
 from .conftest import LABELS
 from .test_evaluation import random_images, save_tiny_ensemble, write_dataset

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 
 from freetickets_hub import OnnxEnsemble
+from freetickets_hub.engines.preprocessing import preprocess
 from freetickets_hub.errors import ArtifactError
 from freetickets_hub.export.verify import synthetic_images
-from freetickets_hub.outputs import OUTPUT_NAMES
-from freetickets_hub.preprocessing import preprocess
+from freetickets_hub.uncertainty.outputs import OUTPUT_NAMES
 
 from .test_onnx_export import make_ensemble
 
 ov = pytest.importorskip("openvino")
-from freetickets_hub.openvino_engine import OpenVinoEnsemble  # noqa: E402
+from freetickets_hub.engines.openvino import OpenVinoEnsemble  # noqa: E402
 
 HAS_BF16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
@@ -83,5 +83,5 @@ def test_checks_against_config_and_arguments(exported: tuple[Path, np.ndarray, d
 
 
 def test_import_needs_no_torch() -> None:
-    code = "import sys, freetickets_hub.openvino_engine; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, freetickets_hub.engines.openvino; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

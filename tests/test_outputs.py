@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from freetickets_hub.outputs import OUTPUT_NAMES, combine_member_logits
+from freetickets_hub.uncertainty.outputs import OUTPUT_NAMES, combine_member_logits
 
 
 def _h(*p: float) -> float:

@@ -12,7 +12,7 @@ import timm
 import torch
 
 import freetickets_hub
-import freetickets_hub.architectures
+import freetickets_hub.model.architectures
 
 ROOT = Path(__file__).resolve().parents[1]
 

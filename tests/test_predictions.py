@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from freetickets_hub.predictions import Predictions
+from freetickets_hub.uncertainty.predictions import Predictions
 
 
 def _predictions() -> Predictions:

@@ -116,7 +116,7 @@ def test_endpoint_handler_serves_the_int8_graph(
     quantized: tuple[Path, dict, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder, _, _ = quantized
-    from freetickets_hub.endpoint_handler import VARIANT_ENV, EndpointHandler
+    from freetickets_hub.model.endpoint_handler import VARIANT_ENV, EndpointHandler
 
     image = synthetic_images(make_ensemble().config.pretrained_cfg, 1, seed=2)[0]
     monkeypatch.setenv(VARIANT_ENV, "int8")

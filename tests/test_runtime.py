@@ -14,13 +14,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from freetickets_hub import runtime
-from freetickets_hub.ensemble import EnsembleModel
+from freetickets_hub.engines import onnxruntime as runtime
+from freetickets_hub.engines.onnxruntime import OnnxEnsemble
 from freetickets_hub.errors import ArtifactError, MissingDependencyError
 from freetickets_hub.export import export_onnx
 from freetickets_hub.export.verify import synthetic_images
-from freetickets_hub.outputs import OUTPUT_NAMES
-from freetickets_hub.runtime import OnnxEnsemble
+from freetickets_hub.model.ensemble import EnsembleModel
+from freetickets_hub.uncertainty.outputs import OUTPUT_NAMES
 
 from .test_onnx_export import make_ensemble
 
@@ -170,7 +170,7 @@ def test_offline_hub_load_without_torch(saved: tuple[EnsembleModel, Path], tmp_p
         import sys
         import numpy as np
         import freetickets_hub
-        from freetickets_hub.runtime import OnnxEnsemble
+        from freetickets_hub.engines.onnxruntime import OnnxEnsemble
         assert "torch" not in sys.modules, "importing the runtime imported torch"
         engine = freetickets_hub.OnnxEnsemble.from_pretrained("org/tiny-edst")
         predictions = engine.predict(list(np.load(sys.argv[1])))

@@ -19,10 +19,10 @@ from scipy.special import betainc
 from scipy.stats import binom
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from freetickets_hub import selective as sel
-from freetickets_hub.config import EnsembleInfo, SelectiveConfig
+from freetickets_hub.artifact.config import EnsembleInfo, SelectiveConfig
 from freetickets_hub.errors import ConfigError
-from freetickets_hub.predictions import Predictions
+from freetickets_hub.uncertainty import selective as sel
+from freetickets_hub.uncertainty.predictions import Predictions
 
 SPLITS = 500  # random calibration draws per Monte Carlo test
 K = 10

@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from freetickets_hub import EnsembleModel
+from freetickets_hub.artifact.config import SelectiveConfig
 from freetickets_hub.cli import _calibration_rows, main
-from freetickets_hub.config import SelectiveConfig
+from freetickets_hub.engines.onnxruntime import OnnxEnsemble
+from freetickets_hub.engines.preprocessing import preprocess
 from freetickets_hub.export import export_onnx
 from freetickets_hub.export.verify import synthetic_images
-from freetickets_hub.outputs import combine_member_logits
-from freetickets_hub.preprocessing import preprocess
-from freetickets_hub.runtime import OnnxEnsemble
-from freetickets_hub.selective import decide
+from freetickets_hub.uncertainty.outputs import combine_member_logits
+from freetickets_hub.uncertainty.selective import decide
 
 from .test_evaluation import LABELS, random_images, save_tiny_ensemble, write_dataset
 from .test_hub_offline import _load_handler

@@ -26,8 +26,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from freetickets_hub.cli import main
-from freetickets_hub.preprocessing import preprocess
-from freetickets_hub.runtime import OnnxEnsemble
+from freetickets_hub.engines.onnxruntime import OnnxEnsemble
+from freetickets_hub.engines.preprocessing import preprocess
 
 from .conftest_hub import put_in_hub_cache
 from .serve_support import LABEL_NAMES, exported_model, running, torch_blocker

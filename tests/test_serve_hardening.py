@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from freetickets_hub.preprocessing import ALLOWED_FORMATS
+from freetickets_hub.engines.preprocessing import ALLOWED_FORMATS
 
 from .image_bombs import encoded, mutations, one_bit_png
 from .serve_support import exported_model, running

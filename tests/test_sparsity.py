@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import freetickets_hub.architectures  # noqa: F401
+import freetickets_hub.model.architectures  # noqa: F401
 from freetickets_hub.training.sparsity import (
     SparseEngine,
     SparsityConfig,

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from freetickets_hub.cli import main
-from freetickets_hub.ensemble import EnsembleModel
 from freetickets_hub.errors import RecipeError
+from freetickets_hub.model.ensemble import EnsembleModel
 from freetickets_hub.training.data import load_image_data
 from freetickets_hub.training.recipe import load_recipe
 from freetickets_hub.training.sparsity import maskable_weights
@@ -191,8 +191,8 @@ def test_calibrate_on_the_runs_own_validation_carve(
     """``--split validation`` fits on exactly the rows the run held out (the fit itself is tested elsewhere)."""
     import datasets
 
-    from freetickets_hub import calibration
     from freetickets_hub.evaluation.data import validation_carve
+    from freetickets_hub.uncertainty import calibration
 
     seen: list[torch.Tensor] = []
     real_fit = calibration.fit_temperature

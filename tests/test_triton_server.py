@@ -23,8 +23,8 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from freetickets_hub.cli import main
-from freetickets_hub.preprocessing import preprocess
-from freetickets_hub.runtime import OnnxEnsemble
+from freetickets_hub.engines.onnxruntime import OnnxEnsemble
+from freetickets_hub.engines.preprocessing import preprocess
 
 from .serve_support import LABEL_NAMES, exported_model, running
 from .triton_server import running_triton, start_problem
@@ -52,7 +52,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _pretrained_cfg(folder: Path) -> Any:
-    from freetickets_hub.config import EnsembleConfig
+    from freetickets_hub.artifact.config import EnsembleConfig
 
     return EnsembleConfig.from_json_file(str(folder / "config.json")).pretrained_cfg
 

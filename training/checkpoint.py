@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from freetickets_hub.files import write_text_atomic
+from freetickets_hub.artifact.files import write_text_atomic
 
 from .sparsity import SparseEngine
 

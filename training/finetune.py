@@ -30,14 +30,14 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
-from freetickets_hub.config import EnsembleConfig, EnsembleInfo
-from freetickets_hub.ensemble import EnsembleModel
+from freetickets_hub.artifact.config import EnsembleConfig, EnsembleInfo
+from freetickets_hub.artifact.files import prepare_output_dir, write_text_atomic
+from freetickets_hub.artifact.hub import WEIGHTS_NAME
+from freetickets_hub.engines.preprocessing import preprocess
 from freetickets_hub.errors import FreeTicketsError, RecipeError
 from freetickets_hub.evaluation.diversity import mask_distance, prediction_diversity
-from freetickets_hub.files import prepare_output_dir, write_text_atomic
-from freetickets_hub.hub import WEIGHTS_NAME
-from freetickets_hub.outputs import combine_member_logits
-from freetickets_hub.preprocessing import preprocess
+from freetickets_hub.model.ensemble import EnsembleModel
+from freetickets_hub.uncertainty.outputs import combine_member_logits
 
 from . import lr_search
 from .checkpoint import CHECKPOINTS, latest_checkpoint

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from freetickets_hub.config import EnsembleConfig
+from freetickets_hub.artifact.config import EnsembleConfig
 from freetickets_hub.errors import RecipeError
 
 from .recipe import Recipe, _check_types, load_recipe

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from freetickets_hub.ensemble import EnsembleModel
 from freetickets_hub.errors import RecipeError
-from freetickets_hub.outputs import combine_member_logits
+from freetickets_hub.model.ensemble import EnsembleModel
+from freetickets_hub.uncertainty.outputs import combine_member_logits
 
 from .data import ImageData
 from .finetune_recipe import FineTuneRecipe

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from freetickets_hub.config import EnsembleConfig
-from freetickets_hub.ensemble import EnsembleModel
+from freetickets_hub.artifact.config import EnsembleConfig
+from freetickets_hub.model.ensemble import EnsembleModel
 
 from .sparsity import random_masks
 

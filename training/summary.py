@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from freetickets_hub.config import EnsembleConfig, EnsembleInfo
-from freetickets_hub.ensemble import EnsembleModel
-from freetickets_hub.metrics import ECE_BINS, classification_metrics
-from freetickets_hub.outputs import combine_member_logits
+from freetickets_hub.artifact.config import EnsembleConfig, EnsembleInfo
+from freetickets_hub.model.ensemble import EnsembleModel
+from freetickets_hub.uncertainty.metrics import ECE_BINS, classification_metrics
+from freetickets_hub.uncertainty.outputs import combine_member_logits
 
 from .checkpoint import Progress, Ticket
 from .costs import layer_flops, training_flops

@@ -29,11 +29,11 @@ from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from freetickets_hub import architectures as _architectures  # noqa: F401  (registers WRNs)
-from freetickets_hub.config import EnsembleConfig
-from freetickets_hub.ensemble import EnsembleModel
-from freetickets_hub.files import write_text_atomic
-from freetickets_hub.model_card import SUMMARY_NAME
+from freetickets_hub.artifact.config import EnsembleConfig
+from freetickets_hub.artifact.files import write_text_atomic
+from freetickets_hub.model import architectures as _architectures  # noqa: F401  (registers WRNs)
+from freetickets_hub.model.card import SUMMARY_NAME
+from freetickets_hub.model.ensemble import EnsembleModel
 
 from .averaging import TicketAverage, in_window
 from .checkpoint import (

@@ -2,7 +2,7 @@
 
 Images are converted to the model's channel count (any PIL mode converts to grayscale or RGB; an
 array with 2 or more than 4 channels does not) and brought to its input size with the same resize
-and centre crop that :func:`~freetickets_hub.preprocessing.preprocess` applies, so the numbers match
+and centre crop that :func:`~freetickets_hub.engines.preprocessing.preprocess` applies, so the numbers match
 what ``EnsembleModel.predict`` would do. Labels are mapped onto the model's ``label_names``.
 
 Built-in sources (no download): ``sklearn:digits``, scikit-learn's 1,797 8×8 handwritten digits
@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import EnsembleConfig
-from ..errors import ConfigError, DatasetError, MissingDependencyError
-from ..preprocessing import preprocess
+from freetickets_hub.artifact.config import EnsembleConfig
+from freetickets_hub.engines.preprocessing import preprocess
+from freetickets_hub.errors import ConfigError, DatasetError, MissingDependencyError
 
 __all__ = ["BUILTIN_SOURCES", "UNKNOWN_LABEL", "EvalSplit", "load_eval_split", "validation_carve"]
 

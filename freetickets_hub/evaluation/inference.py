@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..ensemble import EnsembleModel
-from ..errors import MissingDependencyError
+from freetickets_hub.errors import MissingDependencyError
+from freetickets_hub.model.ensemble import EnsembleModel
 
 __all__ = ["ImageTransform", "Inference", "create_accelerator", "run_inference"]
 

@@ -22,7 +22,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ..errors import DatasetError
+from freetickets_hub.errors import DatasetError
+
 from .corruptions import CORRUPTIONS, SEVERITIES, CorruptionTransform
 from .data import EvalSplit
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import MissingDependencyError
-from ..files import atomic_path
+from freetickets_hub.artifact.files import atomic_path
+from freetickets_hub.errors import MissingDependencyError
 
 __all__ = ["PLOT_NAMES", "write_plots"]
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..files import write_text_atomic
+from freetickets_hub.artifact.files import write_text_atomic
 
 __all__ = ["EVAL_RESULTS_NAME", "format_results", "write_results"]
 

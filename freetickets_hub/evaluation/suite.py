@@ -21,11 +21,18 @@ from typing import Any
 
 import torch
 
-from ..ensemble import EnsembleModel
-from ..errors import DatasetError
-from ..metrics import ECE_BINS, classification_metrics, detection_metrics, reliability_bins, risk_coverage
-from ..outputs import EnsembleOutput, combine_member_logits
-from ..selective import evaluate_rule
+from freetickets_hub.errors import DatasetError
+from freetickets_hub.model.ensemble import EnsembleModel
+from freetickets_hub.uncertainty.metrics import (
+    ECE_BINS,
+    classification_metrics,
+    detection_metrics,
+    reliability_bins,
+    risk_coverage,
+)
+from freetickets_hub.uncertainty.outputs import EnsembleOutput, combine_member_logits
+from freetickets_hub.uncertainty.selective import evaluate_rule
+
 from .corruptions import CORRUPTIONS, SEVERITIES, CorruptionTransform
 from .data import EvalSplit
 from .diversity import mask_distance, prediction_diversity

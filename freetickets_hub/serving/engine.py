@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from freetickets_hub.config import EnsembleConfig
+from freetickets_hub.artifact.config import EnsembleConfig
+from freetickets_hub.artifact.hub import CONFIG_NAME, resolve_file
+from freetickets_hub.engines.onnxruntime import ONNX_VARIANTS, variant_graph_name
 from freetickets_hub.errors import ArtifactError, FreeTicketsError
-from freetickets_hub.hub import CONFIG_NAME, resolve_file
-from freetickets_hub.runtime import ONNX_VARIANTS, variant_graph_name
 
 __all__ = ["BACKENDS", "INPUT_NAME", "ServingEngine", "TensorSpec", "check_graph", "check_model", "load_engine"]
 
@@ -138,7 +138,7 @@ def load_engine(model: str | os.PathLike[str], backend: str = "onnx", variant: s
 def _load_onnx(
     model: str | os.PathLike[str], variant: str
 ) -> tuple[Callable[[np.ndarray], dict[str, np.ndarray]], list[str]]:
-    from freetickets_hub.runtime import OnnxEnsemble
+    from freetickets_hub.engines.onnxruntime import OnnxEnsemble
 
     engine = OnnxEnsemble.from_pretrained(model, variant=variant, session_options=_session_options())
     return engine, engine.providers
@@ -179,8 +179,8 @@ def _session_options() -> Any:
 def _load_torch(model: str | os.PathLike[str]) -> tuple[Callable[[np.ndarray], dict[str, np.ndarray]], list[str]]:
     import torch
 
-    from freetickets_hub.ensemble import EnsembleModel
-    from freetickets_hub.outputs import OUTPUT_NAMES
+    from freetickets_hub.model.ensemble import EnsembleModel
+    from freetickets_hub.uncertainty.outputs import OUTPUT_NAMES
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ensemble = EnsembleModel.from_pretrained(model, map_location=device).eval()

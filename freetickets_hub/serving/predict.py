@@ -1,7 +1,7 @@
 """``/v1/predict`` payloads: uploaded or base64 images in, one JSON record per image out.
 
 Images are decoded from the bytes sent (never fetched from a URL) with PIL, preprocessed as the
-model's ``pretrained_cfg`` says (``freetickets_hub.preprocessing``, the engines' own path) and
+model's ``pretrained_cfg`` says (``freetickets_hub.engines.preprocessing``, the engines' own path) and
 answered by ``records``, the one place per-image JSON is built.
 """
 
@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from freetickets_hub.config import EnsembleConfig
+from freetickets_hub.artifact.config import EnsembleConfig
+from freetickets_hub.engines.preprocessing import open_image, preprocess
 from freetickets_hub.errors import ImageError
-from freetickets_hub.predictions import Predictions
-from freetickets_hub.preprocessing import open_image, preprocess
+from freetickets_hub.uncertainty.predictions import Predictions
 
 from .errors import InvalidInput
 
@@ -30,7 +30,7 @@ def decode_images(blobs: Sequence[tuple[str, bytes]], config: EnsembleConfig) ->
 
     Raises:
         InvalidInput: a blob is empty, not in ``ALLOWED_FORMATS``, broken, or over a size limit
-            (``freetickets_hub.preprocessing``: checked before it is decoded or resized).
+            (``freetickets_hub.engines.preprocessing``: checked before it is decoded or resized).
     """
     images = []
     for i, (name, blob) in enumerate(blobs):

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 
-from .config import EnsembleConfig, EnsembleInfo
-from .errors import ConfigError
-from .files import atomic_path, write_text_atomic
-from .hub import CONFIG_NAME, README_NAME, WEIGHTS_NAME
+from freetickets_hub.artifact.config import EnsembleConfig, EnsembleInfo
+from freetickets_hub.artifact.files import atomic_path, write_text_atomic
+from freetickets_hub.artifact.hub import CONFIG_NAME, README_NAME, WEIGHTS_NAME
+from freetickets_hub.errors import ConfigError
 
 if TYPE_CHECKING:
-    from .ensemble import EnsembleModel
+    from freetickets_hub.model.ensemble import EnsembleModel
 
 __all__ = ["INPUT_KEYS", "architecture_import", "export_member", "merge_ensembles"]
 
@@ -47,7 +47,7 @@ def merge_ensembles(models: Sequence[EnsembleModel], *, names: Sequence[str] | N
     Raises:
         ConfigError: naming the first field in which an input differs from the first one.
     """
-    from .ensemble import EnsembleModel
+    from freetickets_hub.model.ensemble import EnsembleModel
 
     if len(models) < 2:
         raise ConfigError(f"merging needs at least two ensembles, got {len(models)}")
@@ -139,7 +139,7 @@ def export_member(model: EnsembleModel, index: int, save_directory: str | Path) 
     ``timm.create_model("local-dir:<folder>", pretrained=True)`` (or ``"hf-hub:<repo>"`` once
     uploaded) rebuilds it with identical outputs. timm finds an architecture only once the module
     that registers it is imported: for this project's CIFAR-style WRNs (``cifar_wrn*``) that is
-    ``import freetickets_hub.architectures`` (``pip install "freetickets-hub[torch]"``), which the card
+    ``import freetickets_hub.model.architectures`` (``pip install "freetickets-hub[torch]"``), which the card
     says; timm's own architectures need nothing. The member gives raw logits: the ensemble's
     temperature is not applied.
 

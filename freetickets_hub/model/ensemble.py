@@ -20,12 +20,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
-from . import architectures as _architectures  # noqa: F401  (registers the CIFAR-style WRNs with timm)
-from .config import CalibrationConfig, EnsembleConfig
-from .errors import ArtifactError, ConfigError
-from .files import atomic_path, visible_files, write_text_atomic
-from .hub import (
+from freetickets_hub import __version__
+from freetickets_hub.artifact.config import CalibrationConfig, EnsembleConfig
+from freetickets_hub.artifact.files import atomic_path, visible_files, write_text_atomic
+from freetickets_hub.artifact.hub import (
     ASSETS_DIR,
     CONFIG_NAME,
     EVAL_RESULTS_NAME,
@@ -40,11 +38,13 @@ from .hub import (
     push_folder,
     resolve_file,
 )
-from .masks import VALUES_DTYPES, decode_member, encode_member
-from .model_card import render_model_card
-from .outputs import EnsembleOutput, combine_member_logits
-from .predictions import Predictions
-from .preprocessing import ImageInput, batch_starts, check_pixel_shape, preprocess
+from freetickets_hub.artifact.masks import VALUES_DTYPES, decode_member, encode_member
+from freetickets_hub.engines.preprocessing import ImageInput, batch_starts, check_pixel_shape, preprocess
+from freetickets_hub.errors import ArtifactError, ConfigError
+from freetickets_hub.model import architectures as _architectures  # noqa: F401  (registers the CIFAR-style WRNs with timm)
+from freetickets_hub.model.card import render_model_card
+from freetickets_hub.uncertainty.outputs import EnsembleOutput, combine_member_logits
+from freetickets_hub.uncertainty.predictions import Predictions
 
 __all__ = ["EnsembleModel"]
 
@@ -192,8 +192,8 @@ class EnsembleModel(
         return Predictions.from_outputs(merged, self.config.label_names, self.config.ensemble.selective)
 
     def export_member(self, index: int, save_directory: str | Path) -> Path:
-        """Write member ``index`` as a plain dense timm folder (see :func:`freetickets_hub.merge.export_member`)."""
-        from .merge import export_member
+        """Write member ``index`` as a plain dense timm folder (see :func:`.merge.export_member`)."""
+        from freetickets_hub.model.merge import export_member
 
         return export_member(self, index, save_directory)
 
@@ -244,7 +244,7 @@ class EnsembleModel(
             for name in _companion_files(extras):
                 with atomic_path(save_directory / name) as tmp:
                     shutil.copyfile(extras / name, tmp)
-        handler = resources.files("freetickets_hub").joinpath("endpoint_handler.py").read_text(encoding="utf-8")
+        handler = resources.files("freetickets_hub.model").joinpath("endpoint_handler.py").read_text(encoding="utf-8")
         write_text_atomic(save_directory / HANDLER_NAME, handler)
         write_text_atomic(save_directory / REQUIREMENTS_NAME, f"freetickets-hub[torch]>={__version__}\n")
         card = render_model_card(self, save_directory, repo_id=repo_id)

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from .errors import ArtifactError
+from freetickets_hub.errors import ArtifactError
 
 __all__ = ["VALUES_DTYPES", "decode_member", "encode_member", "member_prefix", "pack_mask", "unpack_mask"]
 

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .config import SelectiveConfig
-from .errors import FreeTicketsError, RecipeError
+from freetickets_hub import __version__
+from freetickets_hub.artifact.config import SelectiveConfig
+from freetickets_hub.errors import FreeTicketsError, RecipeError
 
 if TYPE_CHECKING:
     from freetickets_hub.export.quantize import Int8Calibration
@@ -24,7 +24,7 @@ __all__ = ["main"]
 
 
 def _train(args: argparse.Namespace) -> int:
-    from freetickets_hub.files import prepare_output_dir
+    from freetickets_hub.artifact.files import prepare_output_dir
     from freetickets_hub.training import load_recipe, train
     from freetickets_hub.training.checkpoint import latest_checkpoint
 
@@ -56,7 +56,7 @@ def check_architecture(name: str) -> None:
 
     import timm
 
-    from freetickets_hub import architectures as _architectures  # noqa: F401  (registers the WRNs)
+    from freetickets_hub.model import architectures as _architectures  # noqa: F401  (registers the WRNs)
 
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
@@ -181,11 +181,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _int8_calibration(args: argparse.Namespace) -> Int8Calibration:
     """Calibration and gate images for ``export onnx --quantize int8``, from a held-out split."""
-    from freetickets_hub.config import EnsembleConfig
+    from freetickets_hub.artifact.config import EnsembleConfig
+    from freetickets_hub.artifact.hub import CONFIG_NAME, resolve_file
     from freetickets_hub.errors import DatasetError
     from freetickets_hub.evaluation.data import load_eval_split
     from freetickets_hub.export.quantize import calibration_from_split
-    from freetickets_hub.hub import CONFIG_NAME, resolve_file
 
     if args.calibration_dataset is None:
         raise FreeTicketsError("--quantize int8 needs --calibration-dataset (real images to calibrate and check on)")
@@ -226,7 +226,7 @@ def _held_out_rows(args: argparse.Namespace) -> tuple[str, list[int] | None]:
     import os
 
     from freetickets_hub.evaluation.data import validation_carve
-    from freetickets_hub.model_card import SUMMARY_NAME
+    from freetickets_hub.model.card import SUMMARY_NAME
 
     summary_path = os.path.join(args.model, SUMMARY_NAME)
     if args.split != "validation" or not os.path.isfile(summary_path):
@@ -266,11 +266,11 @@ def _calibrate(args: argparse.Namespace) -> int:
     import os
 
     from freetickets_hub import EnsembleModel
-    from freetickets_hub.calibration import fit_temperature
+    from freetickets_hub.artifact.files import check_writable, prepare_output_dir, write_text_atomic
+    from freetickets_hub.artifact.hub import CONFIG_NAME
     from freetickets_hub.errors import DatasetError
     from freetickets_hub.evaluation import create_accelerator, load_eval_split, run_inference
-    from freetickets_hub.files import check_writable, prepare_output_dir, write_text_atomic
-    from freetickets_hub.hub import CONFIG_NAME
+    from freetickets_hub.uncertainty.calibration import fit_temperature
 
     _resolve_selective_flags(args)
     if "test" in args.split.lower() and not args.force:
@@ -390,8 +390,8 @@ def _fit_selective(
         InfeasibleRiskError: no threshold meets ``--target-risk``.
         ValueError: ``--conformal-alpha`` needs more images than ``rows`` holds.
     """
-    from freetickets_hub.outputs import combine_member_logits
-    from freetickets_hub.selective import fit_conformal, fit_threshold
+    from freetickets_hub.uncertainty.outputs import combine_member_logits
+    from freetickets_hub.uncertainty.selective import fit_conformal, fit_threshold
 
     if rows is None:
         return None
@@ -449,6 +449,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     import os
 
     from freetickets_hub import EnsembleModel
+    from freetickets_hub.artifact.files import check_writable, write_text_atomic
     from freetickets_hub.evaluation import (
         CORRUPTIONS,
         EVAL_RESULTS_NAME,
@@ -461,7 +462,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         write_results,
     )
     from freetickets_hub.evaluation.ood_suite import HELD_OUT, SUITE, build_ood_splits, expand_ood_sources
-    from freetickets_hub.files import check_writable, write_text_atomic
 
     corruptions = [] if args.corruptions is None else (args.corruptions or list(CORRUPTIONS))
     unknown = sorted(set(corruptions) - set(CORRUPTIONS))
@@ -566,8 +566,8 @@ def _merge(args: argparse.Namespace) -> int:
     import os
 
     from freetickets_hub import EnsembleModel
-    from freetickets_hub.files import prepare_output_dir
-    from freetickets_hub.merge import merge_ensembles
+    from freetickets_hub.artifact.files import prepare_output_dir
+    from freetickets_hub.model.merge import merge_ensembles
 
     exists = os.path.exists(args.output)
     inputs = [run for run in args.runs if exists and os.path.exists(run) and os.path.samefile(run, args.output)]
@@ -588,7 +588,7 @@ def _predict(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from freetickets_hub.hub import ONNX_NAME
+    from freetickets_hub.artifact.hub import ONNX_NAME
 
     missing = [path for path in args.images if not os.path.isfile(path)]
     if missing:
@@ -597,7 +597,7 @@ def _predict(args: argparse.Namespace) -> int:
     if backend == "auto":
         backend = "onnx" if os.path.isfile(os.path.join(args.model, ONNX_NAME)) else "torch"
     if backend == "onnx":
-        from freetickets_hub.runtime import OnnxEnsemble
+        from freetickets_hub.engines.onnxruntime import OnnxEnsemble
 
         model = OnnxEnsemble.from_pretrained(args.model)
     else:
@@ -638,8 +638,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _readable_images(paths: list[str], input_size: list[int]) -> tuple[list[str], list[Any]]:
     """The images ``predict`` can read, decoded once; one stderr line per file skipped or far too small."""
+    from freetickets_hub.engines.preprocessing import open_image
     from freetickets_hub.errors import ImageError
-    from freetickets_hub.preprocessing import open_image
 
     kept, images = [], []
     for path in paths:
@@ -660,7 +660,7 @@ def _readable_images(paths: list[str], input_size: list[int]) -> tuple[list[str]
 
 
 def _add_selective_arguments(p: argparse.ArgumentParser) -> None:
-    from .config import CONFORMAL_SCORES, SELECTIVE_SCORES
+    from freetickets_hub.artifact.config import CONFORMAL_SCORES, SELECTIVE_SCORES
 
     group = p.add_argument_group(
         "selective prediction (fitted after the temperature, on its own half of the split when both are fitted)"

@@ -21,10 +21,17 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .hub import ASSETS_DIR, EVAL_RESULTS_NAME, LIBRARY_NAME, SUMMARY_NAME, WEIGHTS_NAME, is_repo_id
+from freetickets_hub.artifact.hub import (
+    ASSETS_DIR,
+    EVAL_RESULTS_NAME,
+    LIBRARY_NAME,
+    SUMMARY_NAME,
+    WEIGHTS_NAME,
+    is_repo_id,
+)
 
 if TYPE_CHECKING:
-    from .ensemble import EnsembleModel
+    from freetickets_hub.model.ensemble import EnsembleModel
 
 __all__ = ["SUMMARY_NAME", "TAGS", "member_sparsity", "public_text", "render_model_card"]
 

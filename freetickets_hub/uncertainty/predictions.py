@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import SelectiveConfig
-from .selective import decide
+from freetickets_hub.artifact.config import SelectiveConfig
+from freetickets_hub.uncertainty.selective import decide
 
 __all__ = ["Predictions"]
 
@@ -41,7 +41,7 @@ class Predictions:
         selective: SelectiveConfig | None = None,
     ) -> Predictions:
         """Predictions from an engine's outputs; a ``selective`` rule (``config.ensemble.selective``)
-        fills ``abstain`` and ``prediction_sets`` through :func:`freetickets_hub.selective.decide`."""
+        fills ``abstain`` and ``prediction_sets`` through :func:`freetickets_hub.uncertainty.selective.decide`."""
         probs = np.asarray(outputs["probs"])
         ids = probs.argmax(-1).astype(np.int64)
         abstain, prediction_sets = decide(outputs, selective)

@@ -1,7 +1,7 @@
 """Temperature scaling of a whole ensemble (Guo et al., 2017), fitted on held-out member logits.
 
 One temperature T divides every member's logits before its softmax, exactly as
-:func:`~freetickets_hub.outputs.combine_member_logits` applies it; T minimises the NLL of the
+:func:`~freetickets_hub.uncertainty.outputs.combine_member_logits` applies it; T minimises the NLL of the
 ensemble's mean probability. The search runs over log T: a coarse grid finds the basin, then
 scipy's bounded Brent method refines it. An optimum on the edge of the range means the split
 cannot pin T down (e.g. every image right, which drives T to 0) and is flagged as degenerate.
@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .errors import MissingDependencyError
-from .metrics import classification_metrics
-from .outputs import combine_member_logits
+from freetickets_hub.errors import MissingDependencyError
+from freetickets_hub.uncertainty.metrics import classification_metrics
+from freetickets_hub.uncertainty.outputs import combine_member_logits
 
 __all__ = ["TEMPERATURE_BOUNDS", "TemperatureFit", "ensemble_nll", "fit_temperature"]
 

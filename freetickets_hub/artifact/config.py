@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from freetickets_hub.errors import ConfigError
 
 __all__ = ["FORMAT_VERSION", "CalibrationConfig", "EnsembleConfig", "EnsembleInfo", "SelectiveConfig"]
 

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import CONFORMAL_SCORES, SELECTIVE_SCORES, SelectiveConfig
-from .errors import FreeTicketsError
+from freetickets_hub.artifact.config import CONFORMAL_SCORES, SELECTIVE_SCORES, SelectiveConfig
+from freetickets_hub.errors import FreeTicketsError
 
 __all__ = [
     "CONFORMAL_SCORES",

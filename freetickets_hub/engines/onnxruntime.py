@@ -1,7 +1,7 @@
 """``OnnxEnsemble``: run an exported ensemble graph with ONNX Runtime, without PyTorch.
 
 Serving needs only onnxruntime, numpy and PIL: this module never imports torch, and it imports
-onnxruntime when an engine is built, so ``import freetickets_hub.runtime`` works without it.
+onnxruntime when an engine is built, so ``import freetickets_hub.engines.onnxruntime`` works without it.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from .config import EnsembleConfig
-from .errors import ArtifactError, MissingDependencyError
-from .hub import CONFIG_NAME, ONNX_NAME, resolve_file
-from .predictions import Predictions
-from .preprocessing import ImageInput, batch_starts, check_pixel_shape, preprocess
+from freetickets_hub.artifact.config import EnsembleConfig
+from freetickets_hub.artifact.hub import CONFIG_NAME, ONNX_NAME, resolve_file
+from freetickets_hub.engines.preprocessing import ImageInput, batch_starts, check_pixel_shape, preprocess
+from freetickets_hub.errors import ArtifactError, MissingDependencyError
+from freetickets_hub.uncertainty.predictions import Predictions
 
 __all__ = [
     "DEFAULT_PROVIDERS",

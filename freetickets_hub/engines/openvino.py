@@ -17,15 +17,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .config import EnsembleConfig
-from .errors import ArtifactError
-from .runtime import (
+from freetickets_hub.artifact.config import EnsembleConfig
+from freetickets_hub.engines.onnxruntime import (
     METADATA_NUM_MEMBERS,
     METADATA_TEMPERATURE,
     OnnxEnsemble,
     importable,
     resolve_graph,
 )
+from freetickets_hub.errors import ArtifactError
 
 __all__ = ["PRECISIONS", "OpenVinoEnsemble", "has_openvino"]
 

@@ -13,9 +13,9 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, constants, hf
 from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError, RepositoryNotFoundError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from . import __version__
-from .errors import ModelNotFoundError
-from .files import visible_files
+from freetickets_hub import __version__
+from freetickets_hub.artifact.files import visible_files
+from freetickets_hub.errors import ModelNotFoundError
 
 __all__ = [
     "ASSETS_DIR",

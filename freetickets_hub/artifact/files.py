@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import OutputDirError
+from freetickets_hub.errors import OutputDirError
 
 __all__ = ["MODEL_ENTRIES", "atomic_path", "check_writable", "prepare_output_dir", "visible_files", "write_text_atomic"]
 

@@ -1,0 +1,1 @@
+"""Inference engines that run a saved ensemble: ONNX Runtime, OpenVINO and the torch ``EnsembleModel``."""
