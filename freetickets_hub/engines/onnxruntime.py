@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
 import mmap
 import os
 from collections.abc import Sequence
@@ -19,14 +18,11 @@ import numpy as np
 
 from freetickets_hub.artifact.config import EnsembleConfig
 from freetickets_hub.artifact.hub import CONFIG_NAME, ONNX_NAME, resolve_file
-from freetickets_hub.engines.preprocessing import ImageInput, batch_starts, check_pixel_shape, preprocess
+from freetickets_hub.engines.base import GraphEngine
 from freetickets_hub.errors import ArtifactError, MissingDependencyError
-from freetickets_hub.uncertainty.predictions import Predictions
 
 __all__ = [
     "DEFAULT_PROVIDERS",
-    "METADATA_NUM_MEMBERS",
-    "METADATA_TEMPERATURE",
     "ONNX_DATA_NAME",
     "ONNX_INT8_NAME",
     "ONNX_VARIANTS",
@@ -43,11 +39,7 @@ ONNX_INT8_NAME = "onnx/model.int8.onnx"  # the statically quantized graph (`expo
 ONNX_VARIANTS = {"fp32": ONNX_NAME, "int8": ONNX_INT8_NAME}  # `variant=` of from_pretrained -> graph file
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-# model metadata written by the exporter, checked against config.json so a stale graph is caught
-METADATA_TEMPERATURE = "freetickets.temperature"
-METADATA_NUM_MEMBERS = "freetickets.num_members"
-_PREDICT_OUTPUTS = ("probs", "entropy", "expected_entropy", "mutual_information", "disagreement")
-_INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_INPUT_DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}  # ORT's spelling
 _INSTALL_HINT = "pip install 'freetickets-hub[onnx]' (CPU) or 'freetickets-hub[gpu]' (CUDA)"
 _GPU_HINT = "install onnxruntime-gpu with pip install 'freetickets-hub[gpu]' on a machine with CUDA"
 
@@ -78,7 +70,7 @@ def has_onnxruntime(necessary: bool = False) -> bool:
     return importable("onnxruntime", engine="OnnxEnsemble", hint=_INSTALL_HINT, necessary=necessary)
 
 
-class OnnxEnsemble:
+class OnnxEnsemble(GraphEngine):
     """An exported ensemble (``onnx/model.onnx``) on ONNX Runtime, with the outputs of ``EnsembleModel``.
 
     Args:
@@ -131,9 +123,11 @@ class OnnxEnsemble:
                     f"{message}; check the CUDA/TensorRT libraries, or pass allow_cpu_fallback=True to run on CPU"
                 )
             logger.warning("%s; falling back as allowed", message)
-        self._input = self._session.get_inputs()[0]
+        graph_input = self._session.get_inputs()[0]
+        self.input_name, self.input_dtype = graph_input.name, _INPUT_DTYPES.get(graph_input.type, np.dtype(object))
+        self.input_shape = tuple(graph_input.shape[1:])
         self.output_names = [out.name for out in self._session.get_outputs()]
-        self._check_graph(graph_path)
+        self._check_graph(graph_path, graph_input.shape, self._session.get_modelmeta().custom_metadata_map)
         # on a GPU the input and outputs are bound explicitly (IO binding): ORT allocates the outputs on
         # the device and they are copied back once, after the run
         self._io_device = "cuda" if active[0] in _GPU_PROVIDERS else None
@@ -176,89 +170,16 @@ class OnnxEnsemble:
         """The execution providers active in the session, in order of preference."""
         return self._session.get_providers()
 
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` that ``pixel_values`` must have."""
-        return tuple(self._input.shape[1:])
-
-    def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        """Run the ensemble on preprocessed ``pixel_values`` ``(B, C, H, W)``.
-
-        Returns:
-            The DESIGN.md outputs by name: ``logits``, ``probs``, ``member_probs`` ``(M, B, K)``,
-            ``entropy``, ``expected_entropy``, ``mutual_information``, ``disagreement``.
-
-        Raises:
-            TypeError: ``pixel_values`` is not a numpy array.
-            ValueError: wrong dtype, rank, channels, height/width, an empty batch, or NaN/inf values.
-        """
-        pixel_values = np.ascontiguousarray(self._check_pixels(pixel_values))
+    def _run(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         if self._io_device is None:
-            outputs = self._session.run(self.output_names, {self._input.name: pixel_values})
+            outputs = self._session.run(self.output_names, {self.input_name: pixel_values})
             return dict(zip(self.output_names, outputs, strict=True))
         binding = self._session.io_binding()
-        binding.bind_cpu_input(self._input.name, pixel_values)
+        binding.bind_cpu_input(self.input_name, pixel_values)
         for name in self.output_names:
             binding.bind_output(name, self._io_device, self._device_id)
         self._session.run_with_iobinding(binding)
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
-
-    def predict(self, images: ImageInput | Sequence[ImageInput], *, batch_size: int = 64) -> Predictions:
-        """Classify PIL images, uint8 arrays or image files, with uncertainty, as ``EnsembleModel.predict``."""
-        pixels = preprocess(images, self.config.pretrained_cfg).astype(_INPUT_DTYPES[self._input.type])
-        chunks: dict[str, list[np.ndarray]] = {key: [] for key in _PREDICT_OUTPUTS}
-        for start in batch_starts(len(pixels), batch_size):
-            out = self(pixels[start : start + batch_size])
-            for key in _PREDICT_OUTPUTS:
-                chunks[key].append(out[key])
-        if not len(pixels):  # an empty list of images: an empty result
-            chunks = {
-                key: [np.zeros((0, self.config.num_classes) if key == "probs" else 0, np.float32)] for key in chunks
-            }
-        merged = {key: np.concatenate(parts) for key, parts in chunks.items()}
-        return Predictions.from_outputs(merged, self.config.label_names, self.config.ensemble.selective)
-
-    def _check_graph(self, graph_path: str | os.PathLike[str]) -> None:
-        """The graph must have one image input, the outputs ``predict`` reads and the config's temperature."""
-        shape = self._input.shape
-        if len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]) or self._input.type not in _INPUT_DTYPES:
-            raise ArtifactError(f"{graph_path}: expected a float input (B, C, H, W), got {self._input.type} {shape}")
-        input_size = tuple(self.config.pretrained_cfg.get("input_size", shape[1:]))
-        if tuple(shape[1:]) != input_size:
-            raise ArtifactError(f"{graph_path} takes input (C, H, W) {tuple(shape[1:])}, config.json says {input_size}")
-        missing = [name for name in _PREDICT_OUTPUTS if name not in self.output_names]
-        if missing:
-            raise ArtifactError(f"{graph_path} lacks the outputs {missing} (has {self.output_names}); re-export it")
-        metadata = self._session.get_modelmeta().custom_metadata_map
-        if METADATA_TEMPERATURE not in metadata:
-            logger.warning("%s has no %s metadata: cannot check its temperature", graph_path, METADATA_TEMPERATURE)
-            return
-        graph_temperature = float(metadata[METADATA_TEMPERATURE])
-        if not math.isclose(graph_temperature, self.config.ensemble.temperature, rel_tol=1e-6):
-            raise ArtifactError(
-                f"{graph_path} was exported with temperature {graph_temperature}, but config.json has "
-                f"{self.config.ensemble.temperature}; re-run `freetickets export onnx` after calibrating"
-            )
-        members = int(metadata.get(METADATA_NUM_MEMBERS, self.config.ensemble.num_members))
-        if members != self.config.ensemble.num_members:
-            raise ArtifactError(
-                f"{graph_path} holds {members} members, config.json {self.config.ensemble.num_members}; re-export it"
-            )
-
-    def _check_pixels(self, pixel_values: Any) -> np.ndarray:
-        if not isinstance(pixel_values, np.ndarray):
-            raise TypeError(f"pixel_values must be a numpy array, got {type(pixel_values).__name__}")
-        dtype = _INPUT_DTYPES[self._input.type]
-        if pixel_values.dtype != dtype:
-            raise ValueError(
-                f"pixel_values must be {np.dtype(dtype).name}, got {pixel_values.dtype}; "
-                f"convert with pixel_values.astype(np.{np.dtype(dtype).name})"
-            )
-        check_pixel_shape(pixel_values.shape, self.input_shape)
-        bad = int(pixel_values.size - np.count_nonzero(np.isfinite(pixel_values)))
-        if bad:
-            raise ValueError(f"pixel_values contains {bad} NaN or infinite value(s)")
-        return pixel_values
 
 
 def resolve_graph(repo_or_dir: str | os.PathLike[str], variant: str, **download: Any) -> tuple[Path, EnsembleConfig]:

@@ -10,21 +10,15 @@ once, in numpy, before compiling. Install with ``pip install 'freetickets-hub[op
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from freetickets_hub.artifact.config import EnsembleConfig
-from freetickets_hub.engines.onnxruntime import (
-    METADATA_NUM_MEMBERS,
-    METADATA_TEMPERATURE,
-    OnnxEnsemble,
-    importable,
-    resolve_graph,
-)
+from freetickets_hub.engines.base import METADATA_NUM_MEMBERS, METADATA_TEMPERATURE, GraphEngine
+from freetickets_hub.engines.onnxruntime import importable, resolve_graph
 from freetickets_hub.errors import ArtifactError
 
 __all__ = ["PRECISIONS", "OpenVinoEnsemble", "has_openvino"]
@@ -32,12 +26,7 @@ __all__ = ["PRECISIONS", "OpenVinoEnsemble", "has_openvino"]
 PRECISIONS = ("bf16", "f32")
 _COMPACT_PREFIX = "freetickets.compact."  # names of export.compact's constants
 _INSTALL_HINT = "pip install 'freetickets-hub[openvino]'"
-
-
-class _GraphInput(NamedTuple):
-    name: str
-    type: str  # ONNX Runtime's spelling, as OnnxEnsemble's input checks expect
-    shape: list[Any]
+_INPUT_DTYPES = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16)}  # OpenVINO's element types
 
 
 def has_openvino(necessary: bool = False) -> bool:
@@ -49,8 +38,8 @@ def has_openvino(necessary: bool = False) -> bool:
     return importable("openvino", engine="OpenVinoEnsemble", hint=_INSTALL_HINT, necessary=necessary)
 
 
-class OpenVinoEnsemble(OnnxEnsemble):
-    """An exported ensemble graph compiled by OpenVINO, with ``OnnxEnsemble``'s ``__call__`` and ``predict``.
+class OpenVinoEnsemble(GraphEngine):
+    """An exported ensemble graph compiled by OpenVINO: the ``GraphEngine`` interface of ``OnnxEnsemble``.
 
     Args:
         graph_path: ``onnx/model.onnx`` or ``onnx/model.int8.onnx``.
@@ -103,13 +92,13 @@ class OpenVinoEnsemble(OnnxEnsemble):
         self._request = self._compiled.create_infer_request()
         port = model.inputs[0]
         shape = [d.get_length() if d.is_static else "batch" for d in port.get_partial_shape()]
-        element = {"f32": "tensor(float)", "f16": "tensor(float16)"}.get(port.get_element_type().to_string(), "?")
-        self._input = _GraphInput(port.get_any_name(), element, shape)
+        self.input_name, self.input_shape = port.get_any_name(), tuple(shape[1:])
+        self.input_dtype = _INPUT_DTYPES.get(port.get_element_type().to_string(), np.dtype(object))
         self.output_names = [out.get_any_name() for out in self._compiled.outputs]
-        self._check_graph(graph_path, _metadata(model))
+        self._check_graph(graph_path, shape, _metadata(model))
 
     @classmethod
-    def from_pretrained(  # type: ignore[override]
+    def from_pretrained(
         cls,
         repo_or_dir: str | os.PathLike[str],
         *,
@@ -133,34 +122,11 @@ class OpenVinoEnsemble(OnnxEnsemble):
         """``["OpenVINO <device> <precision>"]``, the counterpart of ``OnnxEnsemble.providers``."""
         return [f"OpenVINO {self.device} {self.precision}"]
 
-    def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        """Run the ensemble on preprocessed ``pixel_values`` ``(B, C, H, W)``; outputs as ``OnnxEnsemble``."""
-        pixel_values = np.ascontiguousarray(self._check_pixels(pixel_values))
+    def _run(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         results = self._request.infer({0: pixel_values})
         return {
             name: np.array(results[port]) for name, port in zip(self.output_names, self._compiled.outputs, strict=True)
         }
-
-    def _check_graph(self, graph_path: str | os.PathLike[str], metadata: dict[str, str] | None = None) -> None:
-        shape = self._input.shape
-        if len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]) or self._input.type == "?":
-            raise ArtifactError(f"{graph_path}: expected a float input (B, C, H, W), got {self._input}")
-        input_size = tuple(self.config.pretrained_cfg.get("input_size", shape[1:]))
-        if tuple(shape[1:]) != input_size:
-            raise ArtifactError(f"{graph_path} takes input (C, H, W) {tuple(shape[1:])}, config.json says {input_size}")
-        metadata = metadata or {}
-        if METADATA_TEMPERATURE in metadata:
-            temperature = float(metadata[METADATA_TEMPERATURE])
-            if not math.isclose(temperature, self.config.ensemble.temperature, rel_tol=1e-6):
-                raise ArtifactError(
-                    f"{graph_path} was exported with temperature {temperature}, but config.json has "
-                    f"{self.config.ensemble.temperature}; re-run `freetickets export onnx` after calibrating"
-                )
-        members = int(metadata.get(METADATA_NUM_MEMBERS, self.config.ensemble.num_members))
-        if members != self.config.ensemble.num_members:
-            raise ArtifactError(
-                f"{graph_path} holds {members} members, config.json {self.config.ensemble.num_members}; re-export it"
-            )
 
 
 def _metadata(model: Any) -> dict[str, str]:

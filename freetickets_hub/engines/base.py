@@ -1,0 +1,126 @@
+"""``GraphEngine``: what every engine of an exported graph shares, written once.
+
+An engine declares its interface (one image input of a fixed ``(C, H, W)`` and dtype, the
+DESIGN.md outputs by name), checks its graph against ``config.json`` when it is built, checks each
+batch before running it, and turns images into ``Predictions`` with one ``predict`` loop. A
+backend (ONNX Runtime, OpenVINO) supplies only how the graph is loaded and run (``_run``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from freetickets_hub.artifact.config import EnsembleConfig
+from freetickets_hub.engines.preprocessing import ImageInput, batch_starts, check_pixel_shape, preprocess
+from freetickets_hub.errors import ArtifactError
+from freetickets_hub.uncertainty.predictions import Predictions
+
+__all__ = ["METADATA_NUM_MEMBERS", "METADATA_TEMPERATURE", "PREDICT_OUTPUTS", "GraphEngine"]
+
+logger = logging.getLogger(__name__)
+
+# model metadata written by the exporter, checked against config.json so a stale graph is caught
+METADATA_TEMPERATURE = "freetickets.temperature"
+METADATA_NUM_MEMBERS = "freetickets.num_members"
+PREDICT_OUTPUTS = ("probs", "entropy", "expected_entropy", "mutual_information", "disagreement")
+INPUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+
+
+class GraphEngine:
+    """An exported ensemble graph behind one interface: ``__call__`` on pixels, ``predict`` on images.
+
+    Subclasses set ``config``, ``input_name``, ``input_dtype``, ``input_shape`` and ``output_names``,
+    call :meth:`_check_graph` once loaded, and implement :meth:`_run`.
+    """
+
+    config: EnsembleConfig
+    input_name: str
+    input_dtype: np.dtype
+    input_shape: tuple[int, int, int]  # (C, H, W) that ``pixel_values`` must have
+    output_names: list[str]
+
+    @property
+    def providers(self) -> list[str]:
+        """Where the graph runs (ONNX Runtime's execution providers, or OpenVINO's device)."""
+        raise NotImplementedError
+
+    def _run(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the graph on checked, contiguous ``pixel_values``; the outputs by name."""
+        raise NotImplementedError
+
+    def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the ensemble on preprocessed ``pixel_values`` ``(B, C, H, W)``.
+
+        Returns:
+            The DESIGN.md outputs by name: ``logits``, ``probs``, ``member_probs`` ``(M, B, K)``,
+            ``entropy``, ``expected_entropy``, ``mutual_information``, ``disagreement``.
+
+        Raises:
+            TypeError: ``pixel_values`` is not a numpy array.
+            ValueError: wrong dtype, rank, channels, height/width, an empty batch, or NaN/inf values.
+        """
+        return self._run(np.ascontiguousarray(self._check_pixels(pixel_values)))
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], *, batch_size: int = 64) -> Predictions:
+        """Classify PIL images, uint8 arrays or image files, with uncertainty, as ``EnsembleModel.predict``."""
+        pixels = preprocess(images, self.config.pretrained_cfg).astype(self.input_dtype)
+        chunks: dict[str, list[np.ndarray]] = {key: [] for key in PREDICT_OUTPUTS}
+        for start in batch_starts(len(pixels), batch_size):
+            out = self(pixels[start : start + batch_size])
+            for key in PREDICT_OUTPUTS:
+                chunks[key].append(out[key])
+        if not len(pixels):  # an empty list of images: an empty result
+            chunks = {
+                key: [np.zeros((0, self.config.num_classes) if key == "probs" else 0, np.float32)] for key in chunks
+            }
+        merged = {key: np.concatenate(parts) for key, parts in chunks.items()}
+        return Predictions.from_outputs(merged, self.config.label_names, self.config.ensemble.selective)
+
+    def _check_graph(
+        self, graph_path: str | os.PathLike[str], input_shape: Sequence[Any], metadata: Mapping[str, str]
+    ) -> None:
+        """The graph must have one float image input, the outputs ``predict`` reads and the config's temperature."""
+        shape = list(input_shape)
+        if len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]) or self.input_dtype not in INPUT_DTYPES:
+            raise ArtifactError(f"{graph_path}: expected a float input (B, C, H, W), got {self.input_dtype} {shape}")
+        input_size = tuple(self.config.pretrained_cfg.get("input_size", shape[1:]))
+        if tuple(shape[1:]) != input_size:
+            raise ArtifactError(f"{graph_path} takes input (C, H, W) {tuple(shape[1:])}, config.json says {input_size}")
+        missing = [name for name in PREDICT_OUTPUTS if name not in self.output_names]
+        if missing:
+            raise ArtifactError(f"{graph_path} lacks the outputs {missing} (has {self.output_names}); re-export it")
+        if METADATA_TEMPERATURE not in metadata:
+            logger.warning("%s has no %s metadata: cannot check its temperature", graph_path, METADATA_TEMPERATURE)
+            return
+        graph_temperature = float(metadata[METADATA_TEMPERATURE])
+        if not math.isclose(graph_temperature, self.config.ensemble.temperature, rel_tol=1e-6):
+            raise ArtifactError(
+                f"{graph_path} was exported with temperature {graph_temperature}, but config.json has "
+                f"{self.config.ensemble.temperature}; re-run `freetickets export onnx` after calibrating"
+            )
+        members = int(metadata.get(METADATA_NUM_MEMBERS, self.config.ensemble.num_members))
+        if members != self.config.ensemble.num_members:
+            raise ArtifactError(
+                f"{graph_path} holds {members} members, config.json {self.config.ensemble.num_members}; re-export it"
+            )
+
+    def _check_pixels(self, pixel_values: Any) -> np.ndarray:
+        if not isinstance(pixel_values, np.ndarray):
+            raise TypeError(f"pixel_values must be a numpy array, got {type(pixel_values).__name__}")
+        dtype = self.input_dtype
+        if pixel_values.dtype != dtype:
+            raise ValueError(
+                f"pixel_values must be {dtype.name}, got {pixel_values.dtype}; "
+                f"convert with pixel_values.astype(np.{dtype.name})"
+            )
+        check_pixel_shape(pixel_values.shape, self.input_shape)
+        bad = int(pixel_values.size - np.count_nonzero(np.isfinite(pixel_values)))
+        if bad:
+            raise ValueError(f"pixel_values contains {bad} NaN or infinite value(s)")
+        return pixel_values
