@@ -429,6 +429,24 @@ def test_torch_backend_serves_the_same_outputs(model_dir: Path, engine: OnnxEnse
         np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5, err_msg=name)  # fp32 torch vs ORT
 
 
+def test_openvino_backend_serves_the_same_outputs_without_torch(
+    model_dir: Path, engine: OnnxEnsemble, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    pytest.importorskip("openvino")
+    x = pixels(3, seed=6)
+    blocker = torch_blocker(tmp_path_factory)
+    with running(model_dir, "--backend", "openvino", log=tmp_path / "openvino.log", pythonpath=blocker) as srv:
+        reply = v2_infer(srv.url, json_request(x), name=model_dir.name)
+        meta = httpx.get(f"{srv.url}/v1/metadata").json()
+    assert reply.status_code == 200, reply.text
+    assert meta["backend"] == "openvino" and meta["providers"][0].startswith("OpenVINO CPU ")
+    tolerance = 3e-2 if meta["providers"][0].endswith("bf16") else 1e-4  # bf16 keeps about three digits
+    got = {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in reply.json()["outputs"]}
+    assert set(got) == set(engine(x))
+    for name, value in engine(x).items():
+        np.testing.assert_allclose(got[name], value, rtol=tolerance, atol=tolerance, err_msg=name)
+
+
 def test_a_stored_selective_rule_reaches_predict_metadata_and_metrics(
     model_dir: Path, engine: OnnxEnsemble, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

@@ -175,7 +175,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     check_model(settings.model, settings.backend, settings.variant)  # one line naming the fix, before any process
     if settings.backend == "onnx":
-        check_graph(settings.model, settings.variant)  # a corrupt graph never binds the port
+        check_graph(settings.model, settings.variant)  # a corrupt graph never binds the port (openvino: in its loader)
     return run_server(settings)
 
 
@@ -683,6 +683,8 @@ def _add_selective_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from freetickets_hub.serving.engine import BACKENDS  # numpy only: the parser stays torch-free
+
     parser = argparse.ArgumentParser(prog="freetickets", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
@@ -827,7 +829,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("serve", help="serve predictions over HTTP: /v1/predict, Open Inference Protocol v2, page")
     p.add_argument("model", help="a saved ensemble folder or a Hub repo id (offline cache honoured)")
-    p.add_argument("--backend", choices=("onnx", "torch"), default="onnx", help="onnx (default, no torch) or torch")
+    p.add_argument(
+        "--backend", choices=BACKENDS, default="onnx",
+        help="onnx (default: ONNX Runtime, no torch), openvino (the same graph on OpenVINO, no torch) or torch",
+    )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--max-batch-size", type=int, default=32, help="most images per engine call and request")
@@ -838,7 +843,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="the model's name in /v2/models/{name} (default: last part of MODEL)")
     p.add_argument(
         "--variant", choices=("fp32", "int8"), default="fp32",
-        help="onnx backend graph: fp32 (onnx/model.onnx) or int8 (onnx/model.int8.onnx, `export onnx --quantize int8`)",
+        help="the graph (onnx, openvino): fp32 (onnx/model.onnx) or int8 (onnx/model.int8.onnx, `export onnx --quantize int8`)",
     )  # fmt: skip
     p.add_argument("--keep-alive-s", type=int, default=5, help="close idle connections after this (default: 5)")
     p.add_argument("--body-timeout-s", type=float, default=30.0, help="408 when a body takes longer (default: 30)")

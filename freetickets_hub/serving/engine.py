@@ -1,6 +1,7 @@
-"""The model behind the service: ``OnnxEnsemble`` (default, torch-free) or ``EnsembleModel``, one interface.
+"""The model behind the service, by backend name: ``onnx`` (``OnnxEnsemble``, default, torch-free),
+``openvino`` (``OpenVinoEnsemble``, torch-free) or ``torch`` (``EnsembleModel``), one interface.
 
-Both engines take preprocessed ``pixel_values`` ``(B, C, H, W)`` float32 and return the DESIGN.md
+Every engine takes preprocessed ``pixel_values`` ``(B, C, H, W)`` float32 and return the DESIGN.md
 outputs by name. The tensor names, datatypes and shapes the Open Inference Protocol advertises come
 from the engine itself (a warm-up call), so they are those of the ONNX graph.
 """
@@ -23,7 +24,8 @@ from freetickets_hub.errors import ArtifactError, FreeTicketsError
 
 __all__ = ["BACKENDS", "INPUT_NAME", "ServingEngine", "TensorSpec", "check_graph", "check_model", "load_engine"]
 
-BACKENDS = ("onnx", "torch")
+BACKENDS = ("onnx", "openvino", "torch")
+_GRAPH_BACKENDS = ("onnx", "openvino")  # those that run the exported graph (and have its variants)
 INPUT_NAME = "pixel_values"
 _MEMBER_AXIS_OUTPUTS = ("member_probs",)  # (M, B, K): the batch is axis 1; every other output is batch-first
 _DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16", np.dtype(np.int64): "INT64"}
@@ -66,7 +68,7 @@ class ServingEngine:
         found = {"python": platform.python_version()}
         for name in _VERSIONED:
             if name in ("torch", "timm") and self.backend != "torch":
-                continue  # the onnx backend never loads them
+                continue  # the graph backends never load them
             try:
                 found[name] = metadata.version(name)
             except metadata.PackageNotFoundError:
@@ -77,11 +79,11 @@ class ServingEngine:
 def check_model(model: str | os.PathLike[str], backend: str = "onnx", variant: str = "fp32") -> EnsembleConfig:
     """The model's config, once the files ``backend`` needs are found (fetched for a Hub id).
 
-    ``variant`` picks the onnx backend's graph: ``fp32`` (``onnx/model.onnx``) or ``int8``
+    ``variant`` picks the graph backends' graph: ``fp32`` (``onnx/model.onnx``) or ``int8``
     (``onnx/model.int8.onnx``).
 
     Raises:
-        FreeTicketsError: unknown backend or variant, no ``config.json``, or (onnx backend) no graph of
+        FreeTicketsError: unknown backend or variant, no ``config.json``, or (onnx, openvino) no graph of
             that variant; the last names the ``freetickets export onnx`` command that writes it.
     """
     from huggingface_hub.errors import EntryNotFoundError
@@ -94,9 +96,9 @@ def check_model(model: str | os.PathLike[str], backend: str = "onnx", variant: s
         raise FreeTicketsError(f"{model} is not a saved ensemble: {err}") from err
     if variant not in ONNX_VARIANTS:
         raise FreeTicketsError(f"unknown graph variant {variant!r}; choose from {sorted(ONNX_VARIANTS)}")
-    if backend != "onnx" and variant != "fp32":
+    if backend not in _GRAPH_BACKENDS and variant != "fp32":
         raise FreeTicketsError(f"--variant {variant} is a graph of the onnx backend, not of --backend {backend}")
-    if backend == "onnx":
+    if backend in _GRAPH_BACKENDS:
         graph = variant_graph_name(variant)
         try:
             resolve_file(model, graph)
@@ -118,7 +120,7 @@ def load_engine(model: str | os.PathLike[str], backend: str = "onnx", variant: s
             names ``freetickets export onnx``), or a model whose outputs are not the DESIGN.md ones.
     """
     config = check_model(model, backend, variant)
-    run, providers = _load_onnx(model, variant) if backend == "onnx" else _load_torch(model)
+    run, providers = _LOADERS[backend](model, variant)
     channels, height, width = config.pretrained_cfg["input_size"]
     warm = run(np.zeros((2, channels, height, width), np.float32))  # also the first, slow call
     num_members, num_classes = config.ensemble.num_members, config.num_classes
@@ -135,12 +137,20 @@ def load_engine(model: str | os.PathLike[str], backend: str = "onnx", variant: s
     return ServingEngine(run, config, backend, spec, outputs, providers)
 
 
-def _load_onnx(
-    model: str | os.PathLike[str], variant: str
-) -> tuple[Callable[[np.ndarray], dict[str, np.ndarray]], list[str]]:
+_Loaded = tuple[Callable[[np.ndarray], dict[str, np.ndarray]], list[str]]  # the engine and where it runs
+
+
+def _load_onnx(model: str | os.PathLike[str], variant: str) -> _Loaded:
     from freetickets_hub.engines.onnxruntime import OnnxEnsemble
 
     engine = OnnxEnsemble.from_pretrained(model, variant=variant, session_options=_session_options())
+    return engine, engine.providers
+
+
+def _load_openvino(model: str | os.PathLike[str], variant: str) -> _Loaded:
+    from freetickets_hub.engines.openvino import OpenVinoEnsemble
+
+    engine = OpenVinoEnsemble.from_pretrained(model, variant=variant)
     return engine, engine.providers
 
 
@@ -176,7 +186,7 @@ def _session_options() -> Any:
     return options
 
 
-def _load_torch(model: str | os.PathLike[str]) -> tuple[Callable[[np.ndarray], dict[str, np.ndarray]], list[str]]:
+def _load_torch(model: str | os.PathLike[str], variant: str) -> _Loaded:
     import torch
 
     from freetickets_hub.model.ensemble import EnsembleModel
@@ -191,3 +201,10 @@ def _load_torch(model: str | os.PathLike[str]) -> tuple[Callable[[np.ndarray], d
         return {name: t.float().cpu().numpy() for name, t in zip(OUTPUT_NAMES, out.to_tuple(), strict=True)}
 
     return run, []
+
+
+_LOADERS: dict[str, Callable[[str | os.PathLike[str], str], _Loaded]] = {
+    "onnx": _load_onnx,
+    "openvino": _load_openvino,
+    "torch": _load_torch,
+}

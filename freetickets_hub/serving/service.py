@@ -45,7 +45,7 @@ class ServeSettings:
     max_body_mb: float = 16.0
     workers: int = 1
     name: str | None = None  # default: the last part of MODEL
-    variant: str = "fp32"  # the onnx backend's graph: fp32 (onnx/model.onnx) or int8 (onnx/model.int8.onnx)
+    variant: str = "fp32"  # the graph backends' graph: fp32 (onnx/model.onnx) or int8 (onnx/model.int8.onnx)
     drain_timeout_s: float = 30.0  # on SIGTERM, the longest time until the process exits
     keep_alive_s: int = 5  # an idle keep-alive connection is closed after this long
     body_timeout_s: float = 30.0  # a request body not received whole within this long gets 408
