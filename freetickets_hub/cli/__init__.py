@@ -843,7 +843,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="the model's name in /v2/models/{name} (default: last part of MODEL)")
     p.add_argument(
         "--variant", choices=("fp32", "int8"), default="fp32",
-        help="the graph (onnx, openvino): fp32 (onnx/model.onnx) or int8 (onnx/model.int8.onnx, export --quantize int8)",
+        help="the graph (onnx, openvino): fp32 (onnx/model.onnx) or int8 (onnx/model.int8.onnx, export --quantize)",
     )  # fmt: skip
     p.add_argument("--keep-alive-s", type=int, default=5, help="close idle connections after this (default: 5)")
     p.add_argument("--body-timeout-s", type=float, default=30.0, help="408 when a body takes longer (default: 30)")
