@@ -18,7 +18,7 @@ from freetickets_hub.engines.onnxruntime import OnnxEnsemble
 from freetickets_hub.engines.preprocessing import load_images
 from freetickets_hub.errors import ArtifactError
 from freetickets_hub.export import export_onnx
-from freetickets_hub.model.merge import architecture_import
+from freetickets_hub.model.member import architecture_import
 from freetickets_hub.training import demo
 
 from .conftest_hub import make_ensemble

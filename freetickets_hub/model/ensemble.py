@@ -192,8 +192,8 @@ class EnsembleModel(
         return Predictions.from_outputs(merged, self.config.label_names, self.config.ensemble.selective)
 
     def export_member(self, index: int, save_directory: str | Path) -> Path:
-        """Write member ``index`` as a plain dense timm folder (see :func:`.merge.export_member`)."""
-        from freetickets_hub.model.merge import export_member
+        """Write member ``index`` as a plain dense timm folder (see :func:`.member.export_member`)."""
+        from freetickets_hub.model.member import export_member
 
         return export_member(self, index, save_directory)
 

@@ -1,0 +1,104 @@
+"""Export one member of an ensemble as a plain, dense timm folder that ``timm.create_model`` loads."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from safetensors.torch import save_file
+
+from freetickets_hub.artifact.files import atomic_path, write_text_atomic
+from freetickets_hub.artifact.hub import CONFIG_NAME, README_NAME, WEIGHTS_NAME
+
+if TYPE_CHECKING:
+    from freetickets_hub.model.ensemble import EnsembleModel
+
+__all__ = ["architecture_import", "export_member"]
+
+
+def export_member(model: EnsembleModel, index: int, save_directory: str | Path) -> Path:
+    """Write member ``index`` as a plain timm folder: timm's ``config.json``, dense ``model.safetensors``
+    and a ``README.md`` card whose snippet loads it.
+
+    ``timm.create_model("local-dir:<folder>", pretrained=True)`` (or ``"hf-hub:<repo>"`` once
+    uploaded) rebuilds it with identical outputs. timm finds an architecture only once the module
+    that registers it is imported: for this project's CIFAR-style WRNs (``cifar_wrn*``) that is
+    ``import freetickets_hub.model.architectures`` (``pip install "freetickets-hub[torch]"``), which the card
+    says; timm's own architectures need nothing. The member gives raw logits: the ensemble's
+    temperature is not applied.
+
+    Raises:
+        IndexError: ``index`` is not a member of ``model``.
+    """
+    if not 0 <= index < model.num_members:
+        raise IndexError(f"member {index} does not exist: the ensemble has {model.num_members} member(s)")
+    save_directory = Path(save_directory)
+    member = model.members[index]
+    cfg = model.config
+    # timm's own pretrained_cfg fields (first_conv, classifier...) updated with this ensemble's preprocessing
+    pretrained_cfg = {
+        k: _plain(v)
+        for k, v in member.pretrained_cfg.items()
+        if k not in ("architecture", "file", "source", "state_dict", "hf_hub_id", "url") and v is not None
+    }
+    if list(cfg.pretrained_cfg.get("input_size", [])[1:]) != list(pretrained_cfg.get("input_size", [])[1:]):
+        pretrained_cfg.pop("pool_size", None)  # timm's default was for its default input size
+    pretrained_cfg.update(copy.deepcopy(cfg.pretrained_cfg))
+    pretrained_cfg["num_classes"] = cfg.num_classes
+    timm_config = {
+        "architecture": cfg.architecture,
+        "num_classes": cfg.num_classes,
+        "num_features": int(member.num_features),
+        "model_args": copy.deepcopy(cfg.model_args),
+        "pretrained_cfg": pretrained_cfg,
+    }
+    if cfg.label_names:
+        timm_config["label_names"] = list(cfg.label_names)
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in member.state_dict().items()}
+    with atomic_path(save_directory / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    write_text_atomic(save_directory / CONFIG_NAME, json.dumps(timm_config, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(save_directory / README_NAME, _member_card(model, index, save_directory.name))
+    return save_directory
+
+
+def architecture_import(architecture: str) -> str | None:
+    """The import that registers ``architecture`` with timm, when timm itself does not define it."""
+    import timm
+
+    module = timm.models.model_entrypoint(architecture).__module__
+    return None if module.startswith("timm.") else module
+
+
+def _member_card(model: EnsembleModel, index: int, folder: str) -> str:
+    """A timm-style card for one exported member, with the exact lines that load it in a fresh process."""
+    cfg = model.config
+    module = architecture_import(cfg.architecture)
+    install = 'pip install timm "freetickets-hub[torch]"' if module else "pip install timm"
+    imports = (
+        f"import {module}  # registers {cfg.architecture} with timm (timm alone does not know it)\n" if module else ""
+    )
+    note = (
+        f"`{cfg.architecture}` is defined by `{module}`, not by timm: import it before `timm.create_model`, "
+        f"or timm fails with `Unknown model ({cfg.architecture})`."
+        if module
+        else f"`{cfg.architecture}` is a timm architecture: timm alone loads this folder."
+    )
+    return (
+        "---\nlibrary_name: timm\npipeline_tag: image-classification\ntags: [image-classification, timm, freetickets]\n"
+        f"---\n\n# Member {index} of a {cfg.ensemble.method.upper()} ensemble of `{cfg.architecture}`\n\n"
+        f"One dense member exported from a FreeTickets sparse ensemble ({cfg.ensemble.num_members} members, "
+        f"sparsity {cfg.ensemble.sparsity}). It gives raw logits: the ensemble's calibration temperature "
+        f"({cfg.ensemble.temperature:.4f}) is not applied.\n\n{note}\n\n"
+        f"```bash\n{install}\n```\n\n"
+        f"```python\n{imports}import timm\n\n"
+        f'model = timm.create_model("local-dir:{folder}", pretrained=True).eval()  # or "hf-hub:<org>/<name>"\n'
+        "config = timm.data.resolve_data_config(model=model)\n"
+        "transform = timm.data.create_transform(**config)\n```\n"
+    )
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
