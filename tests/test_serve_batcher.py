@@ -37,7 +37,7 @@ def make(engine: FakeEngine, **options) -> MicroBatcher:
 
 
 def test_concurrent_requests_share_a_batch_and_get_their_own_rows() -> None:
-    engine = FakeEngine()
+    engine = FakeEngine(delay_s=0.1)
     sizes = [1, 3, 2, 2]
 
     async def main():
@@ -54,7 +54,10 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_rows() -> None:
         expected = x.reshape(len(x), -1).sum(-1)
         np.testing.assert_array_equal(result.outputs["row_sum"], expected)
         np.testing.assert_array_equal(result.outputs["member"], np.stack([expected, -expected]))
-        assert result.batch_size == 8 and result.queue_s >= 0 and result.compute_s >= 0
+        assert result.batch_size == 8
+        assert 0 <= result.queue_s < engine.delay_s  # the batch filled at once; the engine's time is not queue time
+        assert result.compute_s >= engine.delay_s  # the engine call's own time, shared by the batch
+    assert len({r.compute_s for r in results}) == 1
 
 
 def test_a_full_batch_does_not_wait_and_a_lone_request_waits_at_most_max_delay() -> None:
