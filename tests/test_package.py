@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import shutil
 import subprocess
 import sys
@@ -64,3 +66,25 @@ def test_console_script_is_installed() -> None:
     assert script is not None
     result = subprocess.run([script, "--help"], capture_output=True, text=True, check=True)
     assert "train" in result.stdout
+
+
+def test_every_module_of_the_package_imports() -> None:
+    """A module left behind by a move (an import of a path that no longer exists) fails here, by name."""
+    import freetickets_hub.export
+    import freetickets_hub.training
+
+    packages = [freetickets_hub, freetickets_hub.training, freetickets_hub.export]  # the last two: mapped folders
+    names = [
+        m.name
+        for package in packages
+        for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
+        if not m.name.endswith("__main__") and m.name != "freetickets_hub.export.triton_model"
+    ]
+    assert {"freetickets_hub.artifact.masks", "freetickets_hub.cli", "freetickets_hub.training.train"} <= set(names)
+    failed = {}
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as err:
+            failed[name] = repr(err)
+    assert failed == {}
