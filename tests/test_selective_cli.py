@@ -16,7 +16,8 @@ import torch
 
 from freetickets_hub import EnsembleModel
 from freetickets_hub.artifact.config import SelectiveConfig
-from freetickets_hub.cli import _calibration_rows, main
+from freetickets_hub.cli import main
+from freetickets_hub.cli.calibrate import _calibration_rows
 from freetickets_hub.engines.onnxruntime import OnnxEnsemble
 from freetickets_hub.engines.preprocessing import preprocess
 from freetickets_hub.export import export_onnx
