@@ -15,7 +15,7 @@ import onnx
 import torch
 from torch import nn
 
-from freetickets_hub.engines.base import METADATA_NUM_MEMBERS, METADATA_TEMPERATURE
+from freetickets_hub.artifact.names import METADATA_NUM_MEMBERS, METADATA_TEMPERATURE
 from freetickets_hub.errors import ExportError
 from freetickets_hub.model.ensemble import EnsembleModel
 from freetickets_hub.uncertainty.outputs import OUTPUT_NAMES, combine_member_logits

@@ -22,8 +22,16 @@ import torch
 
 from freetickets_hub.artifact.config import EnsembleConfig
 from freetickets_hub.artifact.files import write_text_atomic
-from freetickets_hub.artifact.hub import CONFIG_NAME, ONNX_NAME, README_NAME, WEIGHTS_NAME
-from freetickets_hub.engines.onnxruntime import ONNX_DATA_NAME, ONNX_INT8_NAME, OnnxEnsemble, has_onnxruntime
+from freetickets_hub.artifact.names import (
+    CONFIG_NAME,
+    EXPORT_REPORT_NAME,
+    ONNX_DATA_NAME,
+    ONNX_INT8_NAME,
+    ONNX_NAME,
+    README_NAME,
+    WEIGHTS_NAME,
+)
+from freetickets_hub.engines.onnxruntime import OnnxEnsemble, has_onnxruntime
 from freetickets_hub.engines.preprocessing import ImageInput
 from freetickets_hub.errors import ExportError
 from freetickets_hub.model.ensemble import EnsembleModel
@@ -33,9 +41,8 @@ from .graph import DEFAULT_OPSET, check_opset, export_graph
 from .quantize import Int8Calibration, quantize_graph
 from .verify import GATED_OUTPUTS, check_interface, check_pixels, compare_with_torch
 
-__all__ = ["BATCH_SIZES", "FP16_TOLERANCE", "FP32_TOLERANCE", "REPORT_NAME", "ExportReport", "export_onnx"]
+__all__ = ["BATCH_SIZES", "FP16_TOLERANCE", "FP32_TOLERANCE", "ExportReport", "export_onnx"]
 
-REPORT_NAME = "onnx/export_report.json"
 FP32_TOLERANCE = 1e-5  # max |ORT - PyTorch| of the gated outputs (probabilities and entropies, nats)
 FP16_TOLERANCE = 1e-2  # float16 members against the float32 PyTorch ensemble
 BATCH_SIZES = (1, 3, 8)
@@ -178,7 +185,7 @@ def export_onnx(
         versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         int8=None if int8_report is None else asdict(int8_report),
     )
-    write_text_atomic(output_dir / REPORT_NAME, report.to_json())
+    write_text_atomic(output_dir / EXPORT_REPORT_NAME, report.to_json())
     if (output_dir / README_NAME).is_file():  # a saved model's folder: its card lists the graphs
         write_text_atomic(output_dir / README_NAME, str(model.generate_model_card(save_directory=output_dir)))
     return report

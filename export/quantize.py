@@ -27,8 +27,8 @@ from onnxruntime.quantization import (
 )
 
 from freetickets_hub.artifact.config import EnsembleConfig
-from freetickets_hub.engines.base import METADATA_NUM_MEMBERS, METADATA_TEMPERATURE
-from freetickets_hub.engines.onnxruntime import ONNX_INT8_NAME, OnnxEnsemble
+from freetickets_hub.artifact.names import METADATA_NUM_MEMBERS, METADATA_TEMPERATURE, ONNX_INT8_NAME
+from freetickets_hub.engines.onnxruntime import OnnxEnsemble
 from freetickets_hub.errors import ExportError
 from freetickets_hub.evaluation.data import EvalSplit
 from freetickets_hub.uncertainty.metrics import classification_metrics

@@ -25,8 +25,8 @@ from pathlib import Path
 import onnx
 
 from freetickets_hub.artifact.config import EnsembleConfig
-from freetickets_hub.artifact.hub import CONFIG_NAME, ONNX_NAME, resolve_file
-from freetickets_hub.engines.onnxruntime import ONNX_DATA_NAME
+from freetickets_hub.artifact.hub import resolve_file
+from freetickets_hub.artifact.names import CONFIG_NAME, ONNX_DATA_NAME, ONNX_NAME
 
 __all__ = ["BACKENDS", "LABELS_NAME", "TRITON_CONFIG_NAME", "export_triton"]
 

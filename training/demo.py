@@ -16,10 +16,9 @@ import datasets
 import torch
 
 from freetickets_hub.artifact.files import write_text_atomic
-from freetickets_hub.artifact.hub import CONFIG_NAME, README_NAME
+from freetickets_hub.artifact.names import CONFIG_NAME, README_NAME, SUMMARY_NAME
 from freetickets_hub.evaluation import EvalSplit, create_accelerator, load_eval_split, run_inference
 from freetickets_hub.evaluation.data import validation_carve
-from freetickets_hub.model.card import SUMMARY_NAME
 from freetickets_hub.model.ensemble import EnsembleModel
 from freetickets_hub.uncertainty.calibration import fit_temperature
 from freetickets_hub.uncertainty.metrics import classification_metrics, detection_metrics

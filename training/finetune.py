@@ -32,7 +32,7 @@ from accelerate.utils import parse_flag_from_env
 
 from freetickets_hub.artifact.config import EnsembleConfig, EnsembleInfo
 from freetickets_hub.artifact.files import prepare_output_dir, write_text_atomic
-from freetickets_hub.artifact.hub import WEIGHTS_NAME
+from freetickets_hub.artifact.names import WEIGHTS_NAME
 from freetickets_hub.engines.preprocessing import preprocess
 from freetickets_hub.errors import FreeTicketsError, RecipeError
 from freetickets_hub.evaluation.diversity import mask_distance, prediction_diversity

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from freetickets_hub.artifact.config import EnsembleConfig
 from freetickets_hub.artifact.files import write_text_atomic
+from freetickets_hub.artifact.names import SUMMARY_NAME
 from freetickets_hub.model import architectures as _architectures  # noqa: F401  (registers WRNs)
-from freetickets_hub.model.card import SUMMARY_NAME
 from freetickets_hub.model.ensemble import EnsembleModel
 
 from .averaging import TicketAverage, in_window

@@ -11,6 +11,17 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from freetickets_hub.artifact.names import (
+    ASSETS_DIR,
+    CONFIG_NAME,
+    EVAL_RESULTS_NAME,
+    HANDLER_NAME,
+    ONNX_DIR,
+    README_NAME,
+    REQUIREMENTS_NAME,
+    SUMMARY_NAME,
+    WEIGHTS_NAME,
+)
 from freetickets_hub.errors import OutputDirError
 
 __all__ = ["MODEL_ENTRIES", "atomic_path", "check_writable", "prepare_output_dir", "visible_files", "write_text_atomic"]
@@ -20,15 +31,15 @@ logger = logging.getLogger(__name__)
 # what a saved model (and the run that trained it) leaves in its folder: each entry describes those
 # weights only, so a folder either keeps all of them or loses all of them
 MODEL_ENTRIES = (
-    "config.json",
-    "model.safetensors",
-    "README.md",
-    "handler.py",
-    "requirements.txt",
-    "train_summary.json",
-    "eval_results.json",
-    "onnx",
-    "assets",
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    README_NAME,
+    HANDLER_NAME,
+    REQUIREMENTS_NAME,
+    SUMMARY_NAME,
+    EVAL_RESULTS_NAME,
+    ONNX_DIR,
+    ASSETS_DIR,
     "plots",
     "checkpoints",
     "freetickets",  # the accelerate tracker's logs (`train --report-to`)

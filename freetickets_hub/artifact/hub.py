@@ -15,39 +15,14 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from freetickets_hub import __version__
 from freetickets_hub.artifact.files import visible_files
+from freetickets_hub.artifact.names import LIBRARY_NAME, PICKLE_SUFFIXES
 from freetickets_hub.errors import ModelNotFoundError
 
 __all__ = [
-    "ASSETS_DIR",
-    "CONFIG_NAME",
-    "EVAL_RESULTS_NAME",
-    "HANDLER_NAME",
-    "LIBRARY_NAME",
-    "ONNX_DIR",
-    "ONNX_NAME",
-    "PICKLE_SUFFIXES",
-    "README_NAME",
-    "REQUIREMENTS_NAME",
-    "SUMMARY_NAME",
-    "WEIGHTS_NAME",
     "is_repo_id",
     "push_folder",
     "resolve_file",
 ]
-
-LIBRARY_NAME = "freetickets-hub"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-README_NAME = "README.md"
-HANDLER_NAME = "handler.py"
-REQUIREMENTS_NAME = "requirements.txt"
-SUMMARY_NAME = "train_summary.json"  # written by `freetickets train`
-EVAL_RESULTS_NAME = "eval_results.json"  # written by `freetickets evaluate --output`
-ONNX_DIR = "onnx"
-ONNX_NAME = f"{ONNX_DIR}/model.onnx"
-ASSETS_DIR = "assets"
-# never published, whatever folder they turn up in: they can execute code when loaded
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pkl", ".pickle", ".pt", ".pth", ".npy", ".npz")
 
 
 def resolve_file(

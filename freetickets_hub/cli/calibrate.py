@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     from freetickets_hub import EnsembleModel
     from freetickets_hub.artifact.files import check_writable, prepare_output_dir, write_text_atomic
-    from freetickets_hub.artifact.hub import CONFIG_NAME
+    from freetickets_hub.artifact.names import CONFIG_NAME
     from freetickets_hub.errors import DatasetError
     from freetickets_hub.evaluation import create_accelerator, load_eval_split, run_inference
     from freetickets_hub.uncertainty.calibration import fit_temperature
@@ -216,8 +216,8 @@ def held_out_rows(args: argparse.Namespace) -> tuple[str, list[int] | None]:
     import json
     import os
 
+    from freetickets_hub.artifact.names import SUMMARY_NAME
     from freetickets_hub.evaluation.data import validation_carve
-    from freetickets_hub.model.card import SUMMARY_NAME
 
     summary_path = os.path.join(args.model, SUMMARY_NAME)
     if args.split != "validation" or not os.path.isfile(summary_path):

@@ -113,7 +113,8 @@ def run_triton(args: argparse.Namespace) -> int:
 def _int8_calibration(args: argparse.Namespace) -> Int8Calibration:
     """Calibration and gate images for ``export onnx --quantize int8``, from a held-out split."""
     from freetickets_hub.artifact.config import EnsembleConfig
-    from freetickets_hub.artifact.hub import CONFIG_NAME, resolve_file
+    from freetickets_hub.artifact.hub import resolve_file
+    from freetickets_hub.artifact.names import CONFIG_NAME
     from freetickets_hub.errors import DatasetError
     from freetickets_hub.evaluation.data import load_eval_split
     from freetickets_hub.export.quantize import calibration_from_split

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from freetickets_hub.artifact.hub import ONNX_NAME
+    from freetickets_hub.artifact.names import ONNX_NAME
 
     missing = [path for path in args.images if not os.path.isfile(path)]
     if missing:

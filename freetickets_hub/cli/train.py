@@ -28,6 +28,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from freetickets_hub.artifact.files import prepare_output_dir
+    from freetickets_hub.artifact.names import CONFIG_NAME
     from freetickets_hub.training import load_recipe, train
     from freetickets_hub.training.checkpoint import latest_checkpoint
 
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set)
     check_architecture(recipe.architecture)
     output_dir = Path(args.output_dir)
-    if args.resume and latest_checkpoint(output_dir) is None and (output_dir / "config.json").is_file():
+    if args.resume and latest_checkpoint(output_dir) is None and (output_dir / CONFIG_NAME).is_file():
         raise FreeTicketsError(
             f"--resume: {str(output_dir)!r} holds a finished model and no checkpoint to continue from; "
             "nothing was changed (pass --overwrite instead of --resume to train it again)"

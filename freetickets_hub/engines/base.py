@@ -17,17 +17,15 @@ from typing import Any
 import numpy as np
 
 from freetickets_hub.artifact.config import EnsembleConfig
+from freetickets_hub.artifact.names import METADATA_NUM_MEMBERS, METADATA_TEMPERATURE
 from freetickets_hub.engines.preprocessing import ImageInput, batch_starts, check_pixel_shape, preprocess
 from freetickets_hub.errors import ArtifactError
 from freetickets_hub.uncertainty.predictions import Predictions
 
-__all__ = ["METADATA_NUM_MEMBERS", "METADATA_TEMPERATURE", "PREDICT_OUTPUTS", "GraphEngine"]
+__all__ = ["PREDICT_OUTPUTS", "GraphEngine"]
 
 logger = logging.getLogger(__name__)
 
-# model metadata written by the exporter, checked against config.json so a stale graph is caught
-METADATA_TEMPERATURE = "freetickets.temperature"
-METADATA_NUM_MEMBERS = "freetickets.num_members"
 PREDICT_OUTPUTS = ("probs", "entropy", "expected_entropy", "mutual_information", "disagreement")
 INPUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 

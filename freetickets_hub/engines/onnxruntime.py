@@ -17,15 +17,13 @@ from typing import Any
 import numpy as np
 
 from freetickets_hub.artifact.config import EnsembleConfig
-from freetickets_hub.artifact.hub import CONFIG_NAME, ONNX_NAME, resolve_file
+from freetickets_hub.artifact.hub import resolve_file
+from freetickets_hub.artifact.names import CONFIG_NAME, ONNX_DATA_NAME, ONNX_VARIANTS
 from freetickets_hub.engines.base import GraphEngine
 from freetickets_hub.errors import ArtifactError, MissingDependencyError
 
 __all__ = [
     "DEFAULT_PROVIDERS",
-    "ONNX_DATA_NAME",
-    "ONNX_INT8_NAME",
-    "ONNX_VARIANTS",
     "OnnxEnsemble",
     "has_onnxruntime",
     "resolve_graph",
@@ -34,9 +32,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ONNX_DATA_NAME = ONNX_NAME + ".data"  # the external weights of a graph over 1.5 GiB (torch's threshold)
-ONNX_INT8_NAME = "onnx/model.int8.onnx"  # the statically quantized graph (`export onnx --quantize int8`)
-ONNX_VARIANTS = {"fp32": ONNX_NAME, "int8": ONNX_INT8_NAME}  # `variant=` of from_pretrained -> graph file
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 _INPUT_DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}  # ORT's spelling

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from freetickets_hub.artifact.config import EnsembleConfig
-from freetickets_hub.engines.base import METADATA_NUM_MEMBERS, METADATA_TEMPERATURE, GraphEngine
+from freetickets_hub.artifact.names import METADATA_NUM_MEMBERS, METADATA_TEMPERATURE
+from freetickets_hub.engines.base import GraphEngine
 from freetickets_hub.engines.onnxruntime import importable, resolve_graph
 from freetickets_hub.errors import ArtifactError
 

@@ -6,13 +6,15 @@ processes with ``accelerate launch -m freetickets_hub.cli evaluate ...``; the nu
 
 from __future__ import annotations
 
+from freetickets_hub.artifact.names import EVAL_RESULTS_NAME
+
 from .corruptions import CORRUPTIONS, SEVERITIES, CorruptionTransform, corrupt
 from .data import BUILTIN_SOURCES, UNKNOWN_LABEL, EvalSplit, load_eval_split
 from .diversity import mask_distance, prediction_diversity
 from .inference import Inference, create_accelerator, run_inference
 from .ood_suite import SHIFTS, SUITE_KINDS, SYNTHETIC, ood_kind, shifted_images, synthetic_images
 from .plots import PLOT_NAMES, write_plots
-from .report import EVAL_RESULTS_NAME, format_results, write_results
+from .report import format_results, write_results
 from .suite import CONVENTIONS, OOD_SCORES, evaluate
 
 __all__ = [

@@ -8,9 +8,7 @@ from typing import Any
 
 from freetickets_hub.artifact.files import write_text_atomic
 
-__all__ = ["EVAL_RESULTS_NAME", "format_results", "write_results"]
-
-EVAL_RESULTS_NAME = "eval_results.json"  # beside config.json; the model card reads it
+__all__ = ["format_results", "write_results"]
 
 
 def write_results(results: dict[str, Any], path: str | Path) -> None:

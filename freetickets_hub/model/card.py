@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from freetickets_hub.artifact.hub import (
+from freetickets_hub.artifact.hub import is_repo_id
+from freetickets_hub.artifact.names import (
     ASSETS_DIR,
     EVAL_RESULTS_NAME,
+    EXPORT_REPORT_NAME,
     LIBRARY_NAME,
     SUMMARY_NAME,
     WEIGHTS_NAME,
-    is_repo_id,
 )
 
 if TYPE_CHECKING:
@@ -182,12 +183,9 @@ def _selective_section(selective: Any, folder: Path | None) -> dict[str, Any] | 
     return section
 
 
-_EXPORT_REPORT_NAME = "onnx/export_report.json"  # written by freetickets_hub.export (needs torch: not imported)
-
-
 def _graph_rows(folder: Path | None, weights_bytes: int) -> list[dict[str, str]]:
     """One row per exported ONNX graph (``onnx/export_report.json``): file, size and measured quality."""
-    report = _read_json(folder, _EXPORT_REPORT_NAME)
+    report = _read_json(folder, EXPORT_REPORT_NAME)
     if not report or not (folder / report.get("graph", "")).is_file():
         return []
 

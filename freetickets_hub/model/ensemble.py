@@ -23,7 +23,9 @@ from torch import nn
 from freetickets_hub import __version__
 from freetickets_hub.artifact.config import CalibrationConfig, EnsembleConfig
 from freetickets_hub.artifact.files import atomic_path, visible_files, write_text_atomic
-from freetickets_hub.artifact.hub import (
+from freetickets_hub.artifact.hub import push_folder, resolve_file
+from freetickets_hub.artifact.masks import VALUES_DTYPES, decode_member, encode_member
+from freetickets_hub.artifact.names import (
     ASSETS_DIR,
     CONFIG_NAME,
     EVAL_RESULTS_NAME,
@@ -35,10 +37,7 @@ from freetickets_hub.artifact.hub import (
     REQUIREMENTS_NAME,
     SUMMARY_NAME,
     WEIGHTS_NAME,
-    push_folder,
-    resolve_file,
 )
-from freetickets_hub.artifact.masks import VALUES_DTYPES, decode_member, encode_member
 from freetickets_hub.engines.preprocessing import ImageInput, batch_starts, check_pixel_shape, preprocess
 from freetickets_hub.errors import ArtifactError, ConfigError
 from freetickets_hub.model import architectures as _architectures  # noqa: F401  (registers the CIFAR-style WRNs with timm)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors.torch import save_file
 
 from freetickets_hub.artifact.files import atomic_path, write_text_atomic
-from freetickets_hub.artifact.hub import CONFIG_NAME, README_NAME, WEIGHTS_NAME
+from freetickets_hub.artifact.names import CONFIG_NAME, README_NAME, WEIGHTS_NAME
 
 if TYPE_CHECKING:
     from freetickets_hub.model.ensemble import EnsembleModel

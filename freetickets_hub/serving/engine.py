@@ -18,15 +18,15 @@ from typing import Any
 import numpy as np
 
 from freetickets_hub.artifact.config import EnsembleConfig
-from freetickets_hub.artifact.hub import CONFIG_NAME, resolve_file
-from freetickets_hub.engines.onnxruntime import ONNX_VARIANTS, variant_graph_name
+from freetickets_hub.artifact.hub import resolve_file
+from freetickets_hub.artifact.names import CONFIG_NAME, INPUT_NAME, ONNX_VARIANTS
+from freetickets_hub.engines.onnxruntime import variant_graph_name
 from freetickets_hub.errors import ArtifactError, FreeTicketsError
 
-__all__ = ["BACKENDS", "INPUT_NAME", "ServingEngine", "TensorSpec", "check_graph", "check_model", "load_engine"]
+__all__ = ["BACKENDS", "ServingEngine", "TensorSpec", "check_graph", "check_model", "load_engine"]
 
 BACKENDS = ("onnx", "openvino", "torch")
 _GRAPH_BACKENDS = ("onnx", "openvino")  # those that run the exported graph (and have its variants)
-INPUT_NAME = "pixel_values"
 _MEMBER_AXIS_OUTPUTS = ("member_probs",)  # (M, B, K): the batch is axis 1; every other output is batch-first
 _DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16", np.dtype(np.int64): "INT64"}
 _VERSIONED = ("freetickets-hub", "numpy", "onnxruntime", "onnxruntime-gpu", "fastapi", "uvicorn", "torch", "timm")
