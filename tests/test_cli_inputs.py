@@ -151,8 +151,7 @@ def test_demo_calibrates_on_its_carve_and_shows_ood_uncertainty(
     assert len(re.findall(r"^digits \(OOD\) +- ", out, re.M)) == 2 and len(re.findall(r"^fashion ", out, re.M)) == 2
     assert re.search(r"mutual information \(epistemic\) +AUROC 0?\.\d{4}|AUROC 1\.0000", out)
     calibration = json.loads((trained / "config.json").read_text())["ensemble"]["calibration"]
-    if "degenerate fit" in out:  # a tiny run may hit a bound: reported, not stored (as calibrate does)
-        assert calibration is None or "validation carve" not in calibration["fit_on"]
-    else:
-        assert "the run's validation carve (24 images" in calibration["fit_on"]
-        assert "/" not in calibration["fit_on"].split(":")[0]
+    # the seeded tiny run is confidently wrong on its carve: the fit runs to T's upper bound, is
+    # reported and not stored, as `calibrate` does (`calibrate` storing a fit: test_selective_cli)
+    assert "degenerate fit, temperature not stored: the NLL keeps falling towards the upper bound" in out
+    assert calibration is None
