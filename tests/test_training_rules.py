@@ -31,31 +31,38 @@ def _buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_escape_resets_the_lr_and_keeps_batchnorm_statistics(
     tmp_path: Path, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Observed through public seams only: ``Accelerator.log`` and ``SparseEngine.step`` / ``escape``."""
     logged: dict[int, float] = {}
-    escapes: list[tuple[int, bool, dict, dict, int]] = []
-    original_log, original_escape = Accelerator.log, train_module._Loop._escape
+    last_step: dict[str, object] = {}
+    escapes: list[tuple[int, bool, dict, dict]] = []
+    original_log, original_step, original_escape = Accelerator.log, SparseEngine.step, SparseEngine.escape
 
     def log(self: Accelerator, values: dict, step: int | None = None, **kwargs: object) -> None:
         logged[step] = values["train/lr"]
         original_log(self, values, step=step, **kwargs)
 
-    def escape(self: train_module._Loop, member: train_module._Member, phase: object) -> None:
-        before, dense_before = _buffers(member.model), self.progress.dense_gradients
-        original_escape(self, member, phase)
-        escapes.append((self.progress.total_steps, member.model.training, before, _buffers(member.model), dense_before))
+    def step(self: SparseEngine, global_step: int) -> dict | None:
+        stats = original_step(self, global_step)  # called after every optimizer step
+        last_step.update(step=global_step, buffers=_buffers(self.model))
+        return stats
+
+    def escape(self: SparseEngine) -> dict:
+        # the gradient probe has run by now (its forward in train mode), and nothing else since the last step
+        escapes.append((last_step["step"], self.model.training, last_step["buffers"], _buffers(self.model)))
+        return original_escape(self)
 
     monkeypatch.setattr(Accelerator, "log", log)
-    monkeypatch.setattr(train_module._Loop, "_escape", escape)
+    monkeypatch.setattr(SparseEngine, "step", step)
+    monkeypatch.setattr(SparseEngine, "escape", escape)
     summary = _train(tmp_path, tiny_dataset, "explore_epochs=1", "refine_epochs=2", "num_members=3")
     assert [e[0] for e in escapes] == [3 + 6, 3 + 12]  # 3 steps per epoch: after refinements 1 and 2
-    for step, training, before, after, _ in escapes:
-        assert logged[step] == 0.001 and logged[step + 1] == 0.01  # the first step after the escape: reset LR
+    for step_index, training, before, after in escapes:
+        assert logged[step_index] == 0.001 and logged[step_index + 1] == 0.01  # the step after the escape: reset LR
         assert training  # the gradient probe ran in train mode ...
-        assert summary["total_steps"] > step
+        assert summary["total_steps"] > step_index
         for name in before:  # ... and left every BatchNorm statistic as it was
-            assert torch.equal(before[name], after[name]), f"{name} moved during the escape"
+            assert torch.equal(before[name], after[name]), f"{name} moved during the escape's probe"
     assert any(n.endswith("running_mean") for n in escapes[0][2])
-    assert escapes[0][4] < summary["total_steps"]  # (the probe counted as a dense-gradient batch)
 
 
 def test_fp16_skipped_steps_neither_count_nor_update_masks(
@@ -110,21 +117,16 @@ def test_no_weight_decay_on_biases_and_norms_is_a_setting(
     tmp_path: Path, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     groups: list[list[dict]] = []
-    original = train_module._Loop._build
+    original = SparseEngine.__init__
 
-    def build(self: train_module._Loop, *args: object) -> train_module._Member:
-        member = original(self, *args)
-        model = self.accelerator.unwrap_model(member.model)
+    def init(self: SparseEngine, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *args, **kwargs) -> None:
         names = {id(p): n for n, p in model.named_parameters()}
         groups.append(
-            [
-                {"wd": g["weight_decay"], "names": {names[id(p)] for p in g["params"]}}
-                for g in member.optimizer.param_groups
-            ]
+            [{"wd": g["weight_decay"], "names": {names[id(p)] for p in g["params"]}} for g in optimizer.param_groups]
         )
-        return member
+        original(self, model, optimizer, *args, **kwargs)
 
-    monkeypatch.setattr(train_module._Loop, "_build", build)
+    monkeypatch.setattr(SparseEngine, "__init__", init)
     for setting in ("true", "false"):
         _train(
             tmp_path / setting,
