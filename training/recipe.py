@@ -85,6 +85,9 @@ class Recipe:
     # SWA-style ticket: the mean of the last fraction of each ticket phase's iterates, masks frozen
     # there, BatchNorm recomputed on the training split (training/averaging.py); 0: the last iterate
     average_fraction: float = 0.0
+    # CigL's random weight mask: drop this fraction of every maskable weight in each training
+    # forward pass, on top of the DST mask; never at inference (training/random_mask.py); 0: off
+    random_mask_rate: float = 0.0
 
     # optimisation
     batch_size: int = 128
@@ -120,6 +123,8 @@ class Recipe:
         for key in ("sparsity",):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise RecipeError(f"recipe key {key!r} must be in [0, 1), got {getattr(self, key)}")
+        if not 0.0 <= self.random_mask_rate < 1.0:
+            raise RecipeError(f"recipe key 'random_mask_rate' must be in [0, 1), got {self.random_mask_rate}")
         for key in ("prune_rate", "prune_rate_final", "escape_rate", "average_fraction"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise RecipeError(f"recipe key {key!r} must be in [0, 1], got {getattr(self, key)}")

@@ -47,6 +47,7 @@ from .checkpoint import (
 )
 from .data import ImageData, load_image_data
 from .phases import Phase, Run, plan_runs
+from .random_mask import forward_with_random_mask
 from .recipe import Recipe
 from .sparsity import SparseEngine
 from .summary import JobStats, accuracy, build_ensemble, model_args, summarize
@@ -334,7 +335,9 @@ class _Loop:
         augment_rng = torch.Generator().manual_seed(
             member.seed * 1_000_003 + progress.total_steps * 101 + progress.batch * 11 + self.accelerator.process_index
         )
-        logits = member.model(self.data.prepare_batch(images, recipe.augment, recipe.pad, augment_rng))
+        inputs = self.data.prepare_batch(images, recipe.augment, recipe.pad, augment_rng)
+        drop_seed = member.seed * 1_000_003 + progress.total_steps * 101 + progress.batch * 11  # same on every process
+        logits = forward_with_random_mask(member.model, inputs, recipe.random_mask_rate, drop_seed)
         return torch.nn.functional.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
 
     def _after_step(self, member: _Member, phase: Phase, loss: float, lr: float) -> None:
