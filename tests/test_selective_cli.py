@@ -67,7 +67,9 @@ def test_calibrate_fits_temperature_then_rule_on_disjoint_halves(folders, calibr
     out, printed = calibrated
     ensemble = json.loads((out / "config.json").read_text())["ensemble"]
     rule = ensemble["selective"]
-    assert ensemble["calibration"]["fit_on"] == f"{easy}:train (200 of 400 images)"
+    assert ensemble["calibration"]["fit_on"] == f"{easy.name}:train (200 of 400 images)"  # no machine path
+    assert str(easy.parent) not in (out / "config.json").read_text()
+    assert str(easy.parent) not in (out / "README.md").read_text()
     assert rule["n"] == 200 and "the other half fitted the temperature" in rule["fit_on"]
     assert rule["score"] == "confidence" and rule["target_risk"] == 0.1 and rule["delta"] == 0.1
     assert rule["calibration_risk"] <= 0.1 and 0 < rule["calibration_coverage"] < 1
@@ -84,6 +86,12 @@ def test_calibrate_fits_temperature_then_rule_on_disjoint_halves(folders, calibr
     np.testing.assert_array_equal(predictions.abstain, predictions.confidence < rule["threshold"])
     kept = [[k for k in range(3) if 1 - predictions.probs[i, k] <= rule["conformal_quantile"]] for i in range(30)]
     assert [sorted(s) for s in predictions.prediction_sets] == kept
+
+
+def test_a_temperature_fitted_on_few_images_is_flagged_unreliable(folders, tmp_path, capsys):
+    model_dir, easy, _ = folders
+    assert _calibrate(model_dir, easy, "--max-samples", "30", "--output", str(tmp_path / "out")) == 0
+    assert "fitted on 30 images, fewer than 200: it is unreliable" in capsys.readouterr().err
 
 
 def test_calibration_rows_are_disjoint_halves_covering_the_split():
