@@ -25,7 +25,8 @@ def benchmarks(monkeypatch: pytest.MonkeyPatch) -> tuple[ModuleType, ModuleType]
 
 def test_the_grid_is_three_seeds_of_four_methods_and_edst_levers(benchmarks: tuple[ModuleType, ModuleType]) -> None:
     ood, _ = benchmarks
-    specs = ood.build_specs(ood.PRESET, "../shared/datasets/fashion_mnist")
+    specs = ood.build_specs(ood.PRESET, "../shared/datasets/fashion_mnist", list(ood.LEVERS))
+    assert [s.name for s in specs[: len(ood.METHODS)]] == [f"{m}_s0" for m in ood.METHODS]  # seed 0 trains first
     recipes = {spec.name: spec.load() for spec in specs}  # strict: an unknown key or bad value raises
     for method in ood.METHODS:
         assert {recipes[f"{method}_s{seed}"].seed for seed in ood.SEEDS} == {0, 10, 20}
@@ -35,6 +36,7 @@ def test_the_grid_is_three_seeds_of_four_methods_and_edst_levers(benchmarks: tup
     for name in ood.LEVERS:  # one change each from the grid's EDST at seed 0
         changed = {k for k, v in recipes[name].to_dict().items() if v != edst.to_dict()[k]}
         assert recipes[name].method == "edst" and recipes[name].seed == 0 and 1 <= len(changed) <= 2, (name, changed)
+    assert recipes["edst_cigl"].random_mask_rate == 0.01 and recipes["edst_cigl"].average_fraction == 0.3
 
 
 def test_unit_draw_reproduces_detection_metrics(benchmarks: tuple[ModuleType, ModuleType]) -> None:
