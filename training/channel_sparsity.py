@@ -118,9 +118,7 @@ class ChannelGraph:
         model.eval()
         try:
             with torch.enable_grad():  # DependencyGraph traces autograd's graph
-                self._graph = tp.DependencyGraph().build_dependency(
-                    model, torch.zeros(1, *input_size), verbose=False
-                )
+                self._graph = tp.DependencyGraph().build_dependency(model, torch.zeros(1, *input_size), verbose=False)
         finally:
             model.train(was_training)
         classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
@@ -140,9 +138,12 @@ class ChannelGraph:
             if module not in names:
                 continue  # the traced adds, reshapes and other operators hold no tensors
             if not isinstance(module, _SLICED):
-                raise ValueError(f"{names[module]} ({type(module).__name__}) is coupled to channels but cannot be sliced")
+                kind = type(module).__name__
+                raise ValueError(f"{names[module]} ({kind}) is coupled to channels but cannot be sliced")
+            # a depthwise conv and a norm lose the channel along their only channel axis
+            along_outputs = self._graph.is_out_channel_pruning_fn(item.dep.handler)
             depthwise = isinstance(module, nn.Conv2d) and module.groups > 1
-            out = depthwise or isinstance(module, nn.BatchNorm2d) or self._graph.is_out_channel_pruning_fn(item.dep.handler)
+            out = depthwise or isinstance(module, nn.BatchNorm2d) or along_outputs
             order = sorted(range(len(item.idxs)), key=lambda j: item.root_idxs[j])
             layers.append(
                 ChannelLayer(

@@ -68,9 +68,8 @@ def create_slim_model(architecture: str, widths: Mapping[str, list[int]], **kwar
         module = modules[name]
         if isinstance(module, nn.Conv2d) and 1 < module.groups < module.out_channels:
             raise ArtifactError(f"widths[{name!r}]: grouped convolutions (groups={module.groups}) cannot be slimmed")
-        if list(wanted) != expected[name] and isinstance(module, nn.Conv2d) and module.groups > 1:
-            if wanted[0] != wanted[1]:
-                raise ArtifactError(f"widths[{name!r}] = {list(wanted)}: a depthwise conv keeps in == out channels")
+        if isinstance(module, nn.Conv2d) and module.groups > 1 and wanted[0] != wanted[1]:
+            raise ArtifactError(f"widths[{name!r}] = {list(wanted)}: a depthwise conv keeps in == out channels")
     # timm's spec gives each layer's weight shape; only the leading dims (out, in) are read
     spec = "***".join(f"{name}.weight:[{','.join(map(str, widths[name]))}]" for name in expected)
     slim = adapt_model_from_string(full, spec)
@@ -95,7 +94,7 @@ def _check_record(expected: Widths, widths: Mapping[str, list[int]]) -> None:
         if (
             not isinstance(wanted, list | tuple)
             or len(wanted) != len(full)
-            or not all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w for w in wanted)
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in wanted)
         ):
             raise ArtifactError(f"widths[{name!r}] must be {len(full)} positive integer(s), got {wanted!r}")
         if any(w > f for w, f in zip(wanted, full, strict=True)):
