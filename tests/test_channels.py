@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 
 import numpy as np
@@ -62,7 +63,7 @@ def test_the_schedule_is_cubic_and_checked() -> None:
     at = [channel_sparsity_at(step, target=0.6, start=100, end=300) for step in range(0, 401, 50)]
     assert at[:3] == [0.0, 0.0, 0.0] and at[-3:] == [0.6, 0.6, 0.6]
     assert at[4] == pytest.approx(0.6 * (1 - 0.5**3))  # half way: 87.5 % of the target already
-    assert all(a <= b for a, b in zip(at, at[1:], strict=False))
+    assert all(a <= b for a, b in itertools.pairwise(at))
     with pytest.raises(ValueError, match="target"):
         channel_sparsity_at(0, target=1.0, start=0, end=10)
     with pytest.raises(ValueError, match="end after"):
