@@ -17,7 +17,7 @@ rebuilds it without this module.
     >>> model = timm.create_model("resnet18", num_classes=10).eval()
     >>> graph = ChannelGraph(model, (3, 32, 32))
     >>> scores = umm_scores(model, graph.groups)
-    >>> counts = kept_counts(graph.groups, scores, 0.5, full=module_widths(model))
+    >>> counts = kept_counts(graph.groups, scores, 0.5, full=module_widths(model), allocation="uniform")
     >>> slim = graph.remove(choose_channels(scores, counts))
     >>> model(torch.zeros(1, 3, 32, 32)).shape, slim.widths["fc"]
     (torch.Size([1, 10]), [10, 256])
