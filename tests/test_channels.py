@@ -29,7 +29,7 @@ from freetickets_hub.training.channel_sparsity import (
     umm_scores,
     zero_channels,
 )
-from freetickets_hub.training.sparsity import random_masks
+from freetickets_hub.training.sparsity import SparseEngine, SparsityConfig, random_masks
 
 WRN = ("cifar_wrn10_2", (1, 16, 16), {"in_chans": 1})
 
@@ -134,8 +134,13 @@ def test_repeated_removal_follows_the_schedule_and_never_grows() -> None:
 
 @pytest.mark.parametrize(
     ("architecture", "input_size", "kwargs"),
-    [WRN, ("resnet18", (3, 32, 32), {}), ("mobilenetv2_050", (3, 32, 32), {})],
-    ids=["wrn_preact_residual", "resnet_residual", "mobilenet_depthwise"],
+    [
+        WRN,
+        ("resnet18", (3, 32, 32), {}),
+        ("mobilenetv2_050", (3, 32, 32), {}),
+        pytest.param("resnet50", (3, 32, 32), {}, marks=pytest.mark.slow),
+    ],
+    ids=["wrn_preact_residual", "resnet_residual", "mobilenet_depthwise", "resnet50_bottleneck"],
 )
 def test_the_physical_model_equals_the_masked_full_width_model(architecture, input_size, kwargs) -> None:
     model, masks = _member(architecture, kwargs)
@@ -160,6 +165,10 @@ def test_the_physical_model_equals_the_masked_full_width_model(architecture, inp
         assert mask.shape == state[name].shape and not state[name][~mask].any(), name
     assert sum(p.numel() for p in model.parameters()) < 0.5 * sum(p.numel() for p in full.parameters())
     assert slim.widths == module_widths(model)
+    rebuilt = create_slim_model(architecture, slim.widths, num_classes=10, **kwargs).eval()
+    rebuilt.load_state_dict(state, strict=True)  # timm's rebuilder gives the same shapes (BatchNormAct2d too)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x), atol=0, rtol=0)
 
 
 def test_different_scores_keep_different_channels() -> None:
@@ -249,3 +258,18 @@ def test_an_ensemble_of_slim_members_exports_to_onnx_equal_to_torch(tmp_path) ->
         out = ensemble.eval()(x)
     np.testing.assert_allclose(probs, out.probs.numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(member_probs, out.member_probs.numpy(), atol=1e-5, rtol=0)
+
+
+def test_the_sparse_engine_keeps_training_a_slim_member_on_its_sliced_masks() -> None:
+    model, slim = _slim_wrn()
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    engine = SparseEngine(model, optimizer, SparsityConfig(update_interval=1), seed=0, masks=slim.masks)
+    counts = {name: int(mask.sum()) for name, mask in slim.masks.items()}
+    x, y = torch.randn(8, *WRN[1]), torch.randint(0, 10, (8,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    engine.step(1)  # a prune-and-regrow update at the slim shapes
+    assert {name: int(mask.sum()) for name, mask in engine.masks.items()} == counts
+    weights = dict(model.named_parameters())
+    assert all(not weights[name][~mask].any() for name, mask in engine.masks.items())
