@@ -118,7 +118,9 @@ class ChannelGraph:
         model.eval()
         try:
             with torch.enable_grad():  # DependencyGraph traces autograd's graph
-                self._graph = tp.DependencyGraph().build_dependency(model, torch.zeros(1, *input_size), verbose=False)
+                weight = next(model.parameters())  # trace on the model's device, in its dtype
+                example = torch.zeros(1, *input_size, device=weight.device, dtype=weight.dtype)
+                self._graph = tp.DependencyGraph().build_dependency(model, example, verbose=False)
         finally:
             model.train(was_training)
         classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
