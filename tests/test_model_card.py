@@ -112,7 +112,7 @@ def test_calibration_base_model_assets_and_repo_id(model: EnsembleModel, tmp_pat
     calibrated = make_ensemble(seed=1, members=2)
     calibrated.set_temperature(1.25, fit_on="fashion_mnist:validation (5000 images)")
     calibrated.save_pretrained(folder, extras_from=folder, repo_id="me/ft-ensemble")
-    (folder / "train_summary.json").write_text(json.dumps({**SUMMARY, "base_model": "freetickets/wrn-edst"}))
+    (folder / "train_summary.json").write_text(json.dumps({**SUMMARY, "base_model": "freetickets/wrn-edst", "base_model_is_repo_id": True}))
     calibrated.save_pretrained(folder, repo_id="me/ft-ensemble")
     card = ModelCard.load(folder / "README.md")
     assert card.data.base_model == "freetickets/wrn-edst"
