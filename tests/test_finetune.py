@@ -132,7 +132,12 @@ def test_summary_records_lineage_and_diversity_before_and_after(base: Path, froz
     assert set(summary["test"]) == {"member_0", "member_1", "ensemble"}
     assert summary["costs"]["training_flops"] > 0 and summary["wall_time_s"] > 0
     card = (frozen / "README.md").read_text()
-    assert f"Fine-tuned from `{base.name}`." in card and str(base) not in card and "## Fine-tuning" in card and "frozen-masks" in card
+    assert (
+        f"Fine-tuned from `{base.name}`." in card
+        and str(base) not in card
+        and "## Fine-tuning" in card
+        and "frozen-masks" in card
+    )
     assert "augmentation `crop`" in card and "LR 0.05 for the new heads and 0.01 for the backbone" in card
     assert "base_model" not in ModelCard(card).data.to_dict()  # a local folder is no Hub id
 

@@ -59,9 +59,7 @@ _METHOD_TITLES = {
 
 # an absolute POSIX path inside a text, or one under `~` or an environment variable (`${FREETICKETS_DATASETS}/x`),
 # but not a URL's path: the card keeps only its last part
-_ABSOLUTE_PATH = re.compile(
-    r"(?<![\w.:/$}~-])(?:~|\$\{\w+\}|\$\w+)?/(?:[^\s/'\"()\[\],:]+/)*([^\s/'\"()\[\],:]+)/?"
-)
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/$}~-])(?:~|\$\{\w+\}|\$\w+)?/(?:[^\s/'\"()\[\],:]+/)*([^\s/'\"()\[\],:]+)/?")
 
 
 def public_text(text: str) -> str:
@@ -356,10 +354,11 @@ def _read_evaluations(folder: Path | None, summary: dict[str, Any], temperature:
     if summary.get("dataset") and _metric_rows(summary.get("test")):
         split = str((summary.get("recipe") or {}).get("test_split", "test"))
         description = public_text(summary.get("test_split_description") or f"{summary['dataset']} [{split}]")
-        test = _Evaluation(SUMMARY_NAME, str(summary["dataset"]), split, description, _metric_rows(summary["test"]), 1.0)
-        if not found:
-            found.append(test)
-        elif _same_split(found[0], test) and found[0].temperature != 1.0 and "ensemble" in test.rows:
+        test = _Evaluation(
+            SUMMARY_NAME, str(summary["dataset"]), split, description, _metric_rows(summary["test"]), 1.0
+        )
+        other_temperature = bool(found) and _same_split(found[0], test) and found[0].temperature != 1.0
+        if not found or (other_temperature and "ensemble" in test.rows):
             found.append(test)
     return found
 
