@@ -262,10 +262,33 @@ def _graph_rows(folder: Path | None, weights_bytes: int) -> list[dict[str, str]]
             f"{fp32['accuracy']:.2%}), NLL {q['nll']:.4f} ({fp32['nll']:.4f}), ECE {q['ece']:.4f} ({fp32['ece']:.4f}) "
             f"on {int8['held_out_images']} held-out images of {public_text(int8['source'])}"
         )
+        quality += _int8_rule_text(int8.get("selective"))
         rows.append(
             {"file": int8["graph"], "precision": "int8 (QDQ)", "size": size(int8["graph_bytes"]), "quality": quality}
         )
     return rows
+
+
+def _int8_rule_text(selective: Any) -> str:
+    """What the export measured of the stored selective rule (fitted on fp32 outputs) on the int8 graph."""
+    if not isinstance(selective, dict):
+        return ""
+    said = []
+    threshold = {name: (selective.get(name) or {}).get("threshold") for name in ("fp32", "int8")}
+    if _is_number(selective.get("abstain_agreement")) and all(isinstance(t, dict) for t in threshold.values()):
+        fp32, int8 = threshold["fp32"], threshold["int8"]
+        said.append(
+            f"the stored abstention rule (fitted on fp32 outputs, applied unchanged) decides as on fp32 for "
+            f"{selective['abstain_agreement']:.2%} of them; it answers {int8['coverage']:.2%} with error rate "
+            f"{_rate(int8.get('risk'))} (fp32: {fp32['coverage']:.2%}, {_rate(fp32.get('risk'))})"
+        )
+    if _is_number(selective.get("set_agreement")):
+        said.append(f"its prediction sets equal fp32's for {selective['set_agreement']:.2%} of them")
+    return "; " + "; ".join(said) if said else ""
+
+
+def _rate(value: Any) -> str:
+    return f"{value:.4f}" if _is_number(value) else "n/a"
 
 
 # entropy AUROC at or above which the card says the ensemble flags an OOD set, or flags it partly
