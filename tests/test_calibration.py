@@ -78,7 +78,7 @@ def test_calibrate_stores_the_temperature_in_config_and_card_only(folders, capsy
     assert "README.md" in before  # a saved folder has its card
     assert changed == ["README.md", "config.json"]
     calibration = json.loads(after["config.json"])["ensemble"]["calibration"]
-    assert calibration["fit_on"] == f"{noisy}:train[:50] (50 images)"
+    assert calibration["fit_on"] == f"{noisy.name}:train[:50] (50 images)"  # no machine path
     temperature = calibration["temperature"]
     assert math.isfinite(temperature) and temperature > 0 and f"-> {temperature:.4f}" in printed
     assert f"{temperature:.4f}" in after["README.md"].decode()  # the card shows the new temperature

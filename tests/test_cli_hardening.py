@@ -101,3 +101,20 @@ def test_docs_are_opt_in_because_their_assets_come_from_a_cdn() -> None:
         client = TestClient(create_app(ServeSettings("m", docs=docs)))  # no lifespan: the model is not loaded
         assert client.get("/docs").status_code == status and client.get("/redoc").status_code == status
         assert client.get("/openapi.json").status_code == 200
+
+
+def test_predict_skips_a_decompression_bomb_and_says_so_in_its_exit_status(
+    saved: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pillow's DecompressionBombError on one file (here a 20000x20000 image, scaled down) skips only that file."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow's bomb error: over twice this, like 20000x20000
+    bomb, good = tmp_path / "bomb.png", tmp_path / "good.png"
+    Image.new("L", (100, 100)).save(bomb)
+    Image.fromarray(np.full((28, 28), 128, np.uint8)).save(good)
+    assert main(["predict", str(saved), str(bomb), str(good), "--backend", "torch"]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert err[0].startswith(f"freetickets predict: skipped {bomb}") and "decompression bomb" in err[0].lower()
+    assert err[-1] == "freetickets predict: 1 of 2 image(s) skipped" and "Traceback" not in captured.err
+    assert str(good) in captured.out and str(bomb) not in captured.out
+    assert main(["predict", str(saved), str(good), "--backend", "torch", "--json"]) == 0

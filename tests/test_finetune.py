@@ -113,7 +113,8 @@ def test_frozen_masks_keep_every_mask_and_count_and_give_new_sparse_heads(base: 
 
 def test_summary_records_lineage_and_diversity_before_and_after(base: Path, frozen: Path) -> None:
     summary = json.loads((frozen / "train_summary.json").read_text())
-    assert summary["base_model"] == str(base) and summary["base_model_relation"] == "finetune"
+    assert summary["base_model"] == base.name and summary["base_model_relation"] == "finetune"  # no machine path
+    assert summary["base_model_is_repo_id"] is False
     assert summary["base_model_sha256"] == hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
     assert summary["base_model_revision"] is None  # a folder has no Hub commit
     assert summary["recipe"]["method"] == "static_sparse"  # the trainer's own recipe: no mask updates
@@ -131,7 +132,12 @@ def test_summary_records_lineage_and_diversity_before_and_after(base: Path, froz
     assert set(summary["test"]) == {"member_0", "member_1", "ensemble"}
     assert summary["costs"]["training_flops"] > 0 and summary["wall_time_s"] > 0
     card = (frozen / "README.md").read_text()
-    assert f"Fine-tuned from `{base}`" in card and "## Fine-tuning" in card and "frozen-masks" in card
+    assert (
+        f"Fine-tuned from `{base.name}`." in card
+        and str(base) not in card
+        and "## Fine-tuning" in card
+        and "frozen-masks" in card
+    )
     assert "augmentation `crop`" in card and "LR 0.05 for the new heads and 0.01 for the backbone" in card
     assert "base_model" not in ModelCard(card).data.to_dict()  # a local folder is no Hub id
 
@@ -210,6 +216,7 @@ def test_base_from_hub_id_in_offline_cache_with_smaller_images(
     assert _finetune("freetickets/tiny-edst", tiny_dataset, out, "--mode", "linear-probe", sets=("augment=crop",)) == 0
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["base_model"] == "freetickets/tiny-edst" and summary["base_model_revision"] == COMMIT
+    assert summary["base_model_is_repo_id"] is True
     card = ModelCard((out / "README.md").read_text())
     assert card.data.base_model == "freetickets/tiny-edst" and card.data.base_model_relation == "finetune"
     model = EnsembleModel.from_pretrained(out)

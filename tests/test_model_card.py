@@ -112,7 +112,9 @@ def test_calibration_base_model_assets_and_repo_id(model: EnsembleModel, tmp_pat
     calibrated = make_ensemble(seed=1, members=2)
     calibrated.set_temperature(1.25, fit_on="fashion_mnist:validation (5000 images)")
     calibrated.save_pretrained(folder, extras_from=folder, repo_id="me/ft-ensemble")
-    (folder / "train_summary.json").write_text(json.dumps({**SUMMARY, "base_model": "freetickets/wrn-edst"}))
+    (folder / "train_summary.json").write_text(
+        json.dumps({**SUMMARY, "base_model": "freetickets/wrn-edst", "base_model_is_repo_id": True})
+    )
     calibrated.save_pretrained(folder, repo_id="me/ft-ensemble")
     card = ModelCard.load(folder / "README.md")
     assert card.data.base_model == "freetickets/wrn-edst"
@@ -165,3 +167,115 @@ def test_limitations_say_which_ood_kinds_the_ensemble_flags(model: EnsembleModel
     no_entropy = _save(model, tmp_path / "old", eval_results=EVAL_RESULTS).text  # an ood block without entropy
     assert "Which out-of-distribution inputs this ensemble flags" not in no_entropy
     assert "## Limitations" in no_entropy
+
+
+def _int8_report(source: str) -> dict[str, Any]:
+    quality = {"accuracy": 0.9, "nll": 0.3, "ece": 0.01}
+    return {
+        "graph": "onnx/model.onnx",
+        "graph_bytes": 1000,
+        "fp16": False,
+        "batch_sizes": [1],
+        "gated_outputs": ["probs"],
+        "max_abs_diff": {"probs": 1e-7},
+        "int8": {"graph": "onnx/model.int8.onnx", "graph_bytes": 500, "agreement": 0.995, "fp32": quality,
+                 "int8": quality, "held_out_images": 2000, "source": source},
+    }  # fmt: skip
+
+
+def test_no_machine_path_reaches_the_card(model: EnsembleModel, tmp_path: Path) -> None:
+    """Artifacts written before the fix (absolute paths in config, summary and export report) render without them."""
+    from freetickets_hub.artifact.config import SelectiveConfig
+
+    machine = "/home/someone/private/data"
+    calibrated = make_ensemble(seed=1, members=2)
+    calibrated.set_temperature(1.25, fit_on=f"{machine}/fmnist:validation (5000 images)")
+    calibrated.config.ensemble.selective = SelectiveConfig(
+        n=2500, fit_on=f"{machine}/fmnist:validation (2500 of 5000 images)", conformal_alpha=0.1,
+        conformal_score="lac", conformal_quantile=0.9,
+    )  # fmt: skip
+    folder = tmp_path / "ft"
+    (folder / "onnx").mkdir(parents=True)
+    for graph in ("model.onnx", "model.int8.onnx"):
+        (folder / "onnx" / graph).write_bytes(b"graph")
+    (folder / "onnx" / "export_report.json").write_text(json.dumps(_int8_report(f"{machine}/fmnist:validation")))
+    summary = {
+        **SUMMARY,
+        "dataset": "${FREETICKETS_DATASETS}/fashion_mnist",
+        "test_split_description": "${FREETICKETS_DATASETS}/fashion_mnist [test], 2000 images",
+        "recipe": {**SUMMARY["recipe"], "dataset": "${FREETICKETS_DATASETS}/fashion_mnist"},
+        "base_model": str(tmp_path / "ft"),  # a folder that exists where the card is rendered
+        "base_model_revision": None,
+        "base_model_relation": "finetune",
+    }
+    (folder / "train_summary.json").write_text(json.dumps(summary))
+    calibrated.save_pretrained(folder)
+    card = ModelCard.load(folder / "README.md")
+    assert machine not in card.content and str(tmp_path) not in card.content and "${" not in card.content
+    assert "Fitted on fmnist:validation (2500 of 5000 images)" in card.text
+    assert "held-out images of fmnist:validation" in card.text
+    assert "Fine-tuned from `ft`." in card.text and "huggingface.co/" not in card.text.split("## Usage")[0]
+    assert "base_model" not in card.data.to_dict() and "base_model_relation" not in card.data.to_dict()
+    assert "fashion_mnist [test], 2000 images" in card.text
+
+
+def test_a_local_base_recorded_at_fine_tuning_is_never_linked(model: EnsembleModel, tmp_path: Path) -> None:
+    """A base recorded as a local folder gets no Hub link, whatever exists where the card is rendered."""
+    summary = {**SUMMARY, "base_model": "demo", "base_model_is_repo_id": False, "base_model_relation": "finetune"}
+    card = _save(model, tmp_path / "ft", train_summary=summary)
+    assert "Fine-tuned from `demo`." in card.text and card.data.base_model is None
+    hub = {**summary, "base_model": "freetickets/wrn-edst", "base_model_is_repo_id": True}
+    card = _save(model, tmp_path / "hub", train_summary=hub)
+    assert "Fine-tuned from [`freetickets/wrn-edst`](https://huggingface.co/freetickets/wrn-edst)" in card.text
+    assert card.data.base_model == "freetickets/wrn-edst" and card.data.base_model_relation == "finetune"
+
+
+def _calibrated(tmp_path: Path, **files: dict[str, Any]) -> ModelCard:
+    folder = tmp_path / "cal"
+    folder.mkdir(parents=True)
+    for name, content in files.items():
+        (folder / f"{name}.json").write_text(json.dumps(content))
+    calibrated = make_ensemble(seed=1, members=2, method="dst")
+    calibrated.set_temperature(1.3, fit_on="fashion_mnist:validation (5000 images)")
+    calibrated.save_pretrained(folder)
+    return ModelCard.load(folder / "README.md")
+
+
+def test_a_calibrated_card_labels_uncalibrated_and_calibrated_numbers(tmp_path: Path) -> None:
+    after = {**EVAL_RESULTS, "dataset": "fashion_mnist", "temperature": 1.3}
+    card = _calibrated(tmp_path, train_summary=SUMMARY, eval_results=after)
+    table = card.text.split("## Evaluation")[1]
+    assert "| ensemble (calibrated, T = 1.3000) | 0.9001 | 0.3000 | 0.0120 | 0.1500 |" in table
+    assert "| ensemble (T = 1, uncalibrated) | 0.8125 | 0.5200 | 0.0310 | 0.2700 |" in table
+    assert "| member_0 (calibrated, T = 1.3000) |" in table and "measured before the stored temperature" not in table
+    named = {(r.metric_name, r.metric_value, (r.metric_args or {}).get("temperature")) for r in card.data.eval_results}
+    assert ("NLL (calibrated, T = 1.3000)", 0.3, 1.3) in named and ("NLL (T = 1, uncalibrated)", 0.52, 1.0) in named
+    assert ("ECE (15 bins) (calibrated, T = 1.3000)", 0.012, 1.3) in named
+
+
+def test_a_calibrated_card_with_only_training_numbers_says_they_are_uncalibrated(tmp_path: Path) -> None:
+    card = _calibrated(tmp_path, train_summary=SUMMARY)
+    table = card.text.split("## Evaluation")[1]
+    assert "| ensemble (T = 1, uncalibrated) | 0.8125 |" in table and "calibrated, T" not in table
+    assert "measured before the stored temperature of 1.3000 was fitted" in table
+    assert {r.metric_name for r in card.data.eval_results} >= {"NLL (T = 1, uncalibrated)"}
+
+
+@pytest.mark.parametrize(
+    ("method", "shown", "hidden"),
+    [
+        ("edst", ["explore_epochs: 6", "refine_epochs: 1"], ["epochs: 10", "lr_milestones"]),
+        ("dst", ["epochs: 10", "lr_milestones"], ["explore_epochs", "refine_lrs", "escape_rate"]),
+        ("dense", ["epochs: 10"], ["sparsity", "prune_rate", "explore_epochs"]),
+    ],
+)
+def test_the_recipe_block_shows_only_the_keys_its_method_reads(
+    model: EnsembleModel, tmp_path: Path, method: str, shown: list[str], hidden: list[str]
+) -> None:
+    recipe = {
+        "method": method, "epochs": 10, "lr_milestones": [0.5, 0.75], "explore_epochs": 6, "refine_epochs": 1,
+        "refine_lrs": [0.01], "escape_rate": 0.8, "sparsity": 0.8, "prune_rate": 0.5, "lr": 0.1,
+    }  # fmt: skip
+    card = _save(model, tmp_path / method, train_summary={**SUMMARY, "recipe": recipe})
+    block = card.text.split("## Training recipe")[1].split("```")[1]
+    assert all(key in block for key in shown) and not any(key in block for key in hidden) and "lr: 0.1" in block

@@ -71,7 +71,7 @@ def quantized(carve_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         patch.setattr(quantize_module, "MIN_AGREEMENT", 0.0)
         patch.setattr(quantize_module, "MAX_ACCURACY_DROP", 1.0)
         argv = ["export", "onnx", str(folder), "--quantize", "int8", "--calibration-dataset", str(carve_dataset)]
-        assert main([*argv, "--calibration-samples", "64", "--held-out-samples", "1000"]) == 0
+        assert main([*argv, "--calibration-samples", "64"]) == 0  # the gate: every image left (236)
     report = json.loads((folder / "onnx" / "export_report.json").read_text())
     return folder, report, str(carve_dataset)
 
@@ -87,7 +87,9 @@ def test_int8_graph_is_written_beside_the_fp32_graph(quantized: tuple[Path, dict
     assert int8["graph"] == "onnx/model.int8.onnx" and int8["graph_bytes"] == (folder / int8["graph"]).stat().st_size
     # --calibration-split validation on data without one: the run's carve, 64 to calibrate, the rest held out
     assert int8["calibration_images"] == 64 and int8["held_out_images"] == VAL_SIZE - 64
-    assert int8["source"] == f"{dataset}:validation (the run's carve of 'train')"
+    assert int8["source"] == f"{Path(dataset).name}:validation (the run's carve of 'train')"  # no machine path
+    assert dataset not in (folder / "onnx" / "export_report.json").read_text()
+    assert dataset not in (folder / "README.md").read_text()
     assert set(int8["fp32"]) == set(int8["int8"]) == {"accuracy", "nll", "brier", "ece"}
     card = (folder / "README.md").read_text()
     assert "`onnx/model.onnx` | fp32" in card and "`onnx/model.int8.onnx` | int8 (QDQ)" in card
@@ -145,8 +147,10 @@ def test_members_are_int8_and_the_tail_stays_float32(quantized: tuple[Path, dict
     graph = onnx.load(str(folder / "onnx" / "model.int8.onnx"))
     producer = {out: node for node in graph.graph.node for out in node.output}
     inits = {t.name: t for t in graph.graph.initializer}
-    convs = [node for node in graph.graph.node if node.op_type == "Conv"]
+    convs = [node for node in graph.graph.node if node.op_type == "Conv" and node.input[0] != "pixel_values"]
     assert convs and all(producer[node.input[1]].op_type == "DequantizeLinear" for node in convs)
+    stems = [node for node in graph.graph.node if node.op_type == "Conv" and node.input[0] == "pixel_values"]
+    assert len(stems) == 3 and all(node.input[1] in inits for node in stems)  # each member's first conv: float32
     scale = inits[producer[convs[-1].input[1]].input[1]]
     assert scale.dims[0] > 1  # one scale per output channel
     for op in ("LogSoftmax", "ReduceLogSumExp", "ArgMax", "Exp"):
@@ -173,6 +177,61 @@ def test_failed_gate_writes_nothing(
     err = capsys.readouterr().err
     assert "fails its quality gate on 268 held-out images" in err and "NLL" in err and "ECE" in err
     assert sorted(os.listdir(folder)) == before  # neither graph, nor a report, nor a changed card
+
+
+def test_held_out_samples_are_used_exactly_or_refused_with_the_count(
+    carve_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    folder = _saved_model(tmp_path / "m", carve_dataset)
+    argv = ["export", "onnx", str(folder), "--quantize", "int8", "--calibration-dataset", str(carve_dataset)]
+    assert main([*argv, "--calibration-samples", "64", "--held-out-samples", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "64 to calibrate leave 236 for the quality gate, fewer than --held-out-samples 1000" in err
+    assert "pass --held-out-samples 236" in err and not (folder / "onnx").exists()
+    assert main([*argv, "--calibration-samples", "64", "--held-out-samples", "100"]) == 2
+    assert f"--held-out-samples must be at least {MIN_HELD_OUT}, got 100" in capsys.readouterr().err
+    monkeypatch.setattr(quantize_module, "MIN_AGREEMENT", 0.0)
+    monkeypatch.setattr(quantize_module, "MAX_ACCURACY_DROP", 1.0)
+    assert main([*argv, "--calibration-samples", "64", "--held-out-samples", "210"]) == 0
+    assert "int8: 64 calibration and 210 held-out images of" in capsys.readouterr().err
+    assert json.loads((folder / "onnx" / "export_report.json").read_text())["int8"]["held_out_images"] == 210
+
+
+def test_the_stored_rule_is_checked_on_the_int8_graph_and_the_card_says_so(
+    quantized: tuple[Path, dict, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rule fitted on fp32 outputs is applied to int8 unchanged: the export measures what that changes."""
+    from freetickets_hub.artifact.config import SelectiveConfig
+    from freetickets_hub.uncertainty.selective import decide
+
+    folder = tmp_path / "rule"
+    shutil.copytree(quantized[0], folder)
+    model = EnsembleModel.from_pretrained(folder)
+    fp32 = OnnxEnsemble.from_pretrained(folder)
+    train_rows, _ = validation_carve(400, VAL_SIZE, 0)
+    split = load_eval_split(quantized[2], fp32.config, split="train", rows=train_rows.tolist())
+    held_out = calibration_from_split(split, fp32.config, 64).held_out
+    threshold = float(np.median(fp32(held_out)["probs"].max(1)))  # abstains on about half
+    model.config.ensemble.selective = SelectiveConfig(
+        n=100, fit_on="shapes:validation (100 images)", score="confidence", threshold=threshold, target_risk=0.5,
+        delta=0.1, calibration_coverage=0.5, calibration_risk=0.3, conformal_alpha=0.1, conformal_score="lac",
+        conformal_quantile=0.5,
+    )  # fmt: skip
+    (folder / "config.json").write_text(model.config.to_json())
+    monkeypatch.setattr(quantize_module, "MIN_AGREEMENT", 0.0)
+    monkeypatch.setattr(quantize_module, "MAX_ACCURACY_DROP", 1.0)
+    argv = ["export", "onnx", str(folder), "--quantize", "int8", "--calibration-dataset", quantized[2]]
+    assert main([*argv, "--calibration-samples", "64"]) == 0
+    rule = json.loads((folder / "onnx" / "export_report.json").read_text())["int8"]["selective"]
+    int8 = OnnxEnsemble.from_pretrained(folder, variant="int8")
+    abstain = {name: decide(engine(held_out), model.config.ensemble.selective)[0] for name, engine in
+               (("fp32", OnnxEnsemble.from_pretrained(folder)), ("int8", int8))}  # fmt: skip
+    assert rule["abstain_agreement"] == pytest.approx(float((abstain["fp32"] == abstain["int8"]).mean()))
+    assert rule["int8"]["threshold"]["coverage"] == pytest.approx(float((~abstain["int8"]).mean()))
+    assert 0 < rule["fp32"]["threshold"]["coverage"] < 1 and 0 <= rule["set_agreement"] <= 1
+    card = (folder / "README.md").read_text()
+    assert f"decides as on fp32 for {rule['abstain_agreement']:.2%} of them" in card
+    assert "the same in PyTorch, ONNX Runtime and `handler.py`" not in card
 
 
 def test_bad_requests_are_refused(carve_dataset: Path, tmp_path: Path, capsys) -> None:

@@ -215,3 +215,33 @@ def test_handler_refuses_a_bad_top_k(exported, top_k):
     handler = _load_handler(folder)(str(folder))
     with pytest.raises(ValueError, match=rf"parameters.top_k must be an integer from 1 to 10 classes, got {top_k!r}"):
         handler({"inputs": images[0], "parameters": {"top_k": top_k}})
+
+
+@pytest.mark.parametrize("stored", ["both", "sets only"])
+def test_predict_table_shows_abstain_and_the_prediction_set(exported, tmp_path, capsys, stored):
+    """The table, not only --json, says when the model abstains and which labels its conformal set holds."""
+    from PIL import Image
+
+    _, folder, images = exported
+    if stored == "sets only":
+        folder = Path(shutil.copytree(folder, tmp_path / "sets"))
+        config = json.loads((folder / "config.json").read_text())
+        rule = config["ensemble"]["selective"]
+        for key in ("score", "threshold", "target_risk", "delta", "calibration_coverage", "calibration_risk"):
+            rule[key] = None
+        (folder / "config.json").write_text(json.dumps(config))
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(tmp_path / f"{i:02d}.png"))
+        Image.fromarray(np.asarray(image)).save(paths[-1])
+    assert main(["predict", str(folder), *paths, "--backend", "torch"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert main(["predict", str(folder), *paths, "--backend", "torch", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert ("abstain" in rows[0]) == (stored == "both") and "prediction set" in rows[0]
+    for row, record in zip(rows[1:], records, strict=False):
+        assert row.endswith("{" + ", ".join(record["prediction_set"]) + "}"), row
+        if stored == "both":
+            assert f" {'yes' if record['abstain'] else 'no'}  {{" in row, row
+    if stored == "both":
+        assert {"yes", "no"} <= {row.split()[6] for row in rows[1:-1]}  # the rule really splits these images

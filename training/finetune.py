@@ -281,7 +281,12 @@ def _prepare_output(output_dir: Path, state: PartialState, *, resume: bool, over
 
 
 def _lineage(name: str, base: EnsembleModel) -> dict[str, Any]:
-    """Base id (as given), the Hub commit it resolved to (None for a folder) and its weights' SHA-256."""
+    """Base (a Hub id as given, a folder by its last part only), whether it was a Hub id, the Hub commit it
+    resolved to (None for a folder) and its weights' SHA-256.
+
+    Whether the base is a repo id is decided here, where ``name`` was resolved: the card rendered later,
+    from another working folder, must never turn a local base into a link to the Hub.
+    """
     source = base.source_dir
     assert source is not None  # from_pretrained sets it
     commit = source.name if source.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", source.name) else None
@@ -289,7 +294,13 @@ def _lineage(name: str, base: EnsembleModel) -> dict[str, Any]:
     with open(source / WEIGHTS_NAME, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return {"base_model": name, "base_model_revision": commit, "base_model_sha256": digest.hexdigest()}
+    local = Path(name).is_dir()  # from_pretrained reads a folder that exists, else a Hub id
+    return {
+        "base_model": Path(name).resolve().name if local else name,  # no machine path in the artifact
+        "base_model_is_repo_id": not local,
+        "base_model_revision": commit,
+        "base_model_sha256": digest.hexdigest(),
+    }
 
 
 def _check_lineage(

@@ -7,7 +7,7 @@ import sys
 import traceback
 from typing import TYPE_CHECKING
 
-from freetickets_hub.cli.calibrate import held_out_rows
+from freetickets_hub.cli.calibrate import held_out_rows, public_dataset
 from freetickets_hub.errors import FreeTicketsError
 
 if TYPE_CHECKING:
@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 
 __all__ = ["register", "run_onnx", "run_triton"]
+
+DEFAULT_HELD_OUT = 2000  # int8 gate images without --held-out-samples (fewer when the split has fewer left)
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -44,8 +46,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-dataset-config", default=None, help="datasets configuration name, if several")
     p.add_argument("--calibration-samples", type=int, default=512, help="images to calibrate on (default: 512)")
     p.add_argument(
-        "--held-out-samples", type=int, default=2000,
-        help="further images of the split for the int8 quality gate (default: 2000)",
+        "--held-out-samples", type=int, default=None,
+        help=f"further images of the split for the int8 quality gate, exactly N (default: up to {DEFAULT_HELD_OUT})",
     )  # fmt: skip
     p.set_defaults(func=run_onnx)
     p = formats.add_parser("triton", help="write a Triton model repository for MODEL's onnx/model.onnx")
@@ -139,10 +141,19 @@ def _int8_calibration(args: argparse.Namespace) -> Int8Calibration:
         config,
         split=split,
         dataset_config=args.calibration_dataset_config,
-        max_samples=args.calibration_samples + args.held_out_samples,
+        max_samples=args.calibration_samples + (args.held_out_samples or DEFAULT_HELD_OUT),
         rows=rows,
     )
-    calibration = calibration_from_split(data, config, args.calibration_samples)
-    if rows is not None:  # name the carve, not the training split it was taken from
-        calibration.source = f"{args.calibration_dataset}:validation (the run's carve of {split!r})"
+    calibration = calibration_from_split(data, config, args.calibration_samples, args.held_out_samples)
+    dataset = public_dataset(args.calibration_dataset)  # export_report.json and the card name no machine path
+    calibration.source = (
+        f"{dataset}:{args.calibration_split}"
+        if rows is None
+        else f"{dataset}:validation (the run's carve of {split!r})"  # the carve, not the split it was taken from
+    )
+    print(
+        f"int8: {len(calibration.calibration)} calibration and {len(calibration.held_out)} held-out images of "
+        f"{calibration.source}",
+        file=sys.stderr,
+    )
     return calibration

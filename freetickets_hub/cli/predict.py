@@ -1,4 +1,9 @@
-"""``freetickets predict``: image files classified, with uncertainty, as a table or JSON."""
+"""``freetickets predict``: image files classified, with uncertainty, as a table or JSON.
+
+A file that cannot be read (not an image, truncated, too large) is skipped with one stderr line and
+the others are still predicted; as ``cp`` or ``grep`` do with several operands, the exit status then
+says that some failed: 0 all predicted, 1 some skipped (the results of the rest printed), 2 none.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,12 @@ __all__ = ["register", "run"]
 
 def register(verbs: argparse._SubParsersAction) -> None:
     """Add the verb and its flags."""
-    p = verbs.add_parser("predict", help="classify image files, with uncertainty, as a table or JSON")
+    p = verbs.add_parser(
+        "predict",
+        help="classify image files, with uncertainty, as a table or JSON",
+        description="Classify image files. Exit status: 0 every image predicted, 1 some skipped (one stderr line "
+        "each; the others are printed), 2 none readable or a bad flag.",
+    )
     p.add_argument("model", help="a saved ensemble folder or a Hub repo id")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG...)")
     p.add_argument("--json", action="store_true", help="print one JSON record per image instead of a table")
@@ -55,27 +65,36 @@ def run(args: argparse.Namespace) -> int:
     records = model.predict(images, batch_size=args.batch_size).to_records(top_k=args.top_k)
     if args.json:
         print(json.dumps([{"image": path, **record} for path, record in zip(paths, records, strict=True)], indent=2))
-        return 0
-    selective = "abstain" in records[0]
+    else:
+        print("\n".join(_table(paths, records, args.top_k)))
+        print(f"({backend} backend; entropy = total uncertainty, MI = epistemic, in nats)")
+    skipped = len(args.images) - len(paths)
+    if skipped:  # their own lines are above; the status tells a script that the output is not complete
+        print(f"freetickets predict: {skipped} of {len(args.images)} image(s) skipped", file=sys.stderr)
+    return 1 if skipped else 0
+
+
+def _table(paths: list[str], records: list[dict[str, Any]], top_k: int) -> list[str]:
+    """One row per image; ``abstain`` and the prediction set each get a column when the model stores that rule."""
+    abstains, sets = "abstain" in records[0], "prediction_set" in records[0]
     width = max(len("image"), *(len(path) for path in paths))
     header = f"{'image':<{width}}  {'label':<16} {'conf':>6} {'entropy':>8} {'MI':>8} {'disagree':>8}"
-    header += f" {'abstain':>7}  prediction set" if selective else ""
-    lines = [header + ("  top-k" if args.top_k > 1 else "")]
+    header += f" {'abstain':>7}" if abstains else ""
+    header += "  prediction set" if sets else ""
+    lines = [header + ("  top-k" if top_k > 1 else "")]
     for path, r in zip(paths, records, strict=True):
         line = (
             f"{path:<{width}}  {r['label']:<16} {r['confidence']:>6.3f} {r['entropy']:>8.4f} "
             f"{r['mutual_information']:>8.4f} {r['disagreement']:>8.2f}"
         )
-        if selective:
-            prediction_set = r.get("prediction_set")
-            shown = "{" + ", ".join(map(str, prediction_set)) + "}" if prediction_set is not None else "-"
-            line += f" {'yes' if r['abstain'] else 'no':>7}  {shown}"
-        if args.top_k > 1:
+        if abstains:
+            line += f" {'yes' if r['abstain'] else 'no':>7}"
+        if sets:
+            line += "  {" + ", ".join(map(str, r["prediction_set"])) + "}"
+        if top_k > 1:
             line += "  " + ", ".join(f"{k['label']} {k['probability']:.3f}" for k in r["top_k"])
         lines.append(line)
-    print("\n".join(lines))
-    print(f"({backend} backend; entropy = total uncertainty, MI = epistemic, in nats)")
-    return 0
+    return lines
 
 
 def _readable_images(paths: list[str], input_size: list[int]) -> tuple[list[str], list[Any]]:

@@ -57,12 +57,17 @@ _METHOD_TITLES = {
 }
 
 
-# an absolute POSIX path inside a text (not a URL's path, nor one after `${VAR}`): the card keeps only its last part
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/$}~-])~?/(?:[^\s/'\"()\[\],:]+/)*([^\s/'\"()\[\],:]+)/?")
+# an absolute POSIX path inside a text, or one under `~` or an environment variable (`${FREETICKETS_DATASETS}/x`),
+# but not a URL's path: the card keeps only its last part
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/$}~-])(?:~|\$\{\w+\}|\$\w+)?/(?:[^\s/'\"()\[\],:]+/)*([^\s/'\"()\[\],:]+)/?")
 
 
 def public_text(text: str) -> str:
-    """``text`` without the saving machine's absolute paths: ``/home/me/data/fmnist [test]`` -> ``fmnist [test]``."""
+    """``text`` without the saving machine's paths: ``/home/me/data/fmnist [test]`` -> ``fmnist [test]``.
+
+    A path under an environment variable is a machine path too: ``${FREETICKETS_DATASETS}/fashion_mnist``
+    -> ``fashion_mnist``.
+    """
     return _ABSOLUTE_PATH.sub(r"\1", text)
 
 
@@ -75,6 +80,7 @@ class _Evaluation:
     split: str
     description: str
     rows: dict[str, dict[str, float]]
+    temperature: float  # the calibration temperature the numbers were measured at
 
 
 def render_model_card(model: EnsembleModel, folder: Path | None, *, repo_id: str | None = None) -> ModelCard:
@@ -87,11 +93,13 @@ def render_model_card(model: EnsembleModel, folder: Path | None, *, repo_id: str
     """
     cfg = model.config
     summary = _read_json(folder, SUMMARY_NAME)
-    evaluation = _read_evaluation(folder, summary)
+    evaluations = _read_evaluations(folder, summary, model.temperature)
+    evaluation = evaluations[0] if evaluations else None
+    calibration = cfg.ensemble.calibration
     title = f"{cfg.architecture} {cfg.ensemble.method.upper()} ensemble (M={model.num_members})"
-    eval_results = _eval_results(evaluation)
+    eval_results = [r for e in evaluations for r in _eval_results(e, labelled=calibration is not None)]
     datasets = sorted({d for d in (summary.get("dataset"), evaluation and evaluation.dataset) if is_repo_id(d)})
-    base_model = summary.get("base_model")
+    base_model, base_is_repo = _base_model(summary)
     lineage = {"base_model_relation": summary["base_model_relation"]} if summary.get("base_model_relation") else {}
     card_data = ModelCardData(
         library_name=LIBRARY_NAME,
@@ -99,18 +107,17 @@ def render_model_card(model: EnsembleModel, folder: Path | None, *, repo_id: str
         tags=[*TAGS, cfg.ensemble.method],
         license="apache-2.0",
         datasets=datasets or None,
-        base_model=base_model if is_repo_id(base_model) else None,
+        base_model=base_model if base_is_repo else None,
         model_name=title if eval_results else None,
         eval_results=eval_results or None,
-        **(lineage if is_repo_id(base_model) else {}),
+        **(lineage if base_is_repo else {}),
     )
     weights = folder / WEIGHTS_NAME if folder else None
     file_bytes = weights.stat().st_size if weights and weights.is_file() else 0
     sizes = _member_bytes(weights, model.num_members)
     dense_bytes = sum(t.numel() * t.element_size() for t in model.members[0].state_dict().values())
     costs = summary.get("costs") or {}
-    recipe = (summary.get("finetune") or {}).get("recipe") or summary.get("recipe")  # what the user wrote
-    calibration = cfg.ensemble.calibration
+    recipe = (summary.get("finetune") or {}).get("recipe") or _applicable_keys(summary.get("recipe"))
     template = resources.files("freetickets_hub.model_cards").joinpath("ensemble_card.md").read_text(encoding="utf-8")
     return ModelCard.from_template(
         card_data,
@@ -122,7 +129,7 @@ def render_model_card(model: EnsembleModel, folder: Path | None, *, repo_id: str
         architecture=cfg.architecture,
         method_title=_METHOD_TITLES.get(cfg.ensemble.method, cfg.ensemble.method),
         base_model=base_model,
-        base_model_url=f"https://huggingface.co/{base_model}" if is_repo_id(base_model) else None,
+        base_model_url=f"https://huggingface.co/{base_model}" if base_is_repo else None,
         finetune=_finetune_rows(summary),
         members=_member_rows(model, sizes, evaluation),
         sparsity=cfg.ensemble.sparsity,
@@ -137,7 +144,9 @@ def render_model_card(model: EnsembleModel, folder: Path | None, *, repo_id: str
         fit_on=public_text(calibration.fit_on) if calibration else "",
         calibrated=calibration is not None,
         evaluation=evaluation,
-        results=_result_rows(evaluation),
+        evaluation_sources=" and ".join(sorted({f"`{e.source}`" for e in evaluations})),
+        results=_result_rows(evaluations, calibrated=calibration is not None),
+        uncalibrated_only=calibration is not None and bool(evaluations) and evaluation.temperature != model.temperature,
         recipe=public_text(yaml.safe_dump(recipe, sort_keys=True).strip()) if recipe else "",
         assets=sorted(p.relative_to(folder).as_posix() for p in (folder / ASSETS_DIR).glob("*.png")) if folder else [],
         selective=_selective_section(cfg.ensemble.selective, folder),
@@ -146,13 +155,56 @@ def render_model_card(model: EnsembleModel, folder: Path | None, *, repo_id: str
     )
 
 
+def _base_model(summary: dict[str, Any]) -> tuple[str | None, bool]:
+    """The base a fine-tuned ensemble came from, as the card names it, and whether it is a Hub repo id.
+
+    The fine-tune records which it was (``base_model_is_repo_id``), since whether a name exists as a
+    folder depends on where the card is rendered. Summaries written before that say it by a Hub commit
+    (``base_model_revision``), which a local base never has. A local base is named by its last part.
+    """
+    name = summary.get("base_model")
+    if not isinstance(name, str) or not name:
+        return None, False
+    repo = summary.get("base_model_is_repo_id")
+    if not isinstance(repo, bool):
+        repo = summary.get("base_model_revision") is not None
+    return (name, True) if repo else (Path(name).name or name, False)
+
+
+# recipe keys that only one kind of schedule reads (training/recipe.py): the card shows those of the run's method
+_EDST_KEYS = {
+    "explore_epochs", "refine_epochs", "refine_lrs", "refine_lr_milestones", "escape_rate", "escape_growth",
+    "prune_rate_restart",
+}  # fmt: skip
+_FIXED_EPOCH_KEYS = {"epochs", "lr_milestones"}  # dst, dense, dense_ensemble, static_sparse members
+_MASK_UPDATE_KEYS = {
+    "growth", "prune_rate", "prune_rate_schedule", "prune_rate_final", "update_interval", "update_end", "regrow_pruned",
+}  # fmt: skip
+_MASK_KEYS = {"sparsity", "distribution", "random_mask_rate"}
+_UNUSED_KEYS = {
+    "edst": _FIXED_EPOCH_KEYS,
+    "dst": _EDST_KEYS,
+    "static_sparse": _EDST_KEYS | _MASK_UPDATE_KEYS,
+    "dense_ensemble": _EDST_KEYS | _MASK_UPDATE_KEYS | _MASK_KEYS,
+    "dense": _EDST_KEYS | _MASK_UPDATE_KEYS | _MASK_KEYS,
+}
+
+
+def _applicable_keys(recipe: Any) -> dict[str, Any] | None:
+    """A training recipe without the keys its method never reads (an EDST run has no ``epochs``)."""
+    if not isinstance(recipe, dict):
+        return None
+    unused = _UNUSED_KEYS.get(recipe.get("method"), set())
+    return {key: value for key, value in recipe.items() if key not in unused}
+
+
 def _selective_section(selective: Any, folder: Path | None) -> dict[str, Any] | None:
     """What the card says about the stored selective rule: the fitted numbers and, if evaluated, the test's."""
     if selective is None:
         return None
     rule = ((_read_json(folder, EVAL_RESULTS_NAME).get("selective") or {}).get("stored_rule")) or {}
     plot = folder is not None and (folder / ASSETS_DIR / "risk_coverage.png").is_file()
-    section: dict[str, Any] = {"n": selective.n, "fit_on": selective.fit_on, "plot": plot}
+    section: dict[str, Any] = {"n": selective.n, "fit_on": public_text(selective.fit_on or ""), "plot": plot}
     if selective.score is not None:
         relation = "at least" if selective.score == "confidence" else "at most"
         section["threshold"] = {
@@ -208,12 +260,35 @@ def _graph_rows(folder: Path | None, weights_bytes: int) -> list[dict[str, str]]
         quality = (
             f"top-1 agreement with fp32 {int8['agreement']:.2%}; accuracy {q['accuracy']:.2%} (fp32 "
             f"{fp32['accuracy']:.2%}), NLL {q['nll']:.4f} ({fp32['nll']:.4f}), ECE {q['ece']:.4f} ({fp32['ece']:.4f}) "
-            f"on {int8['held_out_images']} held-out images of {int8['source']}"
+            f"on {int8['held_out_images']} held-out images of {public_text(int8['source'])}"
         )
+        quality += _int8_rule_text(int8.get("selective"))
         rows.append(
             {"file": int8["graph"], "precision": "int8 (QDQ)", "size": size(int8["graph_bytes"]), "quality": quality}
         )
     return rows
+
+
+def _int8_rule_text(selective: Any) -> str:
+    """What the export measured of the stored selective rule (fitted on fp32 outputs) on the int8 graph."""
+    if not isinstance(selective, dict):
+        return ""
+    said = []
+    threshold = {name: (selective.get(name) or {}).get("threshold") for name in ("fp32", "int8")}
+    if _is_number(selective.get("abstain_agreement")) and all(isinstance(t, dict) for t in threshold.values()):
+        fp32, int8 = threshold["fp32"], threshold["int8"]
+        said.append(
+            f"the stored abstention rule (fitted on fp32 outputs, applied unchanged) decides as on fp32 for "
+            f"{selective['abstain_agreement']:.2%} of them; it answers {int8['coverage']:.2%} with error rate "
+            f"{_rate(int8.get('risk'))} (fp32: {fp32['coverage']:.2%}, {_rate(fp32.get('risk'))})"
+        )
+    if _is_number(selective.get("set_agreement")):
+        said.append(f"its prediction sets equal fp32's for {selective['set_agreement']:.2%} of them")
+    return "; " + "; ".join(said) if said else ""
+
+
+def _rate(value: Any) -> str:
+    return f"{value:.4f}" if _is_number(value) else "n/a"
 
 
 # entropy AUROC at or above which the card says the ensemble flags an OOD set, or flags it partly
@@ -282,19 +357,38 @@ def _read_json(folder: Path | None, name: str) -> dict[str, Any]:
     return data
 
 
-def _read_evaluation(folder: Path | None, summary: dict[str, Any]) -> _Evaluation | None:
-    """The run's own evaluation: ``eval_results.json`` when present, else the summary's ``test`` block."""
+def _read_evaluations(folder: Path | None, summary: dict[str, Any], temperature: float) -> list[_Evaluation]:
+    """The run's own evaluations, the one the card leads with first.
+
+    ``eval_results.json`` (``freetickets evaluate``, at the temperature it records) leads when present,
+    else the summary's ``test`` block, measured when training ended: before any calibration, at T = 1.
+    Both are kept when they hold the same split at different temperatures, so a calibrated model shows
+    its numbers before and after calibration.
+    """
+    found = []
     results = _read_json(folder, EVAL_RESULTS_NAME)
     if results.get("dataset") and _metric_rows(results):
         split = str(results.get("split", "test"))
         count = f", {results['num_images']} images" if _is_number(results.get("num_images")) else ""
         description = public_text(f"{results['dataset']} [{split}]{count}")
-        return _Evaluation(EVAL_RESULTS_NAME, str(results["dataset"]), split, description, _metric_rows(results))
+        measured_at = float(results["temperature"]) if _is_number(results.get("temperature")) else temperature
+        rows = _metric_rows(results)
+        found.append(_Evaluation(EVAL_RESULTS_NAME, str(results["dataset"]), split, description, rows, measured_at))
     if summary.get("dataset") and _metric_rows(summary.get("test")):
         split = str((summary.get("recipe") or {}).get("test_split", "test"))
         description = public_text(summary.get("test_split_description") or f"{summary['dataset']} [{split}]")
-        return _Evaluation(SUMMARY_NAME, str(summary["dataset"]), split, description, _metric_rows(summary["test"]))
-    return None
+        test = _Evaluation(
+            SUMMARY_NAME, str(summary["dataset"]), split, description, _metric_rows(summary["test"]), 1.0
+        )
+        other_temperature = bool(found) and _same_split(found[0], test) and found[0].temperature != 1.0
+        if not found or (other_temperature and "ensemble" in test.rows):
+            found.append(test)
+    return found
+
+
+def _same_split(a: _Evaluation, b: _Evaluation) -> bool:
+    """Whether two evaluations name the same split of the same data (a local folder by its last part)."""
+    return (Path(public_text(a.dataset)).name, a.split) == (Path(public_text(b.dataset)).name, b.split)
 
 
 def _metric_rows(block: Any) -> dict[str, dict[str, float]]:
@@ -318,11 +412,20 @@ def _metric_rows(block: Any) -> dict[str, dict[str, float]]:
     return rows
 
 
-def _eval_results(evaluation: _Evaluation | None) -> list[EvalResult]:
-    """``model-index`` entries for the ensemble's metrics (members stay in the card's body)."""
-    if evaluation is None or "ensemble" not in evaluation.rows:
+def _temperature_label(temperature: float) -> str:
+    return "T = 1, uncalibrated" if temperature == 1.0 else f"calibrated, T = {temperature:.4f}"
+
+
+def _eval_results(evaluation: _Evaluation, *, labelled: bool) -> list[EvalResult]:
+    """``model-index`` entries for the ensemble's metrics (members stay in the card's body).
+
+    For a calibrated model (``labelled``) each metric's name says the temperature it was measured at
+    and its ``args`` hold it, so uncalibrated and calibrated values of one metric type stay apart.
+    """
+    if "ensemble" not in evaluation.rows:
         return []
-    dataset = evaluation.dataset if is_repo_id(evaluation.dataset) else Path(evaluation.dataset).name
+    dataset = evaluation.dataset if is_repo_id(evaluation.dataset) else Path(public_text(evaluation.dataset)).name
+    suffix = f" ({_temperature_label(evaluation.temperature)})" if labelled else ""
     return [
         EvalResult(
             task_type="image-classification",
@@ -330,24 +433,28 @@ def _eval_results(evaluation: _Evaluation | None) -> list[EvalResult]:
             dataset_name=dataset,
             dataset_split=evaluation.split,
             metric_type=_METRICS[key][0],
-            metric_name=_METRICS[key][1],
+            metric_name=_METRICS[key][1] + suffix,
             metric_value=round(value, 6),
+            metric_args={"temperature": evaluation.temperature} if labelled else None,
         )
         for key, value in evaluation.rows["ensemble"].items()
     ]
 
 
-def _result_rows(evaluation: _Evaluation | None) -> list[dict[str, str]]:
-    if evaluation is None:
+def _result_rows(evaluations: list[_Evaluation], *, calibrated: bool) -> list[dict[str, str]]:
+    """Table rows: the leading evaluation's members and ensemble, then the other's ensemble (another temperature)."""
+    if not evaluations:
         return []
-    members = sorted((k for k in evaluation.rows if k.startswith("member_")), key=lambda k: int(k.split("_")[-1]))
-    names = [*members, *(["ensemble"] if "ensemble" in evaluation.rows else [])]
+    lead = evaluations[0]
+    members = sorted((k for k in lead.rows if k.startswith("member_")), key=lambda k: int(k.split("_")[-1]))
+    named = [(lead, name) for name in members]
+    named += [(e, "ensemble") for e in evaluations if "ensemble" in e.rows]
     return [
         {
-            "name": name,
-            **{k: f"{evaluation.rows[name][k]:.4f}" if k in evaluation.rows[name] else "n/a" for k in _METRICS},
+            "name": f"{name} ({_temperature_label(e.temperature)})" if calibrated else name,
+            **{k: f"{e.rows[name][k]:.4f}" if k in e.rows[name] else "n/a" for k in _METRICS},
         }
-        for name in names
+        for e, name in named
     ]
 
 
