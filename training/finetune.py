@@ -25,7 +25,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
@@ -33,7 +32,7 @@ from accelerate.utils import parse_flag_from_env
 from freetickets_hub.artifact.config import EnsembleConfig, EnsembleInfo
 from freetickets_hub.artifact.files import prepare_output_dir, write_text_atomic
 from freetickets_hub.artifact.names import WEIGHTS_NAME
-from freetickets_hub.engines.preprocessing import preprocess
+from freetickets_hub.data import fit_images, is_input_sized
 from freetickets_hub.errors import FreeTicketsError, RecipeError
 from freetickets_hub.evaluation.diversity import mask_distance, prediction_diversity
 from freetickets_hub.model.ensemble import EnsembleModel
@@ -50,7 +49,6 @@ from .train import train
 __all__ = ["MODES", "FineTuneRecipe", "finetune", "format_diversity", "load_finetune_recipe", "search_lr"]
 
 LINEAGE_NAME = "finetune_base.json"  # in checkpoints/: what a resumed run must fine-tune again
-_CHUNK = 1024  # images resized per call
 
 
 def finetune(
@@ -346,18 +344,11 @@ def _with_mode(split: Split, mode: str) -> Split:
 def _fit_split(split: Split, cfg: dict[str, Any]) -> ImageSplit:
     """uint8 images resized and cropped exactly as ``EnsembleModel.predict`` preprocesses them."""
     assert isinstance(split, ImageSplit)
-    channels, height, width = cfg["input_size"]
-    crop_pct = float(cfg["crop_pct"])
-    if tuple(split.images.shape[1:]) == (channels, height, width) and int(min(height, width) / crop_pct) == min(
-        height, width
-    ):
+    if split.images.shape[1] == cfg["input_size"][0] and is_input_sized(split.images.shape[2:], cfg):
         return split
     arrays = split.images.permute(0, 2, 3, 1).numpy()  # (N, H, W, C) for PIL
     arrays = arrays[..., 0] if arrays.shape[-1] == 1 else arrays
-    identity = {**cfg, "mean": [0.0] * channels, "std": [1.0] * channels}
-    chunks = [preprocess(list(arrays[i : i + _CHUNK]), identity) for i in range(0, len(arrays), _CHUNK)]
-    images = torch.from_numpy(np.round(np.concatenate(chunks) * 255.0).astype(np.uint8))
-    return ImageSplit(images, split.labels)
+    return ImageSplit(fit_images(list(arrays), cfg), split.labels)
 
 
 def _classifier_weight(member: torch.nn.Module) -> str:
