@@ -211,7 +211,7 @@ def test_calibrate_on_the_runs_own_validation_carve(
     assert seen[0].tolist() == [train_split[int(i)]["label"] for i in rows]
     calibrated = json.loads((out / "config.json").read_text())["ensemble"]["calibration"]
     assert calibrated["temperature"] == 1.5
-    assert calibrated["fit_on"] == f"{tiny_dataset}:validation (24 images)"
+    assert calibrated["fit_on"] == f"{tiny_dataset.name}:validation (24 images)"
 
 
 def test_exclude_classes_drops_their_rows_and_renumbers_the_rest(tiny_dataset: Path) -> None:
