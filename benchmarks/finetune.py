@@ -41,9 +41,9 @@ from quality_report import markdown_table, provenance, provenance_lines, write_r
 from quality_runs import REPO, train_run
 
 from freetickets_hub.artifact.files import write_text_atomic
+from freetickets_hub.data import run_validation_rows
 from freetickets_hub.errors import FreeTicketsError
 from freetickets_hub.evaluation import create_accelerator, load_eval_split, run_inference
-from freetickets_hub.evaluation.data import validation_carve
 from freetickets_hub.model.ensemble import EnsembleModel
 from freetickets_hub.uncertainty.calibration import fit_temperature
 from freetickets_hub.uncertainty.metrics import classification_metrics
@@ -146,11 +146,8 @@ def evaluate(folder: Path, dataset: Path, accelerator: Any) -> dict[str, Any]:
     summary = json.loads((folder / "train_summary.json").read_text())
     recipe = summary["recipe"]
     model = EnsembleModel.from_pretrained(folder)
-    import datasets
-
-    train_rows = len(datasets.load_dataset(str(dataset), split=recipe["train_split"]))
-    val_rows, _ = validation_carve(train_rows, recipe["val_size"], recipe["seed"])
-    val = load_eval_split(str(dataset), model.config, split=recipe["train_split"], rows=val_rows.tolist())
+    val_rows = run_validation_rows(recipe, str(dataset))
+    val = load_eval_split(str(dataset), model.config, split=recipe["train_split"], rows=val_rows)
     test = load_eval_split(str(dataset), model.config, split=recipe["test_split"])
 
     def logits(images: Any) -> Any:

@@ -35,9 +35,9 @@ from onnxruntime.quantization import (
 
 from freetickets_hub.artifact.config import EnsembleConfig
 from freetickets_hub.artifact.names import METADATA_NUM_MEMBERS, METADATA_TEMPERATURE, ONNX_INT8_NAME
+from freetickets_hub.data import EvalSplit
 from freetickets_hub.engines.onnxruntime import OnnxEnsemble
 from freetickets_hub.errors import ExportError
-from freetickets_hub.evaluation.data import EvalSplit
 from freetickets_hub.uncertainty.metrics import classification_metrics
 from freetickets_hub.uncertainty.selective import decide, evaluate_rule
 

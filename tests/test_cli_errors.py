@@ -14,8 +14,8 @@ from PIL import Image
 
 from freetickets_hub import EnsembleModel
 from freetickets_hub.cli import build_parser, main
+from freetickets_hub.data import DATASETS_ENV, resolve_dataset
 from freetickets_hub.errors import RecipeError
-from freetickets_hub.training.data import DATASETS_ENV, resolve_dataset
 from freetickets_hub.training.recipe import load_recipe
 
 from .conftest_hub import make_ensemble
@@ -216,7 +216,7 @@ def test_freetickets_help_stays_torch_free() -> None:
 
 def test_recipe_variable_without_a_default_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(DATASETS_ENV, raising=False)
-    monkeypatch.setattr("freetickets_hub.training.data._checkout_datasets", lambda: None)
+    monkeypatch.setattr("freetickets_hub.data.sources._checkout_datasets", lambda: None)
     with pytest.raises(RecipeError, match=f"needs {DATASETS_ENV}: set it"):
         resolve_dataset("${FREETICKETS_DATASETS}/fashion_mnist")
     assert resolve_dataset("~/x") == os.path.expanduser("~/x") and resolve_dataset("org/ds") == "org/ds"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from freetickets_hub.cli import main
 from freetickets_hub.errors import RecipeError
 from freetickets_hub.training import lr_search
 from freetickets_hub.training.data import augment_batch
-from freetickets_hub.training.finetune import FineTuneRecipe, finetune, load_finetune_recipe, search_lr
+from freetickets_hub.training.finetune import FineTuneRecipe, finetune, load_finetune_recipe, param_groups, search_lr
 from freetickets_hub.training.phases import plan_runs
 from freetickets_hub.training.sparsity import SparseEngine, SparsityConfig, maskable_weights
 
@@ -364,3 +365,68 @@ def test_search_lr_picks_the_good_lr_deterministically_from_the_validation_carve
     test.to_parquet(str(other / "data" / "test-00000-of-00001.parquet"))  # every test label now wrong
     picked, again = search_lr(dataclasses.replace(recipe, dataset=str(other)), tmp_path / "search")
     assert again == table and (picked.lr, picked.backbone_lr) == pytest.approx((0.05, 0.01))
+
+
+def test_a_failed_fine_tune_can_be_run_again(
+    base: Path, fmnist_5_9: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A run that fails before its first checkpoint leaves nothing that refuses its own rerun; the rerun
+    logs the base model's own method (EDST), not the loop's static_sparse."""
+    finetune_module = importlib.import_module(
+        "freetickets_hub.training.finetune"
+    )  # the package re-exports the function
+
+    def crash(*args: object, **kwargs: object) -> dict:
+        raise RuntimeError("out of memory")
+
+    out = tmp_path / "ft"
+    monkeypatch.setattr(finetune_module, "train", crash)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _finetune(base, fmnist_5_9, out)
+    assert not (out / "checkpoints").exists()
+    monkeypatch.undo()
+    assert _finetune(base, fmnist_5_9, out, "--max-steps", "1") == 0
+    printed = capsys.readouterr().out
+    assert "edst: " in printed and "static_sparse" not in printed and "(edst, M=2)" in printed
+    assert (out / "checkpoints" / "finetune_base.json").is_file()  # stopped with a checkpoint: resumable
+    assert _finetune(base, fmnist_5_9, out) == 2  # and then a rerun without --resume is refused
+    assert "already holds a model" in capsys.readouterr().err
+
+
+def test_a_missing_dataset_or_checkpoint_changes_nothing(base: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "ft"
+    assert _finetune(base, tmp_path / "no_such_dataset", out) == 2
+    assert "cannot load dataset" in capsys.readouterr().err and not out.exists()
+    for folder in (out, tmp_path):  # absent, and empty
+        assert main(["finetune", str(base), "--output-dir", str(folder), "--resume", "--dataset", str(base)]) == 2
+        err = capsys.readouterr().err
+        assert "--resume: no checkpoint in" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", ["frozen-masks", "linear-probe"])
+@pytest.mark.parametrize("filter_bias_and_bn", [False, True])
+def test_param_groups_scale_the_backbone_and_spare_biases_and_norms_from_decay(
+    mode: str, filter_bias_and_bn: bool
+) -> None:
+    member = make_ensemble().members[0]
+    recipe = FineTuneRecipe(mode=mode, lr=0.01, backbone_lr=0.002, filter_bias_and_bn=filter_bias_and_bn)
+    groups = param_groups(member, recipe)
+    head = {id(p) for p in member.get_classifier().parameters()}
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in member.parameters())  # every weight once (the engine needs all)
+    backbone_scale = 0.0 if mode == "linear-probe" else pytest.approx(0.2)
+    for group in groups:
+        in_head = {id(p) in head for p in group["params"]}
+        assert len(in_head) == 1  # a group is one part
+        assert group["lr_scale"] == (1.0 if in_head == {True} else backbone_scale)
+        small = [p.ndim <= 1 for p in group["params"]]
+        if filter_bias_and_bn:  # timm's rule: biases and norm parameters never decay, the rest at the recipe's
+            assert group["weight_decay"] == (0.0 if all(small) else recipe.weight_decay) and len(set(small)) == 1
+        else:
+            assert "weight_decay" not in group  # the optimizer's: the recipe's weight_decay
+    names = {id(p): n for n, p in member.named_parameters()}
+    no_decay = {names[id(p)] for g in groups if g.get("weight_decay") == 0.0 for p in g["params"]}
+    assert filter_bias_and_bn == any(n.endswith(".bias") for n in no_decay) == any("bn" in n for n in no_decay)
+    frozen = {id(p) for p in member.parameters() if not p.requires_grad}
+    assert frozen == ({id(p) for p in member.parameters()} - head if mode == "linear-probe" else set())

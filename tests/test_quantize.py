@@ -21,7 +21,7 @@ import torch
 
 from freetickets_hub import EnsembleConfig, EnsembleModel, OnnxEnsemble
 from freetickets_hub.cli import main
-from freetickets_hub.evaluation.data import load_eval_split, validation_carve
+from freetickets_hub.data import load_eval_split, validation_carve
 from freetickets_hub.export import export_onnx
 from freetickets_hub.export import quantize as quantize_module
 from freetickets_hub.export.quantize import MIN_HELD_OUT, Int8Calibration, calibration_from_split
@@ -101,8 +101,8 @@ def test_report_matches_a_rerun_on_the_same_held_out_images(quantized: tuple[Pat
     fp32 = OnnxEnsemble.from_pretrained(folder)
     int8 = OnnxEnsemble.from_pretrained(folder, variant="int8")
     assert int8.output_names == fp32.output_names
-    train_rows, _ = validation_carve(400, VAL_SIZE, 0)
-    split = load_eval_split(dataset, fp32.config, split="train", rows=train_rows.tolist())
+    val_rows = validation_carve(400, VAL_SIZE, 0).val
+    split = load_eval_split(dataset, fp32.config, split="train", rows=val_rows.tolist())
     data = calibration_from_split(split, fp32.config, 64)
     a, b = fp32(data.held_out), int8(data.held_out)
     assert report["int8"]["agreement"] == pytest.approx(float((a["probs"].argmax(1) == b["probs"].argmax(1)).mean()))

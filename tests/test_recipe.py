@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from freetickets_hub.errors import RecipeError
+from freetickets_hub.training.finetune_recipe import FineTuneRecipe
 from freetickets_hub.training.phases import Phase, plan_runs
-from freetickets_hub.training.recipe import load_recipe
+from freetickets_hub.training.recipe import Recipe, load_recipe
+from freetickets_hub.training.sparsity import SparsityConfig
 
 RECIPES = sorted(  # fine-tuning recipes (finetune_*.yaml) are another schema: tests/test_finetune.py
     p
@@ -199,3 +202,44 @@ def test_refine_lr_milestones_and_the_even_split() -> None:
     assert even.lrs == [(0.0, 0.01), (1 / 3, 0.001), (2 / 3, 0.0001)]
     recipe = load_recipe(None, ["refine_lrs=[0.01, 0.001, 0.0001]", "refine_lr_milestones=[0.25, 0.5]"])
     assert plan_runs(recipe)[0].phases[1].lrs == [(0.0, 0.01), (0.25, 0.001), (0.5, 0.0001)]
+
+
+SHIPPED = json.loads((Path(__file__).parent / "shipped_recipes.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_every_shipped_recipe_loads_to_the_values_it_always_had(name: str) -> None:
+    """Recorded before training and fine-tuning recipes got one base: the same keys, the same values.
+
+    A key added later (with a default) is allowed; a changed or lost one is not.
+    """
+    expected = SHIPPED[name]
+    cls = {"Recipe": Recipe, "FineTuneRecipe": FineTuneRecipe}[expected["class"]]
+    values = load_recipe(Path("training/recipes") / name, cls=cls).to_dict()
+    assert {key: values.get(key, "<missing>") for key in expected["values"]} == expected["values"]
+
+
+def test_timm_augmentation_without_an_image_size_fails_when_the_recipe_loads() -> None:
+    with pytest.raises(RecipeError, match=r"augment 'timm' needs `image_size`"):
+        load_recipe(None, ["augment=timm", "dataset=/nowhere"])
+    assert load_recipe(None, ["augment=timm", "image_size=32"]).image_size == 32
+
+
+def test_both_recipes_check_their_shared_keys_with_the_same_rules() -> None:
+    for cls in (Recipe, FineTuneRecipe):
+        with pytest.raises(RecipeError, match=r"recipe key 'prune_rate' must be in \[0, 1\], got 1.5"):
+            load_recipe(None, ["prune_rate=1.5"], cls=cls)
+        with pytest.raises(RecipeError, match=r"recipe key 'augment' must be one of"):
+            load_recipe(None, ["augment=flip"], cls=cls)
+        with pytest.raises(RecipeError, match=r"recipe key 'batch_size' must be at least 1, got 0"):
+            load_recipe(None, ["batch_size=0"], cls=cls)
+    with pytest.raises(RecipeError, match=r"recipe key 'epochs' must be at least 1, got 0"):
+        FineTuneRecipe(epochs=0)
+    with pytest.raises(RecipeError, match=r"unknown recipe key 'sparsity'"):  # a training-only key
+        load_recipe(None, ["sparsity=0.5"], cls=FineTuneRecipe)
+    with pytest.raises(RecipeError, match=r"recipe key 'sparsity' must be in \[0, 1\), got 1.0"):
+        Recipe(sparsity=1.0)
+
+
+def test_the_sparsity_defaults_are_declared_once() -> None:
+    assert Recipe().sparsity_config() == SparsityConfig()

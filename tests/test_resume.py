@@ -62,9 +62,14 @@ def test_resume_matches_uninterrupted_run(
     assert summaries[1]["wall_time_s"] > seconds_before  # the time before the interruption is counted
 
 
-def test_resume_without_checkpoint_starts_fresh(
+def test_resume_without_a_checkpoint_refuses_and_writes_nothing(
     tmp_path: Path, tiny_dataset: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert train_tiny(tmp_path, tiny_dataset, "--resume", overrides=("explore_epochs=0", "num_members=1")) == 0
-    assert "no checkpoint" in capsys.readouterr().out
-    assert (tmp_path / "model.safetensors").is_file()
+    """As accelerate's and the HF Trainer's ``resume_from_checkpoint``: nothing to continue is an error,
+    never a silent run from scratch (for an absent folder and an empty one alike)."""
+    for out in (tmp_path / "absent", tmp_path):
+        assert train_tiny(out, tiny_dataset, "--resume", overrides=("explore_epochs=0", "num_members=1")) == 2
+        err = capsys.readouterr().err
+        assert "--resume: no checkpoint in" in err and "drop --resume to start a new run" in err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "absent").exists() and list(tmp_path.iterdir()) == []

@@ -191,7 +191,7 @@ def test_calibrate_on_the_runs_own_validation_carve(
     """``--split validation`` fits on exactly the rows the run held out (the fit itself is tested elsewhere)."""
     import datasets
 
-    from freetickets_hub.evaluation.data import validation_carve
+    from freetickets_hub.data import validation_carve
     from freetickets_hub.uncertainty import calibration
 
     seen: list[torch.Tensor] = []
@@ -207,7 +207,7 @@ def test_calibrate_on_the_runs_own_validation_carve(
     assert main(["calibrate", str(out), "--dataset", str(tiny_dataset), "--split", "validation"]) == 0
     assert "the 24 images the run held out of 'train' (seed 0)" in capsys.readouterr().out
     train_split = datasets.load_dataset(str(tiny_dataset), split="train")
-    rows, _ = validation_carve(len(train_split), 24, 0)
+    rows = validation_carve(len(train_split), 24, 0).val
     assert seen[0].tolist() == [train_split[int(i)]["label"] for i in rows]
     calibrated = json.loads((out / "config.json").read_text())["ensemble"]["calibration"]
     assert calibrated["temperature"] == 1.5

@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from safetensors.torch import load_file, save_file
 
-from freetickets_hub.artifact.files import write_text_atomic
+from freetickets_hub.artifact.files import prepare_output_dir, write_text_atomic
+from freetickets_hub.artifact.names import CONFIG_NAME
+from freetickets_hub.errors import FreeTicketsError
 
 from .sparsity import SparseEngine
 
@@ -28,6 +30,7 @@ __all__ = [
     "load_average_state",
     "load_checkpoint",
     "load_engine_state",
+    "prepare_run_dir",
     "save_checkpoint",
 ]
 
@@ -107,6 +110,35 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     root = output_dir / CHECKPOINTS
     done = sorted(p for p in root.glob("step_*") if (p / "progress.json").is_file()) if root.is_dir() else []
     return done[-1] if done else None
+
+
+def prepare_run_dir(output_dir: Path, state: PartialState, *, resume: bool, overwrite: bool) -> None:
+    """The one-model-per-folder guard of a training or fine-tuning run (``files.prepare_output_dir``).
+
+    Every process checks, so a refusal is raised by all of them alike; only the main process removes
+    anything (``overwrite``), and the others wait for it. ``resume`` needs a checkpoint to continue
+    from, as ``accelerate``'s and the HF Trainer's ``resume_from_checkpoint`` do: it never silently
+    starts a new run.
+
+    Raises:
+        FreeTicketsError: both flags, ``resume`` without a checkpoint, or a folder holding a model.
+    """
+    if resume and overwrite:
+        raise FreeTicketsError("--resume continues the run in --output-dir, --overwrite replaces it: pass one")
+    if resume and latest_checkpoint(output_dir) is None:
+        if (output_dir / CONFIG_NAME).is_file():
+            raise FreeTicketsError(
+                f"--resume: {str(output_dir)!r} holds a finished model and no checkpoint to continue from; "
+                "nothing was changed (pass --overwrite instead of --resume to train it again)"
+            )
+        raise FreeTicketsError(
+            f"--resume: no checkpoint in {str(output_dir / CHECKPOINTS)!r} to continue from; "
+            "drop --resume to start a new run there"
+        )
+    state.wait_for_everyone()
+    if not overwrite or state.is_main_process:
+        prepare_output_dir(output_dir, overwrite=overwrite, resume=resume, can_resume=True)
+    state.wait_for_everyone()
 
 
 def load_checkpoint(path: Path) -> tuple[Progress, list[Ticket], Ticket | None]:

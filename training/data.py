@@ -1,32 +1,29 @@
-"""Image-classification data from any ``datasets`` source, in one of two forms.
+"""A training recipe's data, in one of two forms, with the run's validation carve and its augmentation.
 
 Small images (``augment: pad_crop_flip | crop | none``) are decoded once into a ``(N, C, H, W)`` uint8
 tensor; augmentation and normalisation run on whole batches on the training device, far cheaper than
 per-image PIL transforms on 2 cores. ImageNet-style data (``augment: timm``) stays a ``datasets``
-table decoded per image through timm's ``create_transform`` in DataLoader workers.
+table decoded per image through timm's ``create_transform`` in DataLoader workers. Decoding, the
+dataset name and the carve come from :mod:`freetickets_hub.data`, which evaluation reads through too.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, Image, load_dataset
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, TensorDataset
 
+from freetickets_hub.data import channels_first, decode_images, resolve_dataset, validation_carve
 from freetickets_hub.errors import RecipeError
-from freetickets_hub.evaluation.data import validation_carve
 
 from .recipe import Recipe
 
 __all__ = [
-    "DATASETS_ENV",
     "ImageData",
     "ImageSplit",
     "Split",
@@ -34,10 +31,7 @@ __all__ = [
     "augment_batch",
     "load_image_data",
     "normalize",
-    "resolve_dataset",
 ]
-
-DATASETS_ENV = "FREETICKETS_DATASETS"  # the folder shipped recipes read their datasets from
 
 
 @dataclass
@@ -143,34 +137,6 @@ class ImageData:
         return normalize(images, torch.tensor(self.mean, device=device), torch.tensor(self.std, device=device))
 
 
-def resolve_dataset(name: str) -> str:
-    """A recipe's ``dataset`` as ``datasets.load_dataset`` takes it: ``${FREETICKETS_DATASETS}`` and ``~`` expanded.
-
-    Shipped recipes name their data ``${FREETICKETS_DATASETS}/fashion_mnist``, so they work from any
-    working folder: the variable names the folder holding the datasets; unset, it defaults to
-    ``shared/datasets`` beside a source checkout (the development layout). A Hub id or a plain path
-    is returned as given (``~`` expanded).
-
-    Raises:
-        RecipeError: the name uses the variable, it is unset and there is no checkout default.
-    """
-    if DATASETS_ENV in name:
-        root = os.environ.get(DATASETS_ENV) or _checkout_datasets()
-        if root is None:
-            raise RecipeError(
-                f"dataset {name!r} needs {DATASETS_ENV}: set it to the folder that holds the datasets "
-                f"(export {DATASETS_ENV}=/path/to/datasets), or pass --set dataset=<Hub id or folder>"
-            )
-        name = name.replace("${" + DATASETS_ENV + "}", root).replace("$" + DATASETS_ENV, root)
-    return os.path.expanduser(name)
-
-
-def _checkout_datasets() -> str | None:
-    """``<checkout>/../shared/datasets`` when this module runs from a source checkout (not from a wheel)."""
-    folder = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
-    return str(folder) if folder.is_dir() else None
-
-
 def load_image_data(recipe: Recipe) -> ImageData:
     """Load the recipe's dataset, carve a seeded validation split from train, apply the sample caps."""
     try:
@@ -204,8 +170,8 @@ def load_image_data(recipe: Recipe) -> ImageData:
     if recipe.val_size:
         if recipe.val_size >= len(train):
             raise RecipeError(f"val_size {recipe.val_size} leaves no training images (train has {len(train)})")
-        val_rows, train_rows = validation_carve(len(train), recipe.val_size, recipe.seed)
-        val, train = _subset(train, val_rows), _subset(train, train_rows)
+        carve = validation_carve(len(train), recipe.val_size, recipe.seed)
+        val, train = _subset(train, carve.val), _subset(train, carve.train)
     train = train.head(recipe.max_train_samples)
     if isinstance(train, StreamedSplit) or stats is None:
         return _streamed_data(recipe, train, val, test, list(label_names), mode)
@@ -263,8 +229,7 @@ def _streamed_data(
     recipe: Recipe, train: StreamedSplit, val: Split | None, test: Split, label_names: list[str], mode: str
 ) -> ImageData:
     """timm's ImageNet-style pipeline: random-resized crop, flip, optional auto-augment; timm's mean/std."""
-    if recipe.image_size is None:
-        raise RecipeError("augment 'timm' needs `image_size` (e.g. 224) in the recipe")
+    assert recipe.image_size is not None  # the recipe refuses augment "timm" without it
     channels = 1 if mode == "L" else 3
     input_size = (channels, recipe.image_size, recipe.image_size)
     mean = IMAGENET_DEFAULT_MEAN if channels == 3 else (0.5,)
@@ -299,14 +264,10 @@ def _image_mode(ds: Dataset, image_col: str) -> str:
 
 
 def _to_tensors(ds: Dataset, image_col: str, label_col: str, mode: str) -> ImageSplit:
-    ds = ds.cast_column(image_col, Image(mode=mode)).with_format("numpy")
-    batch = ds[:]
-    images = batch[image_col]
+    images = decode_images(ds, image_col, mode)  # (N, H, W) or (N, H, W, C)
     if images.dtype == object:
         raise RecipeError(f"images in column {image_col!r} have different sizes: use `augment: timm` with `image_size`")
-    images = torch.from_numpy(np.ascontiguousarray(images))  # (N, H, W) or (N, H, W, C)
-    images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2).contiguous()
-    return ImageSplit(images, torch.from_numpy(batch[label_col]).long())
+    return ImageSplit(channels_first(images), torch.from_numpy(ds.with_format("numpy")[label_col][:]).long())
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

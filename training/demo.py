@@ -12,19 +12,16 @@ import argparse
 import json
 from pathlib import Path
 
-import datasets
 import torch
 
 from freetickets_hub.artifact.files import write_text_atomic
 from freetickets_hub.artifact.names import CONFIG_NAME, README_NAME, SUMMARY_NAME
+from freetickets_hub.data import resolve_dataset, run_validation_rows
 from freetickets_hub.evaluation import EvalSplit, create_accelerator, load_eval_split, run_inference
-from freetickets_hub.evaluation.data import validation_carve
 from freetickets_hub.model.ensemble import EnsembleModel
 from freetickets_hub.uncertainty.calibration import fit_temperature
 from freetickets_hub.uncertainty.metrics import classification_metrics, detection_metrics
 from freetickets_hub.uncertainty.outputs import combine_member_logits
-
-from .data import resolve_dataset
 
 OOD_SOURCE = "sklearn:digits"
 
@@ -41,10 +38,9 @@ def main() -> None:
         raise SystemExit(f"{folder} was trained without a validation carve (val_size 0): nothing to calibrate on")
     model = EnsembleModel.from_pretrained(folder)
     source = resolve_dataset(recipe["dataset"])
-    train = datasets.load_dataset(source, recipe["dataset_config"], split=recipe["train_split"])
-    rows, _ = validation_carve(len(train), recipe["val_size"], recipe["seed"])
+    rows = run_validation_rows(recipe, source)
     load = dict(dataset_config=recipe["dataset_config"])
-    val = load_eval_split(source, model.config, split=recipe["train_split"], rows=rows.tolist(), **load)
+    val = load_eval_split(source, model.config, split=recipe["train_split"], rows=rows, **load)
     cap = recipe.get("max_test_samples")  # the trainer's test split: its first `cap` images
     test_split = f"{recipe['test_split']}[:{cap}]" if cap else recipe["test_split"]
     test = load_eval_split(source, model.config, split=test_split, **load)

@@ -25,32 +25,39 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
 from freetickets_hub.artifact.config import EnsembleConfig, EnsembleInfo
-from freetickets_hub.artifact.files import prepare_output_dir, write_text_atomic
+from freetickets_hub.artifact.files import write_text_atomic
 from freetickets_hub.artifact.names import WEIGHTS_NAME
-from freetickets_hub.engines.preprocessing import preprocess
+from freetickets_hub.data import fit_images, is_input_sized
 from freetickets_hub.errors import FreeTicketsError, RecipeError
 from freetickets_hub.evaluation.diversity import mask_distance, prediction_diversity
 from freetickets_hub.model.ensemble import EnsembleModel
 from freetickets_hub.uncertainty.outputs import combine_member_logits
 
 from . import lr_search
-from .checkpoint import CHECKPOINTS, latest_checkpoint
+from .checkpoint import CHECKPOINTS, latest_checkpoint, prepare_run_dir
 from .costs import layer_flops
 from .data import ImageData, ImageSplit, Split, StreamedSplit, load_image_data, timm_train_transform
 from .finetune_recipe import MODES, FineTuneRecipe, load_finetune_recipe, resolve_pretrained_cfg
 from .sparsity import draw_masks, nonzero_counts
-from .train import train
+from .summary import split_metrics
+from .train import train, weight_decay_groups
 
-__all__ = ["MODES", "FineTuneRecipe", "finetune", "format_diversity", "load_finetune_recipe", "search_lr"]
+__all__ = [
+    "MODES",
+    "FineTuneRecipe",
+    "finetune",
+    "format_diversity",
+    "load_finetune_recipe",
+    "param_groups",
+    "search_lr",
+]
 
 LINEAGE_NAME = "finetune_base.json"  # in checkpoints/: what a resumed run must fine-tune again
-_CHUNK = 1024  # images resized per call
 
 
 def finetune(
@@ -98,7 +105,28 @@ def finetune(
         raise FreeTicketsError(f"{output_dir} is the base model's own folder: choose another --output-dir")
     if search_lr and from_scratch:
         raise RecipeError("--search-lr tunes the fine-tuning LRs; give the from-scratch baseline its LRs with --set")
-    _prepare_output(output_dir, state, resume=resume, overwrite=overwrite)
+    prepare_run_dir(output_dir, state, resume=resume, overwrite=overwrite)
+    try:
+        return _finetune(recipe, base, output_dir, state, resume, max_steps, report_to, from_scratch, search_lr)
+    except BaseException:
+        # a run that left no checkpoint has nothing to resume: leave nothing that would refuse its rerun
+        if state.is_main_process and latest_checkpoint(output_dir) is None:
+            shutil.rmtree(output_dir / CHECKPOINTS, ignore_errors=True)
+        raise
+
+
+def _finetune(
+    recipe: FineTuneRecipe,
+    base: EnsembleModel,
+    output_dir: Path,
+    state: PartialState,
+    resume: bool,
+    max_steps: int | None,
+    report_to: str | None,
+    from_scratch: bool,
+    search_lr: bool,
+) -> dict[str, Any]:
+    """:func:`finetune` once its output folder is ready."""
     lineage = _lineage(recipe.base_model, base)
     sparse = any(base.masks)
     data = load_image_data(recipe.training_recipe(base.config, sparse=sparse))
@@ -108,8 +136,9 @@ def finetune(
     _check_lineage(output_dir, state, lineage, recipe, resume=resume)
     training = recipe.training_recipe(base.config, sparse=sparse)
     state.print(
-        f"fine-tuning {recipe.base_model} in {recipe.mode} mode: augment {recipe.augment}, {recipe.epochs} epochs per "
-        f"member ({recipe.warmup_epochs} warm-up), lr {recipe.lr} (heads), backbone_lr {recipe.backbone_lr}"
+        f"fine-tuning {recipe.base_model} ({base.config.ensemble.method}, M={base.num_members}) in {recipe.mode} "
+        f"mode: augment {recipe.augment}, {recipe.epochs} epochs per member ({recipe.warmup_epochs} warm-up), "
+        f"lr {recipe.lr} (heads), backbone_lr {recipe.backbone_lr}"
     )
     start = _FineTune(recipe, base, data, lineage, lr_search=scores)
     if from_scratch:
@@ -176,29 +205,7 @@ class _FineTune:
         return member, masks
 
     def param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
-        """The backbone at ``backbone_lr / lr`` of the scheduled LR (frozen in a linear probe), the head at 1."""
-        recipe = self.recipe
-        head_ids = {id(p) for p in model.get_classifier().parameters()}
-        named: dict[str, list[tuple[str, torch.nn.Parameter]]] = {"backbone": [], "head": []}
-        for name, param in model.named_parameters():
-            named["head" if id(param) in head_ids else "backbone"].append((name, param))
-        scales = {"backbone": recipe.backbone_lr / recipe.lr, "head": 1.0}
-        if recipe.mode == "linear-probe":  # kept in the optimizer (the sparse engine checks it holds every weight)
-            scales["backbone"] = 0.0
-            for _, param in named["backbone"]:
-                param.requires_grad_(False)
-        groups = []
-        for part, params in named.items():
-            if recipe.filter_bias_and_bn:  # timm's rule: no decay on biases and 1-D (norm) parameters
-                no_decay = [p for n, p in params if p.ndim <= 1 or n.endswith(".bias")]
-                decay = [p for n, p in params if not (p.ndim <= 1 or n.endswith(".bias"))]
-                groups += [
-                    {"params": no_decay, "weight_decay": 0.0, "lr_scale": scales[part]},
-                    {"params": decay, "lr_scale": scales[part]},
-                ]
-            else:
-                groups.append({"params": [p for _, p in params], "lr_scale": scales[part]})
-        return [group for group in groups if group["params"]]
+        return param_groups(model, self.recipe)
 
     def set_train_mode(self, model: torch.nn.Module) -> None:
         if self.recipe.mode == "linear-probe":  # frozen means batch-norm statistics too
@@ -223,6 +230,24 @@ class _FineTune:
         }
         if self.recipe.mode == "linear-probe":
             _linear_probe_costs(summary["costs"], model, data)
+
+
+def param_groups(model: torch.nn.Module, recipe: FineTuneRecipe) -> list[dict[str, Any]]:
+    """The training loop's weight-decay groups (:func:`~.train.weight_decay_groups`), each split into the
+    backbone at ``backbone_lr / lr`` of the scheduled LR (frozen in a linear probe) and the head at 1."""
+    groups = weight_decay_groups(model, recipe.weight_decay, recipe.filter_bias_and_bn)  # before freezing
+    head = {id(p) for p in model.get_classifier().parameters()}
+    scales = {False: recipe.backbone_lr / recipe.lr, True: 1.0}  # by "is a head parameter"
+    if recipe.mode == "linear-probe":  # kept in the optimizer (the sparse engine checks it holds every weight)
+        scales[False] = 0.0
+        for param in model.parameters():
+            param.requires_grad_(id(param) in head)
+    parts = [
+        {**group, "params": [p for p in group["params"] if (id(p) in head) is is_head], "lr_scale": scale}
+        for is_head, scale in sorted(scales.items())
+        for group in groups
+    ]
+    return [part for part in parts if part["params"]]
 
 
 def search_lr(recipe: FineTuneRecipe, work_dir: str | Path) -> tuple[FineTuneRecipe, list[dict[str, float]]]:
@@ -264,20 +289,6 @@ def _search_lr(
     best = lr_search.pick(scored)
     table = [{"lr": c.lr, "backbone_lr": c.backbone_lr, "val_nll": nll} for c, nll in scored]
     return dataclasses.replace(recipe, lr=best.lr, backbone_lr=best.backbone_lr), table
-
-
-def _prepare_output(output_dir: Path, state: PartialState, *, resume: bool, overwrite: bool) -> None:
-    """The shared one-model-per-folder guard (``files.prepare_output_dir``), safe under several processes.
-
-    Every process checks before the main one removes anything (``--overwrite``), so a refusal is raised
-    by all of them alike.
-    """
-    if resume and overwrite:
-        raise FreeTicketsError("--resume continues the run in the folder and --overwrite replaces it: choose one")
-    state.wait_for_everyone()
-    if not overwrite or state.is_main_process:
-        prepare_output_dir(output_dir, overwrite=overwrite, resume=resume, can_resume=True)
-    state.wait_for_everyone()
 
 
 def _lineage(name: str, base: EnsembleModel) -> dict[str, Any]:
@@ -357,18 +368,11 @@ def _with_mode(split: Split, mode: str) -> Split:
 def _fit_split(split: Split, cfg: dict[str, Any]) -> ImageSplit:
     """uint8 images resized and cropped exactly as ``EnsembleModel.predict`` preprocesses them."""
     assert isinstance(split, ImageSplit)
-    channels, height, width = cfg["input_size"]
-    crop_pct = float(cfg["crop_pct"])
-    if tuple(split.images.shape[1:]) == (channels, height, width) and int(min(height, width) / crop_pct) == min(
-        height, width
-    ):
+    if split.images.shape[1] == cfg["input_size"][0] and is_input_sized(split.images.shape[2:], cfg):
         return split
     arrays = split.images.permute(0, 2, 3, 1).numpy()  # (N, H, W, C) for PIL
     arrays = arrays[..., 0] if arrays.shape[-1] == 1 else arrays
-    identity = {**cfg, "mean": [0.0] * channels, "std": [1.0] * channels}
-    chunks = [preprocess(list(arrays[i : i + _CHUNK]), identity) for i in range(0, len(arrays), _CHUNK)]
-    images = torch.from_numpy(np.round(np.concatenate(chunks) * 255.0).astype(np.uint8))
-    return ImageSplit(images, split.labels)
+    return ImageSplit(fit_images(list(arrays), cfg), split.labels)
 
 
 def _classifier_weight(member: torch.nn.Module) -> str:
@@ -405,12 +409,10 @@ def _diversity(
     num = model.num_members
     cka = [[_linear_cka(features[i], features[j]) for j in range(num)] for i in range(num)]
     off_diagonal = [cka[i][j] for i in range(num) for j in range(num) if i != j]
-    labels = data.test.labels
+    scores = split_metrics(member_logits, data.test.labels, 1.0) if labelled else None
     return {
-        "accuracy": (out.probs.argmax(-1) == labels).float().mean().item() if labelled else None,
-        "member_accuracy": [(lg.argmax(-1) == labels).float().mean().item() for lg in member_logits]
-        if labelled
-        else None,
+        "accuracy": scores["ensemble"]["accuracy"] if scores else None,
+        "member_accuracy": [scores[f"member_{i}"]["accuracy"] for i in range(num)] if scores else None,
         "disagreement": out.disagreement.mean().item(),  # share of members off the ensemble's top-1
         "pairwise_disagreement": pairs["disagreement"]["mean"],
         "pairwise_kl": pairs["kl"]["mean"],

@@ -1,21 +1,19 @@
-"""Fine-tuning recipes: one flat dataclass validated as strictly as a training recipe.
-
-The keys a fine-tuning recipe shares with training recipes (data, augmentation, optimisation, the
-prune/regrow rules of ``dst`` mode) are checked by :class:`~.recipe.Recipe` itself, so their rules
-and error messages are the same; the rest (mode, head and backbone LRs, preprocessing overrides) here.
+"""Fine-tuning recipes: the keys shared with training recipes (data, augmentation, optimisation, the
+prune/regrow rules of ``dst`` mode) come from :class:`~.recipe.RecipeBase`, checked there with the
+same rules and messages; the rest (mode, head and backbone LRs, preprocessing overrides) here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from freetickets_hub.artifact.config import EnsembleConfig
 from freetickets_hub.errors import RecipeError
 
-from .recipe import Recipe, _check_types, load_recipe
+from .recipe import Recipe, RecipeBase, load_recipe
 
 __all__ = ["INTERPOLATIONS", "MODES", "FineTuneRecipe", "load_finetune_recipe", "resolve_pretrained_cfg"]
 
@@ -25,32 +23,20 @@ _PREPROCESSING = ("input_size", "mean", "std", "interpolation", "crop_pct")
 
 
 @dataclass
-class FineTuneRecipe:
-    """Everything a fine-tuning run needs; each field can be overridden with ``--set key=value``."""
+class FineTuneRecipe(RecipeBase):
+    """Everything a fine-tuning run needs; each field can be overridden with ``--set key=value``.
+
+    Each member trains ``epochs``, warm-up first, LR x0.1 at each milestone; ``seed + i`` seeds
+    member i's new head, data order and augmentation.
+    """
+
+    CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {**RecipeBase.CHOICES, "mode": MODES}
+    AT_LEAST_ONE: ClassVar[tuple[str, ...]] = (*RecipeBase.AT_LEAST_ONE, "epochs")
 
     # what to fine-tune
     base_model: str | None = None  # a saved ensemble folder or a Hub id (the CLI's MODEL)
     revision: str | None = None  # Hub branch, tag or commit of base_model
     mode: str = "frozen-masks"  # frozen-masks | dst | linear-probe
-    seed: int = 0  # member i's new head, data order and augmentation use seed + i
-
-    # data (any `datasets.load_dataset` source; labels come from its ClassLabel column)
-    dataset: str | None = None
-    dataset_config: str | None = None
-    train_split: str = "train"
-    test_split: str = "test"
-    image_column: str | None = None
-    label_column: str | None = None
-    val_size: int = 0  # carved from the train split with `seed` (ticket selection, calibration)
-    max_train_samples: int | None = None
-    max_test_samples: int | None = None
-    # crop | pad_crop_flip | none (in-memory) | timm (streamed). No flips unless asked: the new task is
-    # unknown, and a mirror image is another class for digits, text and many other tasks.
-    augment: str = "crop"
-    pad: int = 2
-    auto_augment: str | None = None  # augment "timm" only
-    color_jitter: float = 0.0  # augment "timm" only
-    num_workers: int = 0
 
     # preprocessing: null keeps the base model's pretrained_cfg value
     input_size: list[int] | None = None  # [channels, height, width]
@@ -59,38 +45,22 @@ class FineTuneRecipe:
     interpolation: str | None = None
     crop_pct: float | None = None
 
-    # schedule: each member trains `epochs`, warm-up first, LR x0.1 at each milestone
-    epochs: int = 10
-    lr: float = 0.01  # the heads' LR
     backbone_lr: float = 0.001  # the backbone's LR, at most `lr` (unused in linear-probe)
+
+    # the shared keys' fine-tuning defaults
+    val_size: int = 0
+    # No flips unless asked: the new task is unknown, and a mirror image is another class for digits,
+    # text and many other tasks.
+    augment: str = "crop"
+    lr: float = 0.01  # the heads' LR
     warmup_epochs: int = 1
-    lr_milestones: list[float] = field(default_factory=lambda: [0.6, 0.8])  # fractions of `epochs`
-    ticket_selection: str = "last"  # last | best_val
-
-    # dst mode: prune/regrow of the base masks
-    growth: str = "gradient"
-    prune_rate: float = 0.2
-    prune_rate_schedule: str = "constant"
-    prune_rate_final: float = 0.005
+    lr_milestones: list[float] = field(default_factory=lambda: [0.6, 0.8])
+    prune_rate: float = 0.2  # dst mode: gentler than training's, on trained masks
     update_interval: int = 100
-    regrow_pruned: bool = True
-
-    # optimisation
-    batch_size: int = 128
-    eval_batch_size: int = 500
-    momentum: float = 0.9
-    nesterov: bool = False
     weight_decay: float = 1e-4
-    filter_bias_and_bn: bool = False  # no weight decay on biases and norm parameters
-    label_smoothing: float = 0.0
-    grad_accum_steps: int = 1
-    mixed_precision: str = "no"
-    checkpoint_every: int | None = None
 
-    def __post_init__(self) -> None:
-        _check_types(self)
-        if self.mode not in MODES:
-            raise RecipeError(f"recipe key 'mode' must be one of {MODES}, got {self.mode!r}")
+    def check(self) -> None:
+        super().check()
         if not 0.0 <= self.backbone_lr <= self.lr:
             raise RecipeError(
                 f"recipe key 'backbone_lr' must be in [0, lr={self.lr}] (the backbone learns slower than "
@@ -109,15 +79,6 @@ class FineTuneRecipe:
             raise RecipeError(f"recipe key 'interpolation' must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
         if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
             raise RecipeError(f"recipe key 'crop_pct' must be in (0, 1], got {self.crop_pct}")
-        # the keys shared with training recipes are checked by the training recipe itself
-        Recipe(**{**self._shared(), "method": "dst", "dataset": self.dataset or "", "num_members": 1})
-
-    def _shared(self) -> dict[str, Any]:
-        names = {f.name for f in fields(Recipe)}
-        return {k: v for k, v in asdict(self).items() if k in names}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def training_recipe(self, base: EnsembleConfig, *, sparse: bool) -> Recipe:
         """The recipe the training loop runs: one run per member (seed + i), one phase each.
@@ -133,8 +94,11 @@ class FineTuneRecipe:
         else:
             method = "dst" if self.mode == "dst" else "static_sparse"
         size = self.input_size or base.pretrained_cfg.get("input_size")
+        if self.augment == "timm" and not size:
+            raise RecipeError("augment 'timm' needs `input_size` in the recipe: the base model's config has none")
+        shared = {f.name: getattr(self, f.name) for f in fields(RecipeBase)}
         return Recipe(
-            **self._shared(),
+            **{**shared, "dataset": self.dataset or ""},  # the callers refuse a recipe without a dataset
             method=method,
             architecture=base.architecture,
             model_args=dict(base.model_args),

@@ -12,82 +12,83 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
+from freetickets_hub.artifact.config import METHODS as ENSEMBLE_METHODS
 from freetickets_hub.errors import RecipeError
 
 from .sparsity import SparsityConfig
 
-__all__ = ["METHODS", "Recipe", "load_recipe", "parse_overrides"]
+__all__ = ["METHODS", "SPARSE_METHODS", "Recipe", "RecipeBase", "load_recipe", "parse_overrides"]
 
-METHODS = ("edst", "dst", "dense", "dense_ensemble", "static_sparse")
+METHODS = tuple(m for m in ENSEMBLE_METHODS if m != "merged")  # a merged ensemble comes from `freetickets merge`
+SPARSE_METHODS = ("edst", "dst", "static_sparse")
+_SPARSE = SparsityConfig()  # the mask rules' defaults, declared once in training/sparsity.py
 
 
 @dataclass
-class Recipe:
-    """Everything a training run needs; each field can be overridden with ``--set key=value``."""
+class RecipeBase:
+    """The keys training and fine-tuning recipes share, checked here once for both.
 
-    # what to train
-    method: str = "edst"  # edst | dst | dense | dense_ensemble | static_sparse
-    architecture: str = "cifar_wrn10_2"  # any timm model name
-    model_args: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
-    num_members: int = 3  # M (dense: 1)
+    A recipe class adds its own keys, extends the rule tables below (one line per new key) and its
+    cross-key rules in :meth:`check`; a subclass redeclares a shared key only to change its default.
+    """
+
+    # rules on one key each: allowed values, or ranges; messages name the key
+    CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "augment": ("pad_crop_flip", "crop", "none", "timm"),
+        "ticket_selection": ("last", "best_val"),
+        "mixed_precision": ("no", "bf16", "fp16"),
+        "growth": ("gradient", "random"),
+        "prune_rate_schedule": ("constant", "cosine"),
+    }
+    BELOW_ONE: ClassVar[tuple[str, ...]] = ()  # in [0, 1)
+    UP_TO_ONE: ClassVar[tuple[str, ...]] = ("prune_rate", "prune_rate_final")  # in [0, 1]
+    AT_LEAST_ONE: ClassVar[tuple[str, ...]] = ("update_interval", "batch_size", "eval_batch_size", "grad_accum_steps")
+    NOT_NEGATIVE: ClassVar[tuple[str, ...]] = (
+        "epochs",
+        "warmup_epochs",
+        "val_size",
+        "pad",
+        "num_workers",
+        "color_jitter",
+    )
+
     seed: int = 0
 
     # data (any `datasets.load_dataset` source: Hub id or local folder)
-    dataset: str = "../shared/datasets/fashion_mnist"
+    dataset: str | None = None
     dataset_config: str | None = None
     train_split: str = "train"
     test_split: str = "test"
     image_column: str | None = None  # detected from the features when None
     label_column: str | None = None
-    val_size: int = 5000  # carved from the train split with `seed`; used for ticket selection
+    val_size: int = 5000  # carved from the train split with `seed` (ticket selection, calibration)
     max_train_samples: int | None = None  # cap after the validation split is carved
     max_test_samples: int | None = None
-    exclude_classes: list[str] = field(default_factory=list)  # label names held out of every split (near-OOD)
     augment: str = "pad_crop_flip"  # pad_crop_flip | crop | none (in-memory) | timm (ImageNet-style, streamed)
     pad: int = 2  # padding of the random crop
-    image_size: int | None = None  # augment "timm": the square input size, e.g. 224
     auto_augment: str | None = None  # augment "timm": timm auto-augment policy, e.g. "rand-m9-mstd0.5"
+    # augment "timm": colour jitter strength (timm's default is 0.4; the paper's code has none)
+    color_jitter: float = 0.0
     num_workers: int = 0  # DataLoader workers (augment "timm" decodes images in them)
-    color_jitter: float = (
-        0.0  # augment "timm": colour jitter strength (timm's default is 0.4; the paper's code has none)
-    )
 
-    # sparsity (see training/sparsity.py)
-    sparsity: float = 0.8
-    distribution: str = "erk"
-    growth: str = "gradient"
-    prune_rate: float = 0.5
-    prune_rate_schedule: str = "constant"
-    prune_rate_final: float = 0.005
-    update_interval: int = 1000
-    update_end: int | None = None
-    escape_rate: float = 0.8
-    escape_growth: str | None = None
-    regrow_pruned: bool = True  # regrowth may pick the positions just pruned (official code, RigL)
-    prune_rate_restart: str = "escape"  # cosine p restarts at each forced escape (official) | at every "phase"
-
-    # schedule: dst/dense/static_sparse members train `epochs` each, LR x0.1 at each milestone;
-    # edst explores for `explore_epochs` at `lr`, then M refinement phases of `refine_epochs`,
-    # each stepping through `refine_lrs` at `refine_lr_milestones` (evenly when null)
+    # schedule: each member (or DST run) trains `epochs`, LR x0.1 at each milestone
     epochs: int = 10
     lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of `epochs`, in (0, 1)
-    explore_epochs: int = 10
-    refine_epochs: int = 5
-    refine_lrs: list[float] = field(default_factory=lambda: [0.01, 0.001])
-    refine_lr_milestones: list[float] | None = None  # fractions of `refine_epochs` where the next refine LR starts
     lr: float = 0.1
     warmup_epochs: int = 0
     ticket_selection: str = "last"  # last | best_val
-    # SWA-style ticket: the mean of the last fraction of each ticket phase's iterates, masks frozen
-    # there, BatchNorm recomputed on the training split (training/averaging.py); 0: the last iterate
-    average_fraction: float = 0.0
-    # CigL's random weight mask: drop this fraction of every maskable weight in each training
-    # forward pass, on top of the DST mask; never at inference (training/random_mask.py); 0: off
-    random_mask_rate: float = 0.0
+
+    # prune and regrow (training/sparsity.py); fine-tuning uses them in its dst mode
+    growth: str = _SPARSE.growth
+    prune_rate: float = _SPARSE.prune_rate
+    prune_rate_schedule: str = _SPARSE.prune_rate_schedule
+    prune_rate_final: float = _SPARSE.prune_rate_final
+    update_interval: int = _SPARSE.update_interval
+    regrow_pruned: bool = _SPARSE.regrow_pruned  # regrowth may pick the positions just pruned (official code, RigL)
 
     # optimisation
     batch_size: int = 128
@@ -103,46 +104,93 @@ class Recipe:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        choices = {
-            "method": METHODS,
-            "distribution": ("erk", "uniform"),
-            "growth": ("gradient", "random"),
-            "prune_rate_schedule": ("constant", "cosine"),
-            "prune_rate_restart": ("escape", "phase"),
-            "augment": ("pad_crop_flip", "crop", "none", "timm"),
-            "ticket_selection": ("last", "best_val"),
-            "mixed_precision": ("no", "bf16", "fp16"),
-        }
-        for key, allowed in choices.items():
+        for key, allowed in self.CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise RecipeError(f"recipe key {key!r} must be one of {allowed}, got {getattr(self, key)!r}")
-        if self.escape_growth not in (None, "gradient", "random"):
-            raise RecipeError(
-                f"recipe key 'escape_growth' must be gradient, random or null, got {self.escape_growth!r}"
-            )
-        for key in ("sparsity",):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise RecipeError(f"recipe key {key!r} must be in [0, 1), got {getattr(self, key)}")
-        if not 0.0 <= self.random_mask_rate < 1.0:
-            raise RecipeError(f"recipe key 'random_mask_rate' must be in [0, 1), got {self.random_mask_rate}")
-        for key in ("prune_rate", "prune_rate_final", "escape_rate", "average_fraction"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise RecipeError(f"recipe key {key!r} must be in [0, 1], got {getattr(self, key)}")
-        positive = ("num_members", "update_interval", "batch_size", "eval_batch_size", "grad_accum_steps")
-        for key in positive:
+        for keys, inside, interval in (
+            (self.BELOW_ONE, lambda v: 0.0 <= v < 1.0, "[0, 1)"),
+            (self.UP_TO_ONE, lambda v: 0.0 <= v <= 1.0, "[0, 1]"),
+        ):
+            for key in keys:
+                if not inside(getattr(self, key)):
+                    raise RecipeError(f"recipe key {key!r} must be in {interval}, got {getattr(self, key)}")
+        for key in self.AT_LEAST_ONE:
             if getattr(self, key) < 1:
                 raise RecipeError(f"recipe key {key!r} must be at least 1, got {getattr(self, key)}")
-        for key in ("epochs", "explore_epochs", "refine_epochs", "warmup_epochs", "val_size", "pad", "num_workers"):
+        for key in self.NOT_NEGATIVE:
             if getattr(self, key) < 0:
                 raise RecipeError(f"recipe key {key!r} must not be negative, got {getattr(self, key)}")
         if self.lr <= 0:
             raise RecipeError(f"recipe key 'lr' must be positive, got {self.lr}")
+        _check_milestones("lr_milestones", self.lr_milestones, self.epochs, "epochs")
+        self.check()
+
+    def check(self) -> None:
+        """Rules across keys; a subclass adds its own and calls ``super().check()``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Recipe(RecipeBase):
+    """Everything a training run needs; each field can be overridden with ``--set key=value``."""
+
+    CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **RecipeBase.CHOICES,
+        "method": METHODS,
+        "distribution": ("erk", "uniform"),
+        "prune_rate_restart": ("escape", "phase"),
+        "escape_growth": (None, "gradient", "random"),
+    }
+    BELOW_ONE: ClassVar[tuple[str, ...]] = ("sparsity", "random_mask_rate")
+    UP_TO_ONE: ClassVar[tuple[str, ...]] = (*RecipeBase.UP_TO_ONE, "escape_rate", "average_fraction")
+    AT_LEAST_ONE: ClassVar[tuple[str, ...]] = (*RecipeBase.AT_LEAST_ONE, "num_members")
+    NOT_NEGATIVE: ClassVar[tuple[str, ...]] = (*RecipeBase.NOT_NEGATIVE, "explore_epochs", "refine_epochs")
+
+    # what to train
+    method: str = "edst"  # edst | dst | dense | dense_ensemble | static_sparse
+    architecture: str = "cifar_wrn10_2"  # any timm model name
+    model_args: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+    num_members: int = 3  # M (dense: 1)
+
+    # data
+    dataset: str = "../shared/datasets/fashion_mnist"
+    exclude_classes: list[str] = field(default_factory=list)  # label names held out of every split (near-OOD)
+    image_size: int | None = None  # augment "timm": the square input size, e.g. 224
+
+    # sparsity (see training/sparsity.py)
+    sparsity: float = _SPARSE.sparsity
+    distribution: str = _SPARSE.distribution
+    update_end: int | None = _SPARSE.update_end
+    escape_rate: float = _SPARSE.escape_rate
+    escape_growth: str | None = _SPARSE.escape_growth
+    prune_rate_restart: str = "escape"  # cosine p restarts at each forced escape (official) | at every "phase"
+
+    # schedule: dst/dense/static_sparse members train `epochs` each (the shared keys);
+    # edst explores for `explore_epochs` at `lr`, then M refinement phases of `refine_epochs`,
+    # each stepping through `refine_lrs` at `refine_lr_milestones` (evenly when null)
+    explore_epochs: int = 10
+    refine_epochs: int = 5
+    refine_lrs: list[float] = field(default_factory=lambda: [0.01, 0.001])
+    refine_lr_milestones: list[float] | None = None  # fractions of `refine_epochs` where the next refine LR starts
+    # SWA-style ticket: the mean of the last fraction of each ticket phase's iterates, masks frozen
+    # there, BatchNorm recomputed on the training split (training/averaging.py); 0: the last iterate
+    average_fraction: float = 0.0
+    # CigL's random weight mask: drop this fraction of every maskable weight in each training
+    # forward pass, on top of the DST mask; never at inference (training/random_mask.py); 0: off
+    random_mask_rate: float = 0.0
+
+    def check(self) -> None:
+        super().check()
         if self.method == "dense" and self.num_members != 1:
             raise RecipeError(f"method 'dense' trains one model; set num_members: 1 (got {self.num_members})")
         if self.method == "edst" and self.refine_epochs < 1:
             raise RecipeError("method 'edst' needs refine_epochs >= 1: each refinement phase yields one ticket")
         if self.method != "edst" and self.epochs < 1:
             raise RecipeError(f"method {self.method!r} needs epochs >= 1")
+        if self.augment == "timm" and self.image_size is None:
+            raise RecipeError("augment 'timm' needs `image_size` (e.g. 224) in the recipe")
         if self.average_fraction and self.ticket_selection != "last":
             raise RecipeError(
                 "recipe key 'average_fraction' averages the last iterates: it needs ticket_selection: last"
@@ -151,9 +199,6 @@ class Recipe:
             raise RecipeError("recipe key 'refine_lrs' must list at least one learning rate")
         if len(set(self.exclude_classes)) != len(self.exclude_classes):
             raise RecipeError(f"recipe key 'exclude_classes' lists a class twice: {self.exclude_classes}")
-        if self.color_jitter < 0:
-            raise RecipeError(f"recipe key 'color_jitter' must not be negative, got {self.color_jitter}")
-        _check_milestones("lr_milestones", self.lr_milestones, self.epochs, "epochs")
         if self.refine_lr_milestones is not None:
             _check_milestones("refine_lr_milestones", self.refine_lr_milestones, self.refine_epochs, "refine_epochs")
             if len(self.refine_lr_milestones) != len(self.refine_lrs) - 1:
@@ -164,14 +209,10 @@ class Recipe:
 
     @property
     def is_sparse(self) -> bool:
-        return self.method in ("edst", "dst", "static_sparse")
+        return self.method in SPARSE_METHODS
 
     def sparsity_config(self) -> SparsityConfig:
-        names = {f.name for f in fields(SparsityConfig)}
-        return SparsityConfig(**{k: v for k, v in asdict(self).items() if k in names})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return SparsityConfig(**{f.name: getattr(self, f.name) for f in fields(SparsityConfig)})
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None, *, cls: type[Any] = Recipe) -> Any:

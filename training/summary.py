@@ -22,7 +22,7 @@ from .data import ImageData, Split
 from .recipe import Recipe
 from .sparsity import maskable_weights
 
-__all__ = ["JobStats", "accuracy", "build_ensemble", "model_args", "split_logits", "summarize"]
+__all__ = ["JobStats", "accuracy", "build_ensemble", "model_args", "split_logits", "split_metrics", "summarize"]
 
 
 @dataclass
@@ -56,6 +56,22 @@ def split_logits(model: torch.nn.Module, split: Split, data: ImageData, batch_si
 
 def accuracy(model: torch.nn.Module, split: Split, data: ImageData, batch_size: int) -> float:
     return (split_logits(model, split, data, batch_size).argmax(1) == split.labels).float().mean().item()
+
+
+def split_metrics(member_logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> dict[str, dict[str, float]]:
+    """Metrics of the ensemble (with its members' disagreement) and of each member on one split.
+
+    Args:
+        member_logits: ``(M, N, K)`` logits of the members.
+        labels: ``(N,)`` class indices.
+        temperature: the ensemble's temperature (members are scored at 1).
+    """
+    ensemble = combine_member_logits(member_logits, temperature)
+    metrics = {"ensemble": classification_metrics(ensemble.probs, labels)}
+    for index, logits in enumerate(member_logits):
+        metrics[f"member_{index}"] = classification_metrics(torch.softmax(logits, -1), labels)
+    metrics["ensemble"]["disagreement"] = ensemble.disagreement.mean().item()
+    return metrics
 
 
 def build_ensemble(
@@ -95,11 +111,7 @@ def summarize(
     model.to(device)
     member_logits = torch.stack([split_logits(m, data.test, data, recipe.eval_batch_size) for m in model.members])
     model.cpu()
-    ensemble = combine_member_logits(member_logits, model.temperature)
-    test = {"ensemble": classification_metrics(ensemble.probs, data.test.labels)}
-    for index, logits in enumerate(member_logits):
-        test[f"member_{index}"] = classification_metrics(torch.softmax(logits, -1), data.test.labels)
-    test["ensemble"]["disagreement"] = ensemble.disagreement.mean().item()
+    test = split_metrics(member_logits, data.test.labels, model.temperature)
     return {
         "recipe": recipe.to_dict(),
         "method": recipe.method,

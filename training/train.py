@@ -32,11 +32,13 @@ from tqdm.auto import tqdm
 from freetickets_hub.artifact.config import EnsembleConfig
 from freetickets_hub.artifact.files import write_text_atomic
 from freetickets_hub.artifact.names import SUMMARY_NAME
+from freetickets_hub.errors import FreeTicketsError
 from freetickets_hub.model import architectures as _architectures  # noqa: F401  (registers WRNs)
 from freetickets_hub.model.ensemble import EnsembleModel
 
 from .averaging import TicketAverage, in_window
 from .checkpoint import (
+    CHECKPOINTS,
     Progress,
     Ticket,
     latest_checkpoint,
@@ -52,7 +54,7 @@ from .recipe import Recipe
 from .sparsity import SparseEngine
 from .summary import JobStats, accuracy, build_ensemble, model_args, summarize
 
-__all__ = ["MemberStart", "train"]
+__all__ = ["MemberStart", "train", "weight_decay_groups"]
 
 
 class MemberStart(Protocol):
@@ -113,8 +115,9 @@ def train(
     if report_to:
         accelerator.init_trackers("freetickets", config=_flat_config(recipe))
     data = data if data is not None else load_image_data(recipe)
+    method = recipe.method if start is None else start.config.ensemble.method  # fine-tuning: the base's own
     accelerator.print(
-        f"{recipe.method}: {recipe.architecture}, M={recipe.num_members}, "
+        f"{method}: {recipe.architecture}, M={recipe.num_members}, "
         f"sparsity {recipe.sparsity if recipe.is_sparse else 0.0}; {accelerator.num_processes} process(es); "
         f"{len(data.train)} train / {len(data.val) if data.val else 0} val / {len(data.test)} test images"
     )
@@ -123,8 +126,8 @@ def train(
     if checkpoint is not None:
         progress, tickets, best = load_checkpoint(checkpoint)
         accelerator.print(f"resuming from {checkpoint} (step {progress.total_steps})")
-    elif resume:
-        accelerator.print(f"no checkpoint in {output_dir / 'checkpoints'}: starting from scratch")
+    elif resume:  # the CLI refuses this before anything loads (checkpoint.prepare_run_dir)
+        raise FreeTicketsError(f"resume: no checkpoint in {output_dir / CHECKPOINTS} to continue from")
     runs = plan_runs(recipe)
     loop = _Loop(recipe, data, accelerator, output_dir, progress, tickets, best, max_steps, started, start)
     for index in range(progress.run, len(runs)):
@@ -236,9 +239,7 @@ class _Loop:
             model = timm.create_model(
                 recipe.architecture, pretrained=False, num_classes=len(data.label_names), **model_args(recipe, data)
             )
-            params = model.parameters()
-            if recipe.filter_bias_and_bn:  # timm's rule: no decay on biases and 1-D (norm) parameters
-                params = param_groups_weight_decay(model, recipe.weight_decay)
+            params = weight_decay_groups(model, recipe.weight_decay, recipe.filter_bias_and_bn)
         optimizer = torch.optim.SGD(
             params,
             lr=recipe.lr,
@@ -492,6 +493,14 @@ def _ticket(
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     masks = {k: v.cpu().clone() for k, v in engine.masks.items()} if engine is not None else {}
     return Ticket(phase.name, state, masks, val_acc, step)
+
+
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float, filter_bias_and_bn: bool) -> list[dict[str, Any]]:
+    """Optimizer groups: with ``filter_bias_and_bn`` timm's rule (no decay on biases and 1-D norm
+    parameters, ``param_groups_weight_decay``), else one group at the optimizer's ``weight_decay``."""
+    if filter_bias_and_bn:
+        return param_groups_weight_decay(model, weight_decay)
+    return [{"params": list(model.parameters())}]
 
 
 def _flat_config(recipe: Recipe) -> dict[str, Any]:

@@ -235,7 +235,7 @@ def held_out_rows(args: argparse.Namespace) -> tuple[str, list[int] | None]:
     import os
 
     from freetickets_hub.artifact.names import SUMMARY_NAME
-    from freetickets_hub.evaluation.data import validation_carve
+    from freetickets_hub.data import resolve_dataset, run_validation_rows
 
     summary_path = os.path.join(args.model, SUMMARY_NAME)
     if args.split != "validation" or not os.path.isfile(summary_path):
@@ -249,17 +249,14 @@ def held_out_rows(args: argparse.Namespace) -> tuple[str, list[int] | None]:
     recipe = summary["recipe"]
     if not recipe.get("val_size"):
         raise FreeTicketsError(f"{args.dataset!r} has no 'validation' split and the run carved none (val_size 0)")
-    from freetickets_hub.training.data import resolve_dataset
-
     if not _same_dataset(resolve_dataset(recipe["dataset"]), args.dataset):
         raise FreeTicketsError(
             f"the run trained on {recipe['dataset']!r}, not {args.dataset!r}: name a held-out split of this dataset"
         )
-    train = datasets.load_dataset(args.dataset, args.dataset_config, split=recipe["train_split"])
-    rows, _ = validation_carve(len(train), recipe["val_size"], recipe["seed"])
+    rows = run_validation_rows(recipe, args.dataset)
     held_out = f"the {len(rows)} images the run held out of {recipe['train_split']!r} (seed {recipe['seed']})"
     print(f"--split validation: {held_out}")
-    return recipe["train_split"], rows.tolist()
+    return recipe["train_split"], rows
 
 
 def _same_dataset(a: str, b: str) -> bool:

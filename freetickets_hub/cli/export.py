@@ -117,8 +117,8 @@ def _int8_calibration(args: argparse.Namespace) -> Int8Calibration:
     from freetickets_hub.artifact.config import EnsembleConfig
     from freetickets_hub.artifact.hub import resolve_file
     from freetickets_hub.artifact.names import CONFIG_NAME
+    from freetickets_hub.data import load_eval_split
     from freetickets_hub.errors import DatasetError
-    from freetickets_hub.evaluation.data import load_eval_split
     from freetickets_hub.export.quantize import calibration_from_split
 
     if args.calibration_dataset is None:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from freetickets_hub.cli.options import OVERWRITE_HELP
-from freetickets_hub.errors import FreeTicketsError, RecipeError
+from freetickets_hub.errors import RecipeError
 
 __all__ = ["check_architecture", "format_summary_table", "register", "run"]
 
@@ -27,22 +27,17 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from freetickets_hub.artifact.files import prepare_output_dir
-    from freetickets_hub.artifact.names import CONFIG_NAME
-    from freetickets_hub.training import load_recipe, train
-    from freetickets_hub.training.checkpoint import latest_checkpoint
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    if args.resume and args.overwrite:
-        raise FreeTicketsError("--resume continues the run in --output-dir, --overwrite replaces it: pass one")
+    from freetickets_hub.training import load_recipe, train
+    from freetickets_hub.training.checkpoint import prepare_run_dir
+
     recipe = load_recipe(args.recipe, args.set)
     check_architecture(recipe.architecture)
-    output_dir = Path(args.output_dir)
-    if args.resume and latest_checkpoint(output_dir) is None and (output_dir / CONFIG_NAME).is_file():
-        raise FreeTicketsError(
-            f"--resume: {str(output_dir)!r} holds a finished model and no checkpoint to continue from; "
-            "nothing was changed (pass --overwrite instead of --resume to train it again)"
-        )
-    prepare_output_dir(output_dir, overwrite=args.overwrite, resume=args.resume, can_resume=True)
+    # before the trainer's Accelerator, which reads ACCELERATE_USE_CPU itself (PartialState does not)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    prepare_run_dir(Path(args.output_dir), state, resume=args.resume, overwrite=args.overwrite)
     summary = train(recipe, args.output_dir, resume=args.resume, max_steps=args.max_steps, report_to=args.report_to)
     if summary:
         print(format_summary_table(summary))

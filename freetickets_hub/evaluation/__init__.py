@@ -7,9 +7,9 @@ processes with ``accelerate launch -m freetickets_hub.cli evaluate ...``; the nu
 from __future__ import annotations
 
 from freetickets_hub.artifact.names import EVAL_RESULTS_NAME
+from freetickets_hub.data import BUILTIN_SOURCES, UNKNOWN_LABEL, EvalSplit, load_eval_split
 
 from .corruptions import CORRUPTIONS, SEVERITIES, CorruptionTransform, corrupt
-from .data import BUILTIN_SOURCES, UNKNOWN_LABEL, EvalSplit, load_eval_split
 from .diversity import mask_distance, prediction_diversity
 from .inference import Inference, create_accelerator, run_inference
 from .ood_suite import SHIFTS, SUITE_KINDS, SYNTHETIC, ood_kind, shifted_images, synthetic_images

@@ -22,10 +22,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from freetickets_hub.data import EvalSplit
 from freetickets_hub.errors import DatasetError
 
 from .corruptions import CORRUPTIONS, SEVERITIES, CorruptionTransform
-from .data import EvalSplit
 
 __all__ = [
     "HELD_OUT",

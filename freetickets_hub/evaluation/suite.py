@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from freetickets_hub.data import EvalSplit
 from freetickets_hub.errors import DatasetError
 from freetickets_hub.model.ensemble import EnsembleModel
 from freetickets_hub.uncertainty.metrics import (
@@ -34,7 +35,6 @@ from freetickets_hub.uncertainty.outputs import EnsembleOutput, combine_member_l
 from freetickets_hub.uncertainty.selective import evaluate_rule
 
 from .corruptions import CORRUPTIONS, SEVERITIES, CorruptionTransform
-from .data import EvalSplit
 from .diversity import mask_distance, prediction_diversity
 from .inference import create_accelerator, run_inference
 from .ood_suite import KINDS, ood_kind

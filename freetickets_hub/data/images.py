@@ -1,17 +1,19 @@
-"""Evaluation images from any ``datasets`` source, or a built-in one, as uint8 tensors at the model's size.
+"""Images from any ``datasets`` source, or a built-in one, as uint8 tensors: the one image loader.
+
+:func:`load_eval_split` gives a split at a model's size (evaluation, calibration, export); training
+decodes with :func:`decode_images` at the data's own size, and fine-tuning fits those tensors to
+the base model's input with :func:`fit_images`.
 
 Images are converted to the model's channel count (any PIL mode converts to grayscale or RGB; an
 array with 2 or more than 4 channels does not) and brought to its input size with the same resize
-and centre crop that :func:`~freetickets_hub.engines.preprocessing.preprocess` applies, so the numbers match
-what ``EnsembleModel.predict`` would do. Labels are mapped onto the model's ``label_names``.
-
-Built-in sources (no download): ``sklearn:digits``, scikit-learn's 1,797 8×8 handwritten digits
-(values 0..16 scaled to 0..255), a handy out-of-distribution set for small grayscale models.
+and centre crop that :func:`~freetickets_hub.engines.preprocessing.preprocess` applies, so the
+numbers match what ``EnsembleModel.predict`` would do. Labels are mapped onto the model's
+``label_names``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +22,19 @@ import torch
 
 from freetickets_hub.artifact.config import EnsembleConfig
 from freetickets_hub.engines.preprocessing import preprocess
-from freetickets_hub.errors import ConfigError, DatasetError, MissingDependencyError
+from freetickets_hub.errors import ConfigError, DatasetError
 
-__all__ = ["BUILTIN_SOURCES", "UNKNOWN_LABEL", "EvalSplit", "load_eval_split", "validation_carve"]
+from .sources import BUILTIN_SOURCES, load_split
+
+__all__ = [
+    "UNKNOWN_LABEL",
+    "EvalSplit",
+    "channels_first",
+    "decode_images",
+    "fit_images",
+    "is_input_sized",
+    "load_eval_split",
+]
 
 _CHUNK = 1024  # images resized per call, to bound the float32 working memory
 UNKNOWN_LABEL = -1  # label of a class the model does not know (``load_eval_split(..., keep_unknown_classes=True)``)
@@ -44,19 +56,6 @@ class EvalSplit:
     @property
     def description(self) -> str:
         return f"{self.source}:{self.split} ({len(self)} images)"
-
-
-def _load_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as err:
-        raise MissingDependencyError("the built-in dataset 'sklearn:digits' needs scikit-learn") from err
-    digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8), values 0..16
-    return images, digits.target.astype(np.int64), [str(d) for d in range(10)]
-
-
-BUILTIN_SOURCES: dict[str, Callable[[], tuple[np.ndarray, np.ndarray, list[str]]]] = {"sklearn:digits": _load_digits}
 
 
 def load_eval_split(
@@ -101,7 +100,7 @@ def load_eval_split(
             return EvalSplit(source, split, pixels, None)
         label_ids, unknown = _map_labels(torch.from_numpy(labels[keep]), names, config, source, keep_unknown_classes)
         return EvalSplit(source, split, pixels, label_ids, unknown)
-    ds = _load_dataset(source, split, dataset_config)
+    ds = load_split(source, split, dataset_config)
     if rows is not None:
         ds = ds.select(list(rows))
     if len(ds) == 0:
@@ -116,34 +115,6 @@ def load_eval_split(
     ids = torch.as_tensor(np.asarray(ds[label_col][:]), dtype=torch.long)
     labels, unknown = _map_labels(ids, names, config, source, keep_unknown_classes)
     return EvalSplit(source, split, pixels, labels, unknown)
-
-
-def _load_dataset(source: str, split: str, dataset_config: str | None) -> Any:
-    try:
-        import datasets
-    except ImportError as err:
-        raise MissingDependencyError(
-            "evaluating on a dataset needs `datasets`: pip install 'freetickets-hub[train]'"
-        ) from err
-    try:
-        ds = datasets.load_dataset(source, dataset_config, split=split)
-    except (FileNotFoundError, ValueError) as err:  # unknown source / "Unknown split ..." / bad slice
-        if "corresponds to no data" in str(err):  # how datasets reports an empty split or slice
-            raise DatasetError(f"dataset {source!r} split {split!r} is empty") from err
-        raise DatasetError(f"cannot load split {split!r} of dataset {source!r}: {err}") from err
-    if not isinstance(ds, datasets.Dataset):
-        raise DatasetError(f"dataset {source!r} split {split!r} is not a plain (map-style) dataset")
-    return ds
-
-
-def validation_carve(num_rows: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row indices of a seeded validation carve of ``size`` rows, and of the rows left for training.
-
-    Training carves its validation set with this function, so ``calibrate`` can fit on exactly the
-    images a run held out.
-    """
-    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))
-    return order[:size], order[size:]
 
 
 def _subset(size: int, max_samples: int | None, seed: int) -> np.ndarray:
@@ -172,17 +143,48 @@ def _columns(ds: Any, source: str, require_labels: bool) -> tuple[str, str | Non
     return image_col, label_col
 
 
+def decode_images(ds: Any, image_col: str, mode: str) -> np.ndarray:
+    """The images of an ``Image`` column decoded in PIL ``mode`` ("L" or "RGB", any source mode converts):
+    uint8 ``(N, H, W[, C])``, or an object array of images when their sizes differ."""
+    import datasets
+
+    ds = ds.cast_column(image_col, datasets.Image(mode=mode))
+    return ds.with_format("numpy")[image_col][:]
+
+
+def channels_first(array: np.ndarray) -> torch.Tensor:
+    """uint8 ``(N, H, W)`` or ``(N, H, W, C)`` -> a ``(N, C, H, W)`` tensor."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.unsqueeze(1) if tensor.dim() == 3 else tensor.permute(0, 3, 1, 2).contiguous()
+
+
+def is_input_sized(height_width: Sequence[int], pretrained_cfg: Mapping[str, Any]) -> bool:
+    """True when images of this size already have the input size and the eval transform would not touch them."""
+    _, height, width = pretrained_cfg["input_size"]
+    crop_pct = float(pretrained_cfg.get("crop_pct") or 1.0)
+    return tuple(height_width) == (height, width) and int(min(height, width) / crop_pct) == min(height, width)
+
+
+def fit_images(images: Sequence[Any], pretrained_cfg: Mapping[str, Any]) -> torch.Tensor:
+    """PIL images or uint8 arrays resized and cropped exactly as ``preprocess`` does, in uint8 (not normalised)."""
+    channels = pretrained_cfg["input_size"][0]
+    identity = {**pretrained_cfg, "mean": [0.0] * channels, "std": [1.0] * channels}
+    chunks = [preprocess(list(images[i : i + _CHUNK]), identity) for i in range(0, len(images), _CHUNK)]
+    # preprocess gives uint8 / 255 in float32, which maps back to the same uint8 exactly
+    return torch.from_numpy(np.round(np.concatenate(chunks) * 255.0).astype(np.uint8))
+
+
 def _decode(ds: Any, image_col: str, config: EnsembleConfig, where: str) -> torch.Tensor:
     import datasets
 
     feature = ds.features[image_col]
     if isinstance(feature, datasets.Image):
         target = _pil_mode(config, where)
-        ds = ds.cast_column(image_col, datasets.Image(mode=target))  # PIL converts any mode to L / RGB
-        array = ds.with_format("numpy")[image_col][:]
-        if array.dtype == object or not _is_model_sized(array, config):  # mixed sizes, or not yet resized
-            return _fit_images(list(ds[image_col][:]), config)
-        return _channels_first(array)
+        array = decode_images(ds, image_col, target)
+        if array.dtype == object or not is_input_sized(array.shape[1:3], config.pretrained_cfg):
+            pil_images = list(ds.cast_column(image_col, datasets.Image(mode=target))[image_col][:])
+            return fit_images(pil_images, config.pretrained_cfg)  # mixed sizes, or not yet resized
+        return channels_first(array)
     array = np.asarray(ds.with_format("numpy")[image_col][:])
     if feature.dtype == "uint8":  # the numpy formatter widens uint8 arrays to int64
         array = array.astype(np.uint8)
@@ -213,32 +215,12 @@ def _fit_arrays(images: np.ndarray, config: EnsembleConfig, where: str) -> torch
         )
     if images.ndim == 4 and channels == 1:
         images = images[..., 0]
-    if (1 if images.ndim == 3 else channels) == len(wanted) and _is_model_sized(images, config):
-        return _channels_first(images)
+    sized = is_input_sized(images.shape[1:3], config.pretrained_cfg)
+    if (1 if images.ndim == 3 else channels) == len(wanted) and sized:
+        return channels_first(images)
     from PIL import Image
 
-    return _fit_images([Image.fromarray(image) for image in images], config)
-
-
-def _is_model_sized(array: np.ndarray, config: EnsembleConfig) -> bool:
-    """True when images already have the input size and the eval transform would not touch them."""
-    _, height, width = config.pretrained_cfg["input_size"]
-    crop_pct = float(config.pretrained_cfg.get("crop_pct") or 1.0)
-    return tuple(array.shape[1:3]) == (height, width) and int(min(height, width) / crop_pct) == min(height, width)
-
-
-def _fit_images(images: list[Any], config: EnsembleConfig) -> torch.Tensor:
-    """Resize and crop PIL images exactly as ``preprocess`` does, but stay in uint8 (no normalisation)."""
-    channels = config.pretrained_cfg["input_size"][0]
-    identity = {**config.pretrained_cfg, "mean": [0.0] * channels, "std": [1.0] * channels}
-    chunks = [preprocess(images[i : i + _CHUNK], identity) for i in range(0, len(images), _CHUNK)]
-    # preprocess gives uint8 / 255 in float32, which maps back to the same uint8 exactly
-    return torch.from_numpy(np.round(np.concatenate(chunks) * 255.0).astype(np.uint8))
-
-
-def _channels_first(array: np.ndarray) -> torch.Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    return tensor.unsqueeze(1) if tensor.dim() == 3 else tensor.permute(0, 3, 1, 2).contiguous()
+    return fit_images([Image.fromarray(image) for image in images], config.pretrained_cfg)
 
 
 def _map_labels(
