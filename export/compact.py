@@ -1,7 +1,7 @@
 """Sparse weights stored compactly inside an ONNX graph, folded back to dense once at session creation.
 
-A masked weight is stored as the artifact stores it: the bit-packed mask (``numpy.packbits``,
-big-endian) and the values at its set positions. A few constant nodes rebuild the dense tensor::
+A masked weight is stored as the artifact stores it: the bit-packed mask (``artifact.masks``,
+``numpy.packbits`` big-endian) and the values at its set positions. A few constant nodes rebuild the dense tensor::
 
     bits = (mask[:, None] >> [7..0]) & 1          # BitShift, BitwiseAnd, Reshape, Slice
     dense = Where(bits, Gather(values, CumSum(bits) - 1), 0)
@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from freetickets_hub.artifact.masks import pack_mask
 
 __all__ = ["MAX_DENSITY", "MIN_ELEMENTS", "compact_graph_file", "compact_sparse_initializers"]
 
@@ -62,7 +64,7 @@ def compact_sparse_initializers(
             continue
         count += 1
         stem = f"{_PREFIX}.{count}"
-        kept.append(numpy_helper.from_array(np.packbits(mask), f"{stem}.mask"))
+        kept.append(numpy_helper.from_array(pack_mask(mask), f"{stem}.mask"))
         values = dense.reshape(-1)[mask] if mask.any() else np.zeros(1, dense.dtype)  # Gather needs one entry
         kept.append(numpy_helper.from_array(values, f"{stem}.values"))
         kept.append(numpy_helper.from_array(np.array([mask.size], np.int64), f"{stem}.numel"))

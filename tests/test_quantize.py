@@ -268,7 +268,7 @@ def test_int8_quality_on_a_trained_fashion_mnist_ensemble(tmp_path: Path) -> Non
 
 def test_serve_runs_the_int8_graph(quantized: tuple[Path, dict, str], tmp_path: Path) -> None:
     from freetickets_hub.errors import FreeTicketsError
-    from freetickets_hub.serving.engine import check_model, load_engine
+    from freetickets_hub.serving.engine import check_backend_files, load_engine
 
     folder, _, _ = quantized
     engine = load_engine(folder, "onnx", "int8")
@@ -277,10 +277,10 @@ def test_serve_runs_the_int8_graph(quantized: tuple[Path, dict, str], tmp_path: 
     for name, value in engine(pixels).items():
         np.testing.assert_array_equal(value, expected[name], err_msg=name)
     with pytest.raises(FreeTicketsError, match="is a graph of the onnx backend"):
-        check_model(folder, "torch", "int8")
+        check_backend_files(folder, "torch", "int8")
     fp32_only = _saved_model(tmp_path / "fp32_only", Path(quantized[2]))
     assert main(["export", "onnx", str(fp32_only)]) == 0
     with pytest.raises(
         FreeTicketsError, match=r"has no onnx/model.int8.onnx: run `freetickets export onnx .* --quantize int8"
     ):
-        check_model(fp32_only, "onnx", "int8")
+        check_backend_files(fp32_only, "onnx", "int8")

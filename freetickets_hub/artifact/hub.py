@@ -7,6 +7,8 @@ becomes one commit here.
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, constants, hf_hub_download
@@ -21,6 +23,7 @@ from freetickets_hub.errors import ModelNotFoundError
 __all__ = [
     "is_repo_id",
     "push_folder",
+    "push_staged",
     "resolve_file",
 ]
 
@@ -161,3 +164,27 @@ def push_folder(
         create_pr=create_pr,
         repo_type="model",
     )
+
+
+def push_staged(
+    write: Callable[[Path], object],
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload FreeTickets ensemble",
+    create_pr: bool = False,
+    token: str | None = None,
+) -> CommitInfo:
+    """Stage an artifact with ``write(folder)`` in a temporary folder; push it as ONE commit (:func:`push_folder`)."""
+    with tempfile.TemporaryDirectory(prefix="freetickets-push-") as tmp:
+        write(Path(tmp))
+        return push_folder(
+            tmp,
+            repo_id,
+            private=private,
+            revision=revision,
+            commit_message=commit_message,
+            create_pr=create_pr,
+            token=token,
+        )

@@ -21,6 +21,7 @@ __all__ = [
     "ONNX_INT8_NAME",
     "ONNX_NAME",
     "ONNX_VARIANTS",
+    "OUTPUT_NAMES",
     "PICKLE_SUFFIXES",
     "README_NAME",
     "REQUIREMENTS_NAME",
@@ -46,6 +47,16 @@ ONNX_INT8_NAME = f"{ONNX_DIR}/model.int8.onnx"  # the statically quantized graph
 ONNX_VARIANTS = {"fp32": ONNX_NAME, "int8": ONNX_INT8_NAME}  # `variant=` of from_pretrained -> graph file
 EXPORT_REPORT_NAME = f"{ONNX_DIR}/export_report.json"  # the export's check against PyTorch
 INPUT_NAME = "pixel_values"  # the graph's one input
+# the graph's outputs, in order (DESIGN.md, "Runtime outputs"); member_probs is (M, B, K), the others batch-first
+OUTPUT_NAMES = (
+    "logits",
+    "probs",
+    "member_probs",
+    "entropy",
+    "expected_entropy",
+    "mutual_information",
+    "disagreement",
+)
 # model metadata written by the exporter, checked against config.json so a stale graph is caught
 METADATA_TEMPERATURE = "freetickets.temperature"
 METADATA_NUM_MEMBERS = "freetickets.num_members"

@@ -40,7 +40,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from freetickets_hub.serving.engine import check_graph, check_model
+    from freetickets_hub.serving.engine import check_backend_files, check_graph
     from freetickets_hub.serving.server import run_server
     from freetickets_hub.serving.service import ServeSettings
 
@@ -65,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"freetickets serve: error: {err}", file=sys.stderr)
         return 2
-    check_model(settings.model, settings.backend, settings.variant)  # one line naming the fix, before any process
+    check_backend_files(
+        settings.model, settings.backend, settings.variant
+    )  # one line naming the fix, before any process
     if settings.backend == "onnx":
         check_graph(settings.model, settings.variant)  # a corrupt graph never binds the port (openvino: in its loader)
     return run_server(settings)

@@ -1,9 +1,11 @@
-"""``GraphEngine``: what every engine of an exported graph shares, written once.
+"""The engine contract (``Engine``), and ``GraphEngine``: what every engine of an exported graph shares.
 
-An engine declares its interface (one image input of a fixed ``(C, H, W)`` and dtype, the
-DESIGN.md outputs by name), checks its graph against ``config.json`` when it is built, checks each
-batch before running it, and turns images into ``Predictions`` with one ``predict`` loop. A
-backend (ONNX Runtime, OpenVINO) supplies only how the graph is loaded and run (``_run``).
+An engine declares its interface (``input_spec``: one image input of a fixed ``(C, H, W)`` and
+dtype; ``output_specs``: the DESIGN.md outputs by name, dtype and shape), runs preprocessed pixels
+(``__call__``) and turns images into ``Predictions`` (``predict``), as KServe's ``Model`` declares
+its types: the service serves any engine by these. ``GraphEngine`` checks its graph against
+``config.json`` when it is built, checks each batch before running it, and has the one ``predict``
+loop; a backend (ONNX Runtime, OpenVINO) supplies only how the graph is loaded and run (``_run``).
 """
 
 from __future__ import annotations
@@ -12,22 +14,67 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
 from freetickets_hub.artifact.config import EnsembleConfig
-from freetickets_hub.artifact.names import METADATA_NUM_MEMBERS, METADATA_TEMPERATURE
+from freetickets_hub.artifact.names import METADATA_NUM_MEMBERS, METADATA_TEMPERATURE, OUTPUT_NAMES
 from freetickets_hub.engines.preprocessing import ImageInput, batch_starts, check_pixel_shape, preprocess
 from freetickets_hub.errors import ArtifactError
 from freetickets_hub.uncertainty.predictions import Predictions
 
-__all__ = ["PREDICT_OUTPUTS", "GraphEngine"]
+__all__ = ["PREDICT_OUTPUTS", "Engine", "GraphEngine", "TensorSpec", "output_specs"]
 
 logger = logging.getLogger(__name__)
 
-PREDICT_OUTPUTS = ("probs", "entropy", "expected_entropy", "mutual_information", "disagreement")
+PREDICT_OUTPUTS = tuple(name for name in OUTPUT_NAMES if name not in ("logits", "member_probs"))  # what predict reads
 INPUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16"}  # numpy -> Open Inference Protocol
+_MEMBER_AXIS_OUTPUTS = ("member_probs",)  # (M, B, K): the batch is axis 1; every other output is batch-first
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of an engine's interface: its name, OIP datatype, shape (-1: the batch) and batch axis."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    batch_axis: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+def output_specs(config: EnsembleConfig, names: Sequence[str]) -> list[TensorSpec]:
+    """The declared outputs ``names`` of an ensemble engine: float32, ``(B, K)`` logits and probs,
+    ``(M, B, K)`` member_probs, ``(B,)`` the uncertainties."""
+    num_classes, num_members = config.num_classes, config.ensemble.num_members
+    shapes = {"logits": (-1, num_classes), "probs": (-1, num_classes), "member_probs": (num_members, -1, num_classes)}
+    return [
+        TensorSpec(name, "FP32", shapes.get(name, (-1,)), 1 if name in _MEMBER_AXIS_OUTPUTS else 0) for name in names
+    ]
+
+
+class Engine(Protocol):
+    """What the service (and any caller) needs of an engine, whatever runs it (ONNX Runtime, OpenVINO, torch)."""
+
+    config: EnsembleConfig
+
+    @property
+    def providers(self) -> list[str]: ...
+
+    @property
+    def input_spec(self) -> TensorSpec: ...
+
+    @property
+    def output_specs(self) -> list[TensorSpec]: ...
+
+    def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]: ...
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], *, batch_size: int = 64) -> Predictions: ...
 
 
 class GraphEngine:
@@ -47,6 +94,16 @@ class GraphEngine:
     def providers(self) -> list[str]:
         """Where the graph runs (ONNX Runtime's execution providers, or OpenVINO's device)."""
         raise NotImplementedError
+
+    @property
+    def input_spec(self) -> TensorSpec:
+        """The graph's input: its name, datatype and ``(-1, C, H, W)``."""
+        return TensorSpec(self.input_name, DATATYPES[self.input_dtype], (-1, *self.input_shape))
+
+    @property
+    def output_specs(self) -> list[TensorSpec]:
+        """The graph's outputs, in its order (checked to include what ``predict`` reads)."""
+        return output_specs(self.config, self.output_names)
 
     def _run(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         """Run the graph on checked, contiguous ``pixel_values``; the outputs by name."""

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from freetickets_hub.artifact.config import EnsembleConfig
+from freetickets_hub.artifact.masks import scatter_values, unpack_mask
 from freetickets_hub.artifact.names import METADATA_NUM_MEMBERS, METADATA_TEMPERATURE
 from freetickets_hub.engines.base import GraphEngine
 from freetickets_hub.engines.onnxruntime import importable, resolve_graph
@@ -142,7 +143,7 @@ def _fold_compact_weights(model: Any, ov: Any) -> int:
     """Replace each bit-mask decoding subgraph of ``export.compact`` by its dense constant; return how many.
 
     The decoding ends in a ``Reshape`` to ``<stem>.shape``; the dense tensor is the values scattered
-    to the set bits of ``<stem>.mask`` (big-endian ``numpy.packbits``), as the graph computes it.
+    to the set bits of ``<stem>.mask`` (decoded by ``artifact.masks``), as the graph computes it.
     """
     constants = {op.get_friendly_name(): op for op in model.get_ops() if op.get_type_name() == "Constant"}
     count = 0
@@ -153,12 +154,10 @@ def _fold_compact_weights(model: Any, ov: Any) -> int:
         if not (name.startswith(_COMPACT_PREFIX) and name.endswith(".shape")):
             continue
         stem = name.removesuffix(".shape")
-        shape = constants[name].get_data()
-        values = constants[f"{stem}.values"].get_data()
-        bits = np.unpackbits(constants[f"{stem}.mask"].get_data())[: int(np.prod(shape))].astype(bool)
-        dense = np.zeros(bits.size, values.dtype)
-        dense[bits] = values[: int(bits.sum())]
-        op.output(0).replace(ov.opset13.constant(dense.reshape(shape)).output(0))
+        shape = tuple(int(d) for d in constants[name].get_data())
+        mask = unpack_mask(constants[f"{stem}.mask"].get_data(), shape, name=f"{stem}.mask")
+        dense = scatter_values(mask, constants[f"{stem}.values"].get_data())
+        op.output(0).replace(ov.opset13.constant(dense).output(0))
         count += 1
     if count:
         model.validate_nodes_and_infer_types()

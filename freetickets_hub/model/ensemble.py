@@ -5,10 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -16,27 +13,19 @@ import numpy as np
 import timm
 import torch
 from huggingface_hub import CommitInfo, ModelCard, PyTorchModelHubMixin
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from freetickets_hub import __version__
+from freetickets_hub.artifact.companions import companion_source, copy_companions, write_endpoint_files
 from freetickets_hub.artifact.config import CalibrationConfig, EnsembleConfig
-from freetickets_hub.artifact.files import atomic_path, visible_files, write_text_atomic
-from freetickets_hub.artifact.hub import push_folder, resolve_file
-from freetickets_hub.artifact.masks import VALUES_DTYPES, decode_member, encode_member
-from freetickets_hub.artifact.names import (
-    ASSETS_DIR,
-    CONFIG_NAME,
-    EVAL_RESULTS_NAME,
-    HANDLER_NAME,
-    LIBRARY_NAME,
-    ONNX_DIR,
-    PICKLE_SUFFIXES,
-    README_NAME,
-    REQUIREMENTS_NAME,
-    SUMMARY_NAME,
-    WEIGHTS_NAME,
+from freetickets_hub.artifact.files import write_text_atomic
+from freetickets_hub.artifact.hub import push_staged, resolve_file
+from freetickets_hub.artifact.names import CONFIG_NAME, LIBRARY_NAME, README_NAME, WEIGHTS_NAME
+from freetickets_hub.artifact.weights import (
+    decode_members,
+    encode_members,
+    read_weights,
+    stored_values_dtype,
+    write_weights,
 )
 from freetickets_hub.engines.preprocessing import ImageInput, batch_starts, check_pixel_shape, preprocess
 from freetickets_hub.errors import ArtifactError, ConfigError
@@ -49,7 +38,6 @@ __all__ = ["EnsembleModel"]
 
 logger = logging.getLogger(__name__)
 
-_DTYPE_NAMES = {dtype: name for name, dtype in VALUES_DTYPES.items()}
 _UNCERTAINTY = ("entropy", "expected_entropy", "mutual_information", "disagreement")
 
 
@@ -196,7 +184,75 @@ class EnsembleModel(
 
         return export_member(self, index, save_directory)
 
-    # ----- saving -----------------------------------------------------------------------------------
+    # ----- persistence: the mixin's hooks, the file format in artifact/ ----------------------------------
+
+    def _save_pretrained(
+        self,
+        save_directory: Path,
+        *,
+        values_dtype: str | None = None,
+        extras_from: str | Path | None = None,
+        repo_id: str | None = None,
+    ) -> None:
+        """The mixin's save hook: every file of the artifact, each written atomically, the card last.
+
+        The keyword arguments are those of :meth:`save_pretrained`; the file format lives in
+        ``artifact.weights`` (the codec) and ``artifact.companions`` (what travels beside it).
+        """
+        save_directory = Path(save_directory)
+        values_dtype = values_dtype or self.values_dtype
+        tensors = encode_members([member.state_dict() for member in self.members], self.masks, values_dtype)
+        config_json = self.config.to_json()
+        companions = companion_source(
+            save_directory,
+            extras_from=extras_from,
+            source_dir=self.source_dir,
+            tensors=tensors,
+            config=json.loads(config_json),
+        )
+        write_weights(save_directory / WEIGHTS_NAME, tensors, values_dtype)
+        write_text_atomic(save_directory / CONFIG_NAME, config_json)
+        if companions is not None:
+            copy_companions(companions, save_directory)
+        write_endpoint_files(save_directory)
+        card = self.generate_model_card(save_directory=save_directory, repo_id=repo_id)
+        write_text_atomic(save_directory / README_NAME, str(card))
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str | torch.device = "cpu",
+    ) -> EnsembleModel:
+        """The mixin's load hook: resolve ``config.json`` and ``model.safetensors``, decode strictly."""
+        download = dict(
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            token=token,
+            local_files_only=local_files_only,
+        )
+        config_path = resolve_file(model_id, CONFIG_NAME, **download)
+        config = EnsembleConfig.from_json_file(str(config_path))
+        weights = resolve_file(model_id, WEIGHTS_NAME, **download)
+        tensors = read_weights(weights)
+        model = cls(config, independent_init=False)  # every weight is overwritten from the file right after
+        templates = [member.state_dict() for member in model.members]
+        decoded = decode_members(tensors, templates, source=weights, architecture=config.architecture)
+        for index, (member, (state, masks)) in enumerate(zip(model.members, decoded, strict=True)):
+            member.load_state_dict(state, strict=True)  # a copy into the module: cheaper than assigning
+            model.masks[index] = masks
+        model._check_input_channels(config_path)
+        model.source_dir = config_path.parent
+        model.values_dtype = stored_values_dtype(tensors)
+        # `.to` walks every module: skip it when the tensors already live there (the common CPU case)
+        return model if torch.device(map_location) == torch.device("cpu") else model.to(map_location)
 
     def save_pretrained(  # type: ignore[override]
         self,
@@ -216,6 +272,10 @@ class EnsembleModel(
         :attr:`source_dir` when the ensemble is unchanged since it was loaded (they would describe
         other weights otherwise, so they are left out with a warning).
 
+        Not the mixin's ``save_pretrained``: that one deletes ``config.json`` before its hook runs (a
+        failed save would leave the folder without one) and keeps an existing ``README.md`` (a stale
+        card); here the hook :meth:`_save_pretrained` writes every file, atomically.
+
         Args:
             save_directory: the folder (created if needed).
             values_dtype: dtype of the stored conv/linear weights (sparse values and layers the
@@ -229,27 +289,9 @@ class EnsembleModel(
         Returns:
             The commit when pushed, else None.
         """
-        save_directory = Path(save_directory)
-        values_dtype = values_dtype or self.values_dtype
-        tensors = self._encode(values_dtype)
-        config = json.loads(self.config.to_json())
-        extras = self._extras_source(save_directory, extras_from, tensors, config)
-        with atomic_path(save_directory / WEIGHTS_NAME) as tmp:
-            save_file(
-                tensors, str(tmp), metadata={"format": "pt", "library": LIBRARY_NAME, "values_dtype": values_dtype}
-            )
-        write_text_atomic(save_directory / CONFIG_NAME, self.config.to_json())
-        if extras is not None:
-            for name in _companion_files(extras):
-                with atomic_path(save_directory / name) as tmp:
-                    shutil.copyfile(extras / name, tmp)
-        handler = resources.files("freetickets_hub.model").joinpath("endpoint_handler.py").read_text(encoding="utf-8")
-        write_text_atomic(save_directory / HANDLER_NAME, handler)
-        write_text_atomic(save_directory / REQUIREMENTS_NAME, f"freetickets-hub[torch]>={__version__}\n")
-        card = render_model_card(self, save_directory, repo_id=repo_id)
-        write_text_atomic(save_directory / README_NAME, str(card))
+        self._save_pretrained(Path(save_directory), values_dtype=values_dtype, extras_from=extras_from, repo_id=repo_id)
         if push_to_hub:
-            return self.push_to_hub(repo_id or save_directory.name, **push_to_hub_kwargs)
+            return self.push_to_hub(repo_id or Path(save_directory).name, **push_to_hub_kwargs)
         return None
 
     def push_to_hub(  # type: ignore[override]
@@ -268,6 +310,8 @@ class EnsembleModel(
 
         Only the artifact's files travel (config, safetensors weights, card, handler, requirements,
         and the companions :meth:`save_pretrained` copies): never pickles or training checkpoints.
+        Not the mixin's ``push_to_hub``: that one uploads with ``upload_folder``, which may split a
+        large folder over several commits, and takes ``branch`` where this API takes ``revision``.
 
         Args:
             repo_id: ``org/name`` on the Hub.
@@ -279,58 +323,21 @@ class EnsembleModel(
             values_dtype: as in :meth:`save_pretrained`.
             extras_from: as in :meth:`save_pretrained`.
         """
-        with tempfile.TemporaryDirectory(prefix="freetickets-push-") as tmp:
-            self.save_pretrained(tmp, values_dtype=values_dtype, extras_from=extras_from, repo_id=repo_id)
-            return push_folder(
-                tmp,
-                repo_id,
-                private=private,
-                revision=revision,
-                commit_message=commit_message,
-                create_pr=create_pr,
-                token=token,
-            )
+        return push_staged(
+            lambda folder: self._save_pretrained(
+                folder, values_dtype=values_dtype, extras_from=extras_from, repo_id=repo_id
+            ),
+            repo_id,
+            private=private,
+            revision=revision,
+            commit_message=commit_message,
+            create_pr=create_pr,
+            token=token,
+        )
 
     def generate_model_card(self, *args: Any, save_directory: Path | None = None, **kwargs: Any) -> ModelCard:
+        """The mixin's card hook: the card of ``model_cards/``, its numbers read from ``save_directory``."""
         return render_model_card(self, save_directory, repo_id=kwargs.get("repo_id"))
-
-    def _encode(self, values_dtype: str) -> dict[str, torch.Tensor]:
-        """The safetensors dict: every conv/linear weight (>= 2-D float), sparse or left dense by the
-        sparsity distribution, is stored in ``values_dtype``; biases and norm tensors keep their dtype."""
-        if values_dtype not in VALUES_DTYPES:
-            raise ValueError(f"values_dtype must be one of {sorted(VALUES_DTYPES)}, got {values_dtype!r}")
-        dtype = VALUES_DTYPES[values_dtype]
-        tensors: dict[str, torch.Tensor] = {}
-        for index, member in enumerate(self.members):
-            state = {
-                name: t.to(dtype) if t.is_floating_point() and t.dim() >= 2 else t
-                for name, t in member.state_dict().items()
-            }
-            tensors.update(encode_member(index, state, self.masks[index], values_dtype=values_dtype))
-        return tensors
-
-    def _extras_source(
-        self, save_directory: Path, extras_from: str | Path | None, tensors: dict[str, torch.Tensor], config: dict
-    ) -> Path | None:
-        """The folder to copy companions from, or None; warns when companions no longer match the weights."""
-        source = Path(extras_from) if extras_from is not None else self.source_dir
-        if source is not None and source.resolve() == save_directory.resolve():
-            target_companions = _companion_files(save_directory)
-            if target_companions and extras_from is None and not _holds_artifact(save_directory, tensors, config):
-                logger.warning("%s in %s describe the weights being replaced there", target_companions, save_directory)
-            return None  # they are in place already
-        stale = extras_from is None and source is not None and _companion_files(source)
-        if stale and not _holds_artifact(source, tensors, config):
-            logger.warning(
-                "Not copying %s from %s: the ensemble changed since it was loaded, so they would describe "
-                "other weights. Re-export / re-evaluate, or pass extras_from= to copy them anyway.",
-                stale,
-                source,
-            )
-            return None
-        return source
-
-    # ----- loading ----------------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
@@ -349,6 +356,11 @@ class EnsembleModel(
         Nothing from the repo is executed: ``handler.py`` is never imported and no pickle is read.
         ``HF_HUB_OFFLINE=1`` resolves repo ids from the local Hub cache only.
 
+        Not the mixin's ``from_pretrained``: that one fetches ``config.json`` itself, untagged by our
+        ``library_name`` and with huggingface_hub's errors (a mistyped folder becomes a repo-id
+        validation error); here :func:`.artifact.hub.resolve_file` resolves every file inside the
+        hook :meth:`_from_pretrained`.
+
         Args:
             pretrained_model_name_or_path: a folder, or a Hub repo id (``org/name``).
             revision: branch, tag or commit hash on the Hub.
@@ -362,26 +374,15 @@ class EnsembleModel(
             ConfigError: ``config.json`` is malformed or has impossible values.
             ArtifactError: a tensor is missing, extra, mis-shaped or the file is corrupt.
         """
-        download = dict(
+        return cls._from_pretrained(
+            model_id=str(pretrained_model_name_or_path),
             revision=revision,
             cache_dir=cache_dir,
             force_download=force_download,
-            token=token,
             local_files_only=local_files_only,
+            token=token,
+            map_location=map_location,
         )
-        config_path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, **download)
-        config = EnsembleConfig.from_json_file(str(config_path))
-        weights = resolve_file(pretrained_model_name_or_path, WEIGHTS_NAME, **download)
-        tensors = _read_tensors(weights)
-        model = cls(config, independent_init=False)  # every weight is overwritten from the file right after
-        model._load_tensors(tensors, weights)
-        model._check_input_channels(config_path)
-        model.source_dir = config_path.parent
-        model.values_dtype = next(
-            (_DTYPE_NAMES.get(t.dtype, "float32") for k, t in tensors.items() if k.endswith(".values")), "float32"
-        )
-        # `.to` walks every module: skip it when the tensors already live there (the common CPU case)
-        return model if torch.device(map_location) == torch.device("cpu") else model.to(map_location)
 
     def _check_input_channels(self, config_path: Path) -> None:
         """``pretrained_cfg.input_size`` must give the channel count the first conv's weights take."""
@@ -397,57 +398,3 @@ class EnsembleModel(
                 f"{config_path}: pretrained_cfg.input_size {list(input_size)} has {input_size[0]} channel(s), but the "
                 f"weights take {weight.shape[1]} (model_args.in_chans {self.config.model_args.get('in_chans', 3)})"
             )
-
-    def _load_tensors(self, tensors: dict[str, torch.Tensor], source: Path) -> None:
-        """Decode every member from ``tensors`` and load it strictly (a copy: cheaper than assigning)."""
-        used: set[str] = set()
-        for index, member in enumerate(self.members):
-            state, masks, consumed = decode_member(index, tensors, member.state_dict())
-            member.load_state_dict(state, strict=True)
-            self.masks[index] = masks
-            used |= consumed
-        extra = sorted(set(tensors) - used)
-        if extra:
-            raise ArtifactError(
-                f"{source} holds {len(extra)} tensor(s) this config does not expect, e.g. {extra[:5]} "
-                f"(config has {self.num_members} member(s) of {self.config.architecture})"
-            )
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118  (safe_open has no __iter__)
-    except (SafetensorError, OSError) as err:
-        raise ArtifactError(f"cannot read {path}: {err} (is the file truncated or corrupt?)") from err
-
-
-def _companion_files(folder: Path) -> list[str]:
-    """Relative paths of the folder's companions that travel with the artifact (never pickles)."""
-    if not folder.is_dir():
-        return []
-    names = [name for name in (SUMMARY_NAME, EVAL_RESULTS_NAME) if (folder / name).is_file()]
-    for sub in (ONNX_DIR, ASSETS_DIR):
-        names += [
-            p.relative_to(folder).as_posix()
-            for p in visible_files(folder / sub)
-            if not p.name.endswith(PICKLE_SUFFIXES)
-        ]
-    return names
-
-
-def _holds_artifact(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> bool:
-    """Whether ``folder`` already holds exactly this config and these tensors (content, not bytes)."""
-    try:
-        if json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")) != config:
-            return False
-        with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
-            if set(f.keys()) != set(tensors):
-                return False
-            return all(_identical(f.get_tensor(key), tensor) for key, tensor in tensors.items())
-    except (OSError, ValueError, SafetensorError):
-        return False
-
-
-def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b.cpu())

@@ -1,9 +1,10 @@
 """The model behind the service, by backend name: ``onnx`` (``OnnxEnsemble``, default, torch-free),
-``openvino`` (``OpenVinoEnsemble``, torch-free) or ``torch`` (``EnsembleModel``), one interface.
+``openvino`` (``OpenVinoEnsemble``, torch-free) or ``torch`` (``TorchEngine`` over ``EnsembleModel``).
 
-Every engine takes preprocessed ``pixel_values`` ``(B, C, H, W)`` float32 and return the DESIGN.md
-outputs by name. The tensor names, datatypes and shapes the Open Inference Protocol advertises come
-from the engine itself (a warm-up call), so they are those of the ONNX graph.
+Every backend is an ``engines.base.Engine``: it takes preprocessed ``pixel_values`` ``(B, C, H, W)``
+float32, returns the DESIGN.md outputs by name, and declares its input and output specs (KServe's
+``Model`` style). The tensor names, datatypes and shapes the Open Inference Protocol advertises are
+those declarations; the warm-up call checks that the engine keeps them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
@@ -19,45 +20,44 @@ import numpy as np
 
 from freetickets_hub.artifact.config import EnsembleConfig
 from freetickets_hub.artifact.hub import resolve_file
-from freetickets_hub.artifact.names import CONFIG_NAME, INPUT_NAME, ONNX_VARIANTS
+from freetickets_hub.artifact.names import CONFIG_NAME, ONNX_VARIANTS
+from freetickets_hub.engines.base import DATATYPES, Engine, TensorSpec
 from freetickets_hub.engines.onnxruntime import variant_graph_name
 from freetickets_hub.errors import ArtifactError, FreeTicketsError
 
-__all__ = ["BACKENDS", "ServingEngine", "TensorSpec", "check_graph", "check_model", "load_engine"]
+__all__ = ["BACKENDS", "ServingEngine", "TensorSpec", "check_backend_files", "check_graph", "load_engine"]
 
 BACKENDS = ("onnx", "openvino", "torch")
 _GRAPH_BACKENDS = ("onnx", "openvino")  # those that run the exported graph (and have its variants)
-_MEMBER_AXIS_OUTPUTS = ("member_probs",)  # (M, B, K): the batch is axis 1; every other output is batch-first
-_DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16", np.dtype(np.int64): "INT64"}
 _VERSIONED = ("freetickets-hub", "numpy", "onnxruntime", "onnxruntime-gpu", "fastapi", "uvicorn", "torch", "timm")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One tensor of the model's interface: its name, OIP datatype, shape (-1: the batch) and batch axis."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    batch_axis: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
 
 @dataclass
 class ServingEngine:
-    """A loaded, warmed-up model: call it on a batch; its interface and provenance for metadata."""
+    """A loaded, warmed-up engine: call it on a batch; its declared interface and provenance for metadata."""
 
-    run: Callable[[np.ndarray], dict[str, np.ndarray]]
-    config: EnsembleConfig
+    engine: Engine
     backend: str
-    input: TensorSpec
-    outputs: list[TensorSpec] = field(default_factory=list)
-    providers: list[str] = field(default_factory=list)  # ONNX Runtime providers active in the session
 
     def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        return self.run(pixel_values)
+        return self.engine(pixel_values)
+
+    @property
+    def config(self) -> EnsembleConfig:
+        return self.engine.config
+
+    @property
+    def input(self) -> TensorSpec:
+        return self.engine.input_spec
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self.engine.output_specs
+
+    @property
+    def providers(self) -> list[str]:
+        """ONNX Runtime providers active in the session, OpenVINO's device; none for torch."""
+        return self.engine.providers
 
     @property
     def output_names(self) -> list[str]:
@@ -75,8 +75,26 @@ class ServingEngine:
                 continue
         return found
 
+    def warm_up(self, model: str | os.PathLike[str]) -> None:
+        """The first (slow) call, at batch 2; every output must be what the engine declares.
 
-def check_model(model: str | os.PathLike[str], backend: str = "onnx", variant: str = "fp32") -> EnsembleConfig:
+        Raises:
+            ArtifactError: an output of another dtype or shape than declared, or a missing or extra one.
+        """
+        spec = self.input
+        batch = np.zeros((2, *spec.shape[1:]), np.float32)
+        warm = self(batch)
+        declared = {out.name: out for out in self.outputs}
+        for name in declared.keys() | warm.keys():
+            out = declared.get(name)
+            value = warm.get(name)
+            shape = tuple(2 if d == -1 else d for d in out.shape) if out else None
+            if out is None or value is None or value.shape != shape or DATATYPES.get(value.dtype) != out.datatype:
+                got = "missing" if value is None else f"{value.dtype} {value.shape}"
+                raise ArtifactError(f"{model}: output {name!r} is {got} at batch 2, expected {shape or 'none'}")
+
+
+def check_backend_files(model: str | os.PathLike[str], backend: str = "onnx", variant: str = "fp32") -> EnsembleConfig:
     """The model's config, once the files ``backend`` needs are found (fetched for a Hub id).
 
     ``variant`` picks the graph backends' graph: ``fp32`` (``onnx/model.onnx``) or ``int8``
@@ -119,39 +137,22 @@ def load_engine(model: str | os.PathLike[str], backend: str = "onnx", variant: s
         FreeTicketsError: unknown backend, no ``onnx/model.onnx`` for the onnx backend (the message
             names ``freetickets export onnx``), or a model whose outputs are not the DESIGN.md ones.
     """
-    config = check_model(model, backend, variant)
-    run, providers = _LOADERS[backend](model, variant)
-    channels, height, width = config.pretrained_cfg["input_size"]
-    warm = run(np.zeros((2, channels, height, width), np.float32))  # also the first, slow call
-    num_members, num_classes = config.ensemble.num_members, config.num_classes
-    expected = {"logits": (2, num_classes), "probs": (2, num_classes), "member_probs": (num_members, 2, num_classes)}
-    outputs = []
-    for name, value in warm.items():
-        shape = expected.get(name, (2,))
-        if value.shape != shape or value.dtype not in _DATATYPES:
-            raise ArtifactError(f"{model}: output {name!r} is {value.dtype} {value.shape} at batch 2, expected {shape}")
-        axis = 1 if name in _MEMBER_AXIS_OUTPUTS else 0
-        dims = tuple(-1 if i == axis else d for i, d in enumerate(value.shape))
-        outputs.append(TensorSpec(name, _DATATYPES[value.dtype], dims, axis))
-    spec = TensorSpec(INPUT_NAME, "FP32", (-1, channels, height, width))
-    return ServingEngine(run, config, backend, spec, outputs, providers)
+    check_backend_files(model, backend, variant)
+    serving = ServingEngine(_LOADERS[backend](model, variant), backend)
+    serving.warm_up(model)
+    return serving
 
 
-_Loaded = tuple[Callable[[np.ndarray], dict[str, np.ndarray]], list[str]]  # the engine and where it runs
-
-
-def _load_onnx(model: str | os.PathLike[str], variant: str) -> _Loaded:
+def _load_onnx(model: str | os.PathLike[str], variant: str) -> Engine:
     from freetickets_hub.engines.onnxruntime import OnnxEnsemble
 
-    engine = OnnxEnsemble.from_pretrained(model, variant=variant, session_options=_session_options())
-    return engine, engine.providers
+    return OnnxEnsemble.from_pretrained(model, variant=variant, session_options=_session_options())
 
 
-def _load_openvino(model: str | os.PathLike[str], variant: str) -> _Loaded:
+def _load_openvino(model: str | os.PathLike[str], variant: str) -> Engine:
     from freetickets_hub.engines.openvino import OpenVinoEnsemble
 
-    engine = OpenVinoEnsemble.from_pretrained(model, variant=variant)
-    return engine, engine.providers
+    return OpenVinoEnsemble.from_pretrained(model, variant=variant)
 
 
 def check_graph(model: str | os.PathLike[str], variant: str = "fp32") -> None:
@@ -186,24 +187,13 @@ def _session_options() -> Any:
     return options
 
 
-def _load_torch(model: str | os.PathLike[str], variant: str) -> _Loaded:
-    import torch
+def _load_torch(model: str | os.PathLike[str], variant: str) -> Engine:
+    from freetickets_hub.engines.pytorch import TorchEngine
 
-    from freetickets_hub.model.ensemble import EnsembleModel
-    from freetickets_hub.uncertainty.outputs import OUTPUT_NAMES
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    ensemble = EnsembleModel.from_pretrained(model, map_location=device).eval()
-
-    @torch.inference_mode()
-    def run(pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        out = ensemble(torch.from_numpy(pixel_values).to(device))
-        return {name: t.float().cpu().numpy() for name, t in zip(OUTPUT_NAMES, out.to_tuple(), strict=True)}
-
-    return run, []
+    return TorchEngine.from_pretrained(str(model))
 
 
-_LOADERS: dict[str, Callable[[str | os.PathLike[str], str], _Loaded]] = {
+_LOADERS: dict[str, Callable[[str | os.PathLike[str], str], Engine]] = {
     "onnx": _load_onnx,
     "openvino": _load_openvino,
     "torch": _load_torch,

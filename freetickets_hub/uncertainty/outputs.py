@@ -7,17 +7,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["OUTPUT_NAMES", "EnsembleOutput", "combine_member_logits"]
+from freetickets_hub.artifact.names import OUTPUT_NAMES
 
-OUTPUT_NAMES = (
-    "logits",
-    "probs",
-    "member_probs",
-    "entropy",
-    "expected_entropy",
-    "mutual_information",
-    "disagreement",
-)
+__all__ = ["OUTPUT_NAMES", "EnsembleOutput", "combine_member_logits"]
 
 
 @dataclass
