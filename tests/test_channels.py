@@ -15,7 +15,7 @@ from torch import nn
 
 import freetickets_hub.model.architectures  # noqa: F401  (registers cifar_wrn*)
 from freetickets_hub import EnsembleConfig, EnsembleModel
-from freetickets_hub.artifact.masks import decode_member, encode_member
+from freetickets_hub.artifact.weights import decode_member, encode_member
 from freetickets_hub.errors import ArtifactError
 from freetickets_hub.export.graph import export_graph
 from freetickets_hub.model.widths import create_slim_model, module_widths
