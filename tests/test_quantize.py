@@ -208,8 +208,8 @@ def test_the_stored_rule_is_checked_on_the_int8_graph_and_the_card_says_so(
     shutil.copytree(quantized[0], folder)
     model = EnsembleModel.from_pretrained(folder)
     fp32 = OnnxEnsemble.from_pretrained(folder)
-    train_rows, _ = validation_carve(400, VAL_SIZE, 0)
-    split = load_eval_split(quantized[2], fp32.config, split="train", rows=train_rows.tolist())
+    val_rows = validation_carve(400, VAL_SIZE, 0).val
+    split = load_eval_split(quantized[2], fp32.config, split="train", rows=val_rows.tolist())
     held_out = calibration_from_split(split, fp32.config, 64).held_out
     threshold = float(np.median(fp32(held_out)["probs"].max(1)))  # abstains on about half
     model.config.ensemble.selective = SelectiveConfig(
