@@ -220,3 +220,23 @@ def test_recipe_variable_without_a_default_names_the_fix(monkeypatch: pytest.Mon
     with pytest.raises(RecipeError, match=f"needs {DATASETS_ENV}: set it"):
         resolve_dataset("${FREETICKETS_DATASETS}/fashion_mnist")
     assert resolve_dataset("~/x") == os.path.expanduser("~/x") and resolve_dataset("org/ds") == "org/ds"
+
+
+def test_errors_a_verb_declares_are_one_line_and_any_other_is_a_traceback(
+    saved: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exit codes come from one place, ``cli.main``: a verb only declares which errors are the user's."""
+    for argv, expected in (
+        (["export", "triton", str(saved), "--output-dir", str(tmp_path / "t"), "--name", "a b"], "--name must be"),
+        (["serve", str(saved), "--max-queue", "0"], "--max-queue must be at least 1, got 0"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"freetickets {argv[0]}: error: ") and expected in err, err
+
+    def bug(args: object) -> int:
+        raise ValueError("a bug, not a user error")
+
+    monkeypatch.setattr("freetickets_hub.cli.merge.run", bug)
+    with pytest.raises(ValueError, match="a bug"):  # not swallowed into an exit code
+        main(["merge", str(saved), str(saved), "--output-dir", str(tmp_path / "m")])

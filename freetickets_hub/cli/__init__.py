@@ -77,12 +77,21 @@ def _check_shared_flags(args: argparse.Namespace) -> None:
         raise FreeTicketsError(f"--batch-size must be at least 1, got {batch_size}")
 
 
-def _user_error(err: BaseException) -> bool:
-    """Errors that mean the user asked for something impossible (not a bug): reported in one line."""
-    if isinstance(err, (FreeTicketsError, OSError)):
-        return True
+def _user_error(err: BaseException, expected: tuple[type[BaseException], ...]) -> str | None:
+    """The one line for an error that means the user asked for something impossible, or None for a bug.
+
+    ``expected`` is what the verb declared (``set_defaults(user_errors=...)``) beyond this package's own
+    errors and ``OSError``: e.g. ``export``'s ``ValueError`` for a bad ``--opset``.
+    """
+    message = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, (FreeTicketsError, OSError, *expected)):
+        return message
     errors = sys.modules.get("huggingface_hub.errors")
-    return errors is not None and isinstance(err, (errors.HfHubHTTPError, errors.HFValidationError))
+    if errors is not None and isinstance(err, errors.HfHubHTTPError):
+        return f"the Hub refused the request: {message}"
+    if errors is not None and isinstance(err, errors.HFValidationError):
+        return message
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,10 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_shared_flags(args)
         return args.func(args)
     except Exception as err:
-        if not _user_error(err):
+        message = _user_error(err, getattr(args, "user_errors", ()))
+        if message is None:
             raise
         if args.verbose:
             traceback.print_exc()
-        message = " ".join(str(err).split()) or type(err).__name__
         print(f"freetickets {args.verb}: error: {message}", file=sys.stderr)
         return 2

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         prepare_output_dir(args.output, overwrite=args.overwrite)
     model = EnsembleModel.from_pretrained(args.model)
-    split, rows = held_out_rows(args)
+    split, rows = held_out_rows(args.model, args.dataset, args.split, args.dataset_config)
     data = load_eval_split(
         args.dataset,
         model.config,
@@ -225,7 +225,9 @@ def _fit_selective(
     return SelectiveConfig(**stored)
 
 
-def held_out_rows(args: argparse.Namespace) -> tuple[str, list[int] | None]:
+def held_out_rows(
+    model: str, dataset: str, split: str, dataset_config: str | None = None
+) -> tuple[str, list[int] | None]:
     """``--split validation`` on data without such a split means the run's own validation carve.
 
     The model folder's ``train_summary.json`` names the dataset, train split, seed and ``val_size``
@@ -237,23 +239,23 @@ def held_out_rows(args: argparse.Namespace) -> tuple[str, list[int] | None]:
     from freetickets_hub.artifact.names import SUMMARY_NAME
     from freetickets_hub.data import resolve_dataset, run_validation_rows
 
-    summary_path = os.path.join(args.model, SUMMARY_NAME)
-    if args.split != "validation" or not os.path.isfile(summary_path):
-        return args.split, None
+    summary_path = os.path.join(model, SUMMARY_NAME)
+    if split != "validation" or not os.path.isfile(summary_path):
+        return split, None
     import datasets
 
-    if "validation" in datasets.get_dataset_split_names(args.dataset, args.dataset_config):
-        return args.split, None
+    if "validation" in datasets.get_dataset_split_names(dataset, dataset_config):
+        return split, None
     with open(summary_path, encoding="utf-8") as f:
         summary = json.load(f)
     recipe = summary["recipe"]
     if not recipe.get("val_size"):
-        raise FreeTicketsError(f"{args.dataset!r} has no 'validation' split and the run carved none (val_size 0)")
-    if not _same_dataset(resolve_dataset(recipe["dataset"]), args.dataset):
+        raise FreeTicketsError(f"{dataset!r} has no 'validation' split and the run carved none (val_size 0)")
+    if not _same_dataset(resolve_dataset(recipe["dataset"]), dataset):
         raise FreeTicketsError(
-            f"the run trained on {recipe['dataset']!r}, not {args.dataset!r}: name a held-out split of this dataset"
+            f"the run trained on {recipe['dataset']!r}, not {dataset!r}: name a held-out split of this dataset"
         )
-    rows = run_validation_rows(recipe, args.dataset)
+    rows = run_validation_rows(recipe, dataset)
     held_out = f"the {len(rows)} images the run held out of {recipe['train_split']!r} (seed {recipe['seed']})"
     print(f"--split validation: {held_out}")
     return recipe["train_split"], rows

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from typing import TYPE_CHECKING
 
 from freetickets_hub.cli.calibrate import held_out_rows, public_dataset
@@ -49,7 +48,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "--held-out-samples", type=int, default=None,
         help=f"further images of the split for the int8 quality gate, exactly N (default: up to {DEFAULT_HELD_OUT})",
     )  # fmt: skip
-    p.set_defaults(func=run_onnx)
+    p.set_defaults(func=run_onnx, user_errors=(ValueError,))  # a bad --opset or --images file
     p = formats.add_parser("triton", help="write a Triton model repository for MODEL's onnx/model.onnx")
     p.add_argument("model", help="a saved ensemble folder or a Hub repo id, exported with `export onnx`")
     p.add_argument("--output-dir", "--output", dest="output_dir", required=True, help="the model repository folder")
@@ -63,28 +62,22 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "--backend", choices=("onnxruntime", "python"), default="onnxruntime",
         help="Triton backend: onnxruntime (the graph) or python (OnnxEnsemble, with abstain/prediction_set)",
     )  # fmt: skip
-    p.set_defaults(func=run_triton)
+    p.set_defaults(func=run_triton, user_errors=(ValueError,))  # bad flags, no onnx/model.onnx
 
 
 def run_onnx(args: argparse.Namespace) -> int:
     from freetickets_hub.export.onnx import export_onnx
 
-    try:
-        int8 = _int8_calibration(args) if args.quantize == "int8" else None
-        report = export_onnx(
-            args.model,
-            args.output,
-            opset=args.opset,
-            fp16=args.fp16,
-            images=args.images,
-            compact=not args.dense_graph,
-            int8=int8,
-        )
-    except (ValueError, OSError) as err:  # a bad --opset, a missing --output or an unreadable --images file
-        if args.verbose:
-            traceback.print_exc()
-        print(f"freetickets export onnx: error: {err}", file=sys.stderr)
-        return 2
+    int8 = _int8_calibration(args) if args.quantize == "int8" else None
+    report = export_onnx(
+        args.model,
+        args.output,
+        opset=args.opset,
+        fp16=args.fp16,
+        images=args.images,
+        compact=not args.dense_graph,
+        int8=int8,
+    )
     print(report.to_json(), end="")
     print(f"wrote {args.output or args.model}/{report.graph}")
     return 0
@@ -93,21 +86,17 @@ def run_onnx(args: argparse.Namespace) -> int:
 def run_triton(args: argparse.Namespace) -> int:
     from freetickets_hub.export.triton import export_triton
 
-    try:
-        config_path = export_triton(
-            args.model,
-            args.output_dir,
-            name=args.name,
-            max_batch_size=args.max_batch_size,
-            instances=args.instances,
-            kind=args.kind,
-            max_queue=args.max_queue,
-            max_delay_ms=args.max_delay_ms,
-            backend=args.backend,
-        )
-    except (ValueError, OSError) as err:  # bad flags, no onnx/model.onnx, an unwritable folder
-        print(f"freetickets export triton: error: {err}", file=sys.stderr)
-        return 2
+    config_path = export_triton(
+        args.model,
+        args.output_dir,
+        name=args.name,
+        max_batch_size=args.max_batch_size,
+        instances=args.instances,
+        kind=args.kind,
+        max_queue=args.max_queue,
+        max_delay_ms=args.max_delay_ms,
+        backend=args.backend,
+    )
     print(f"wrote {config_path.parent} (Triton model repository {args.output_dir})")
     return 0
 
@@ -129,13 +118,9 @@ def _int8_calibration(args: argparse.Namespace) -> Int8Calibration:
             "(use held-out data, e.g. --calibration-split validation)"
         )
     config = EnsembleConfig.from_json_file(str(resolve_file(args.model, CONFIG_NAME)))
-    held_out = argparse.Namespace(
-        model=args.model,
-        dataset=args.calibration_dataset,
-        dataset_config=args.calibration_dataset_config,
-        split=args.calibration_split,
+    split, rows = held_out_rows(
+        args.model, args.calibration_dataset, args.calibration_split, args.calibration_dataset_config
     )
-    split, rows = held_out_rows(held_out)
     data = load_eval_split(
         args.calibration_dataset,
         config,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import traceback
 
 __all__ = ["register", "run"]
 
@@ -23,25 +21,17 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from huggingface_hub.errors import HfHubHTTPError
-
     from freetickets_hub import EnsembleModel
 
     model = EnsembleModel.from_pretrained(args.model)  # validates the folder strictly before anything leaves
-    try:
-        commit = model.push_to_hub(
-            args.repo_id,
-            private=args.private or None,
-            revision=args.revision,
-            commit_message=args.commit_message,
-            create_pr=args.create_pr,
-            token=args.token,
-            extras_from=args.model,
-        )
-    except HfHubHTTPError as err:
-        if args.verbose:
-            traceback.print_exc()
-        print(f"freetickets push: error: the Hub refused the upload: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    commit = model.push_to_hub(  # a refusal (HfHubHTTPError) becomes one line in cli.main
+        args.repo_id,
+        private=args.private or None,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        create_pr=args.create_pr,
+        token=args.token,
+        extras_from=args.model,
+    )
     print(f"pushed {args.model} to {args.repo_id}: {commit.pr_url or commit.commit_url}")
     return 0

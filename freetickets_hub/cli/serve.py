@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 __all__ = ["register", "run"]
 
@@ -44,27 +43,23 @@ def run(args: argparse.Namespace) -> int:
     from freetickets_hub.serving.server import run_server
     from freetickets_hub.serving.service import ServeSettings
 
-    try:
-        settings = ServeSettings(
-            args.model,
-            backend=args.backend,
-            host=args.host,
-            port=args.port,
-            max_batch_size=args.max_batch_size,
-            max_delay_ms=args.max_delay_ms,
-            max_queue=args.max_queue,
-            max_body_mb=args.max_body_mb,
-            workers=args.workers,
-            name=args.name,
-            variant=args.variant,
-            keep_alive_s=args.keep_alive_s,
-            body_timeout_s=args.body_timeout_s,
-            drain_timeout_s=args.drain_timeout_s,
-            docs=args.docs,
-        )
-    except ValueError as err:
-        print(f"freetickets serve: error: {err}", file=sys.stderr)
-        return 2
+    settings = ServeSettings(
+        args.model,
+        backend=args.backend,
+        host=args.host,
+        port=args.port,
+        max_batch_size=args.max_batch_size,
+        max_delay_ms=args.max_delay_ms,
+        max_queue=args.max_queue,
+        max_body_mb=args.max_body_mb,
+        workers=args.workers,
+        name=args.name,
+        variant=args.variant,
+        keep_alive_s=args.keep_alive_s,
+        body_timeout_s=args.body_timeout_s,
+        drain_timeout_s=args.drain_timeout_s,
+        docs=args.docs,
+    )
     check_backend_files(
         settings.model, settings.backend, settings.variant
     )  # one line naming the fix, before any process

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from freetickets_hub.errors import ConfigError
+
 from .batcher import BatchResult, MicroBatcher
 from .engine import BACKENDS, ServingEngine, load_engine
 from .errors import InvalidInput, ModelNotFound, ServerBusy, ServerNotReady
@@ -53,7 +55,7 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
-            raise ValueError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
+            raise ConfigError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
         for flag, value, low in (
             ("--max-batch-size", self.max_batch_size, 1),
             ("--max-queue", self.max_queue, 1),
@@ -65,9 +67,9 @@ class ServeSettings:
             ("--drain-timeout-s", self.drain_timeout_s, 1),
         ):
             if value < low:
-                raise ValueError(f"{flag} must be at least {low}, got {value}")
+                raise ConfigError(f"{flag} must be at least {low}, got {value}")
         if self.max_queue < self.max_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"--max-queue ({self.max_queue}) must be at least --max-batch-size ({self.max_batch_size})"
             )
         if not self.name:
