@@ -33,16 +33,16 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
-from ood_report import report, select_lever
+from ood_report import Grid, report, select_lever
+from ood_sets import SeedGroup, suite
 from quality_runs import REPO, RunSpec, epoch_budget, load_shared_data, train_run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from freetickets_hub.artifact.files import atomic_path
 from freetickets_hub.evaluation import create_accelerator, load_eval_split, run_inference
-from freetickets_hub.evaluation.ood_suite import SHIFTS, SYNTHETIC, shifted_images, synthetic_images
 from freetickets_hub.model.ensemble import EnsembleModel
-from freetickets_hub.training.data import ImageData, load_image_data
+from freetickets_hub.training.data import load_image_data
 
 DST_RECIPE = "training/recipes/fmnist_wrn10_2_dst.yaml"
 EDST_RECIPE = "training/recipes/fmnist_wrn10_2_edst.yaml"
@@ -137,35 +137,6 @@ def lever_spec(preset: Preset, dataset: str, lever: str, seed: int) -> RunSpec:
     edst = next(s for s in build_specs_methods(preset, dataset) if s.name == f"edst_ensemble_s{seed}")
     name = lever if seed == 0 else f"{lever}_s{seed}"
     return RunSpec(name, f"{label} (seed {seed})" if seed else label, EDST_RECIPE, [*edst.overrides, *own])
-
-
-@dataclass(frozen=True)
-class OodSet:
-    """Images the model should flag, and which kind of shift they stand for (far / shifted / near)."""
-
-    name: str
-    kind: str
-    images: torch.Tensor  # (N, C, H, W) uint8 at the model's input size
-
-
-def suite(inside: torch.Tensor, near: torch.Tensor, count: int, seed: int, digits: torch.Tensor | None) -> list[OodSet]:
-    """The suite around ``inside``: held-out classes, digits (test time only), synthetic and shifted images."""
-    shape = tuple(inside.shape[1:])
-    sets = [OodSet("held-out classes", "near", near)]
-    if digits is not None:
-        sets.append(OodSet("sklearn:digits", "far", digits))
-    sets += [OodSet(f"synthetic:{name}", "far", synthetic_images(name, count, shape, seed=seed)) for name in SYNTHETIC]
-    sets += [OodSet(f"shift:{name}", "shifted", shifted_images(name, inside[:count], seed=seed)) for name in SHIFTS]
-    return sets
-
-
-@dataclass
-class SeedGroup:
-    """The data every run with one recipe seed shares: its validation carve, the test split, both suites."""
-
-    data: ImageData
-    test_sets: list[OodSet]
-    val_sets: list[OodSet]
 
 
 def held_out_images(spec: RunSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,7 +258,12 @@ def main() -> None:
             train_run(spec, out / spec.name)
             logits[spec.name] = run_logits(out / spec.name, groups[spec.load().seed], accelerator, bn=False)
             specs.append(spec)
-    report(specs, groups, logits, out, args.results_md, selected)
+    grid = Grid(
+        methods={name: label for name, (label, _, _) in METHODS.items()},
+        levers={name: LEVERS[name][0] for name in levers},
+        seeds=SEEDS,
+    )
+    report(specs, groups, logits, out, args.results_md, selected, grid)
 
 
 if __name__ == "__main__":

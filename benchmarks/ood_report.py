@@ -13,6 +13,7 @@ import json
 import time
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,10 +29,10 @@ from freetickets_hub.uncertainty.metrics import classification_metrics, detectio
 from freetickets_hub.uncertainty.outputs import EnsembleOutput, combine_member_logits
 
 if TYPE_CHECKING:
-    from ood import SeedGroup
+    from ood_sets import SeedGroup
     from quality_runs import RunSpec
 
-__all__ = ["report", "select_lever"]
+__all__ = ["Grid", "report", "select_lever"]
 
 SCORES = ("entropy", "mutual_information", "msp")
 SCORE_LABELS = {"entropy": "entropy", "mutual_information": "mutual information", "msp": "max probability"}
@@ -42,6 +43,15 @@ FLOPS_GOAL = 0.65
 PLOT = Path(__file__).resolve().parent / "ood_cpu.png"
 
 
+@dataclass(frozen=True)
+class Grid:
+    """What ``benchmarks/ood.py`` ran: method and lever names with their labels, and the seeds."""
+
+    methods: dict[str, str]
+    levers: dict[str, str]  # only the levers that were trained
+    seeds: tuple[int, ...]
+
+
 def report(
     specs: Sequence[RunSpec],
     groups: dict[int, SeedGroup],
@@ -49,13 +59,13 @@ def report(
     out: Path,
     results_md: str,
     selected: str,
+    grid: Grid,
 ) -> None:
     """Analyse every run, aggregate over seeds, write the tables (see the module docstring).
 
     ``selected`` is the lever :func:`select_lever` chose (its seeds 1 and 2 join the tables when trained).
     """
-    from ood import LEVERS, METHODS, SEEDS  # the benchmark's own definitions
-
+    levers, seeds = grid.levers, grid.seeds
     started = time.time()
     any_group = next(iter(groups.values()))
     draws = _test_draws(any_group)
@@ -65,19 +75,19 @@ def report(
         runs[spec.name] = analyse(logits[spec.name], group, draws)
         runs[spec.name]["label"] = spec.label
         runs[spec.name]["training_flops"] = _training_flops(out / spec.name)
-    base_flops = np.mean([runs[f"{BASELINE}_s{s}"]["training_flops"] for s in SEEDS])
+    base_flops = np.mean([runs[f"{BASELINE}_s{s}"]["training_flops"] for s in seeds])
     for run in runs.values():
         run["training_flops_vs_single_dense"] = run["training_flops"] / base_flops
-    lever_names = ["edst_ensemble_s0", *LEVERS]
+    lever_names = ["edst_ensemble_s0", *levers]
     eligible = [n for n in lever_names if within_budget(out / n, out / f"{BASELINE}_s0")]
-    labels = {m: METHODS[m][0] for m in METHODS}
-    methods = {m: [runs[f"{m}_s{s}"] for s in SEEDS] for m in METHODS}
-    if selected in LEVERS and all(f"{selected}_s{s}" in runs for s in SEEDS[1:]):  # the selected lever, 3 seeds
-        labels["selected_lever"] = f"EDST, {LEVERS[selected][0]}"
-        methods["selected_lever"] = [runs[selected], *(runs[f"{selected}_s{s}"] for s in SEEDS[1:])]
+    labels = dict(grid.methods)
+    methods = {m: [runs[f"{m}_s{s}"] for s in seeds] for m in grid.methods}
+    if selected in levers and all(f"{selected}_s{s}" in runs for s in seeds[1:]):  # the selected lever, 3 seeds
+        labels["selected_lever"] = f"EDST, {levers[selected]}"
+        methods["selected_lever"] = [runs[selected], *(runs[f"{selected}_s{s}"] for s in seeds[1:])]
     summary = {m: _seed_summary(rows) for m, rows in methods.items()}
     differences = {m: _differences(rows, methods[BASELINE]) for m, rows in methods.items() if m != BASELINE}
-    stems = {name: _stem_density(out / name) for name in ("edst_ensemble_s0", "edst_uniform")}
+    stems = {name: _stem_density(out / name) for name in ("edst_ensemble_s0", "edst_uniform") if (out / name).is_dir()}
     results = {
         "provenance": provenance(started),
         "conventions": __doc__,
@@ -92,7 +102,7 @@ def report(
         "levers": {"candidates": lever_names, "within_flops_budget": eligible, "selected_on_validation": selected},
     }
     write_plot(logits, runs, PLOT)
-    markdown = render(results, labels, LEVERS, runs)
+    markdown = render(results, labels, levers, runs)
     for line in write_results(out, results, markdown, results_md, "ood-cpu"):
         print("wrote", line)
 
@@ -367,7 +377,7 @@ def _cell(block: dict[str, Any]) -> str:
     return f"{block['auroc']:.3f} [{low:.3f}, {high:.3f}] ±{block['auroc_seed_std']:.3f}"
 
 
-def render(results: dict[str, Any], label: dict[str, str], levers: dict[str, Any], runs: dict[str, Any]) -> str:
+def render(results: dict[str, Any], label: dict[str, str], levers: dict[str, str], runs: dict[str, Any]) -> str:
     """The Markdown of the ``ood-cpu`` section (``label``: method key -> its name in the tables)."""
     summary, diffs = results["methods"], results["differences_vs_single_dense"]
     methods = list(label)
@@ -510,7 +520,7 @@ def render(results: dict[str, Any], label: dict[str, str], levers: dict[str, Any
         what = (
             "single dense (reference)"
             if name == f"{BASELINE}_s0"
-            else ("EDST as in the grid" if name == "edst_ensemble_s0" else levers[name][0])
+            else ("EDST as in the grid" if name == "edst_ensemble_s0" else levers[name])
         )
         mark = " **selected**" if name == results["levers"]["selected_on_validation"] else ""
         rows.append(
