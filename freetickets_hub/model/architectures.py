@@ -57,7 +57,7 @@ class WideResNet(nn.Module):
             raise ValueError(f"WideResNet supports global_pool='avg' only, got {global_pool!r}")
         blocks = (depth - 4) // 6
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
-        self.num_classes = num_classes
+        self.num_classes, self.in_chans = num_classes, in_chans  # timm reads both as the model's traits
         self.num_features = self.head_hidden_size = widths[-1]
         self.drop_rate = drop_rate
         self.conv_stem = nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False)

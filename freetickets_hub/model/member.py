@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import json
+import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from safetensors.torch import save_file
-
-from freetickets_hub.artifact.files import atomic_path, write_text_atomic
+from freetickets_hub.artifact.files import write_text_atomic
 from freetickets_hub.artifact.names import CONFIG_NAME, README_NAME, WEIGHTS_NAME
 
 if TYPE_CHECKING:
@@ -19,7 +18,7 @@ __all__ = ["architecture_import", "export_member"]
 
 
 def export_member(model: EnsembleModel, index: int, save_directory: str | Path) -> Path:
-    """Write member ``index`` as a plain timm folder: timm's ``config.json``, dense ``model.safetensors``
+    """Write member ``index`` as a plain timm folder (timm's ``save_for_hf``: ``config.json``, ``model.safetensors``)
     and a ``README.md`` card whose snippet loads it.
 
     ``timm.create_model("local-dir:<folder>", pretrained=True)`` (or ``"hf-hub:<repo>"`` once
@@ -34,32 +33,26 @@ def export_member(model: EnsembleModel, index: int, save_directory: str | Path) 
     """
     if not 0 <= index < model.num_members:
         raise IndexError(f"member {index} does not exist: the ensemble has {model.num_members} member(s)")
+    from timm.models import save_for_hf
+
     save_directory = Path(save_directory)
-    member = model.members[index]
     cfg = model.config
-    # timm's own pretrained_cfg fields (first_conv, classifier...) updated with this ensemble's preprocessing
-    pretrained_cfg = {
-        k: _plain(v)
-        for k, v in member.pretrained_cfg.items()
-        if k not in ("architecture", "file", "source", "state_dict", "hf_hub_id", "url") and v is not None
-    }
-    if list(cfg.pretrained_cfg.get("input_size", [])[1:]) != list(pretrained_cfg.get("input_size", [])[1:]):
-        pretrained_cfg.pop("pool_size", None)  # timm's default was for its default input size
-    pretrained_cfg.update(copy.deepcopy(cfg.pretrained_cfg))
-    pretrained_cfg["num_classes"] = cfg.num_classes
-    timm_config = {
-        "architecture": cfg.architecture,
-        "num_classes": cfg.num_classes,
-        "num_features": int(member.num_features),
-        "model_args": copy.deepcopy(cfg.model_args),
-        "pretrained_cfg": pretrained_cfg,
-    }
+    model_config: dict[str, Any] = {"pretrained_cfg": copy.deepcopy(cfg.pretrained_cfg)}
     if cfg.label_names:
-        timm_config["label_names"] = list(cfg.label_names)
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in member.state_dict().items()}
-    with atomic_path(save_directory / WEIGHTS_NAME) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-    write_text_atomic(save_directory / CONFIG_NAME, json.dumps(timm_config, indent=2, sort_keys=True) + "\n")
+        model_config["label_names"] = list(cfg.label_names)
+    save_directory.mkdir(parents=True, exist_ok=True)
+    # timm writes the weights and config.json itself; into a sibling folder first, then each file is
+    # moved over in one step, so a crash never leaves a half-written member
+    with tempfile.TemporaryDirectory(dir=save_directory, prefix=".member-") as staging:
+        save_for_hf(
+            model.members[index],
+            staging,
+            model_config=model_config,
+            model_args=copy.deepcopy(cfg.model_args),
+            safe_serialization=True,
+        )
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            os.replace(Path(staging) / name, save_directory / name)
     write_text_atomic(save_directory / README_NAME, _member_card(model, index, save_directory.name))
     return save_directory
 
@@ -98,7 +91,3 @@ def _member_card(model: EnsembleModel, index: int, folder: str) -> str:
         "config = timm.data.resolve_data_config(model=model)\n"
         "transform = timm.data.create_transform(**config)\n```\n"
     )
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
