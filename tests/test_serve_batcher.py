@@ -115,6 +115,32 @@ def test_full_queue_and_oversized_requests_are_refused_at_once() -> None:
     assert run(main()).batch_size == 3
 
 
+def test_images_being_decoded_count_against_the_queue_limit() -> None:
+    """``reserve`` admits a request before its decoding; its room passes to ``submit`` or is given back."""
+    engine = FakeEngine()
+
+    async def main():
+        batcher = make(engine, max_batch_size=4, max_delay_s=0.0, max_queue=8)
+        await batcher.start()
+        decoding = batcher.reserve(3)  # e.g. three large PNGs being decoded
+        assert batcher.admitted_images == 3 and batcher.queued_images == 0
+        with pytest.raises(ServerBusy, match=r"queue is full \(3 of 8 images admitted\)"):
+            batcher.reserve(6)  # shed before any of its decoding starts
+        failed = batcher.reserve(1)
+        batcher.release(failed)  # its image did not decode: the room comes back, once
+        batcher.release(failed)
+        assert batcher.admitted_images == 3
+        result = await batcher.submit(np.ones((3, 1, 1, 1), np.float32), decoding)  # not counted twice
+        batcher.release(decoding)  # the route's `finally`: a no-op once submitted
+        assert batcher.admitted_images == 0
+        await batcher.close()
+        with pytest.raises(ServerBusy, match="shutting down"):
+            batcher.reserve(1)
+        return result
+
+    assert run(main()).batch_size == 3
+
+
 def test_an_engine_failure_reaches_the_requests_of_its_batch_only() -> None:
     calls = []
 

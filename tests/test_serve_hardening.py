@@ -5,9 +5,12 @@ Every case gets a 4xx naming the problem (never a 5xx other than 503), and the s
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -128,3 +131,46 @@ def test_head_on_get_routes_and_no_cdn_docs(server) -> None:
     assert httpx.get(f"{server.url}/openapi.json").status_code == 200
     meta = httpx.get(f"{server.url}/v1/metadata").json()
     assert meta["pretrained_cfg"]["input_size"] == [1, 28, 28] and "mean" in meta["pretrained_cfg"]
+
+
+def test_images_being_decoded_count_against_max_queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding runs only for admitted requests: while one image decodes, --max-queue 1 refuses the next."""
+    from freetickets_hub.serving import service as service_module
+    from freetickets_hub.serving.app import create_app
+    from freetickets_hub.serving.service import ServeSettings
+
+    from .conftest_hub import make_ensemble
+
+    make_ensemble(seed=0, members=2).save_pretrained(tmp_path / "model")
+    started, gate = threading.Event(), threading.Event()
+    real_decode = service_module.decode_images
+
+    def slow_decode(*args):
+        started.set()
+        gate.wait(10)  # a large image, still decoding
+        return real_decode(*args)
+
+    monkeypatch.setattr(service_module, "decode_images", slow_decode)
+    settings = ServeSettings(str(tmp_path / "model"), backend="torch", max_batch_size=1, max_queue=1)
+    serving = create_app(settings)
+    png = encoded("PNG")
+
+    async def main() -> tuple[httpx.Response, httpx.Response]:
+        async with serving.app.router.lifespan_context(serving.app):
+            for _ in range(500):  # the model loads in the background (bounded: 10 s)
+                if serving.service.ready:
+                    break
+                await asyncio.sleep(0.02)
+            transport = httpx.ASGITransport(app=serving)
+            async with httpx.AsyncClient(transport=transport, base_url="http://serve") as client:
+                first = asyncio.ensure_future(client.post("/v1/predict", files={"files": ("a.png", png)}))
+                assert await asyncio.to_thread(started.wait, 10)
+                assert serving.service.batcher.admitted_images == 1  # held while it decodes
+                second = await client.post("/v1/predict", files={"files": ("b.png", png)})
+                gate.set()
+                return await first, second
+
+    first, second = asyncio.run(asyncio.wait_for(main(), 60))
+    assert first.status_code == 200, first.text
+    assert second.status_code == 503 and "queue is full (1 of 1 images admitted)" in second.text
+    assert second.headers["Retry-After"]

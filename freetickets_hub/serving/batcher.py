@@ -45,7 +45,7 @@ import numpy as np
 
 from .errors import InvalidInput, ServerBusy
 
-__all__ = ["BatchResult", "MicroBatcher"]
+__all__ = ["BatchResult", "MicroBatcher", "Reservation"]
 
 
 @dataclass
@@ -56,6 +56,14 @@ class BatchResult:
     queue_s: float  # from submit to the start of its batch's engine call
     compute_s: float  # the engine call of its batch
     batch_size: int  # images in that batch (this request's and others')
+
+
+@dataclass
+class Reservation:
+    """Room for a request's ``count`` images, held from before its images are decoded until it queues."""
+
+    count: int
+    held: bool = True
 
 
 @dataclass
@@ -103,6 +111,7 @@ class MicroBatcher:
         self._on_batch = on_batch
         self._pending: collections.deque[_Pending] = collections.deque()
         self._queued_images = 0
+        self._reserved = 0  # images of admitted requests still being decoded (see reserve)
         self._computing = 0  # images in the engine call now running
         self._recent: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)  # (images, seconds)
         self._shedding_until = -math.inf  # perf_counter time; a refusal starts (or extends) shedding
@@ -119,8 +128,8 @@ class MicroBatcher:
 
     @property
     def admitted_images(self) -> int:
-        """Images queued or being computed: what ``max_queue`` bounds."""
-        return self._queued_images + self._computing
+        """Images being decoded, queued or being computed: what ``max_queue`` bounds."""
+        return self._reserved + self._queued_images + self._computing
 
     @property
     def throughput(self) -> float:
@@ -152,9 +161,9 @@ class MicroBatcher:
         """Whether a request of ``count`` images is admitted now (the two rules of the module docstring)."""
         if self._closing or self.admitted_images + count > self.max_queue:
             return False
-        if self._queued_images == 0 or not self.shedding:
+        if self._queued_images + self._reserved == 0 or not self.shedding:
             return True
-        return self._computing + self._queued_images + self.max_batch_size <= self.wait_budget_images()
+        return self.admitted_images + self.max_batch_size <= self.wait_budget_images()
 
     @property
     def idle(self) -> bool:
@@ -171,8 +180,33 @@ class MicroBatcher:
             await self._task
         self._executor.shutdown(wait=True)
 
-    async def submit(self, pixel_values: np.ndarray) -> BatchResult:
+    def reserve(self, count: int) -> Reservation:
+        """Admit a request of ``count`` images before its images are decoded, so decoding is shed like model work.
+
+        Pass the reservation to :meth:`submit` (its room becomes the queued images'), and
+        :meth:`release` it in a ``finally`` (a no-op once submitted): a request that fails to decode
+        gives its room back.
+
+        Raises:
+            ServerBusy: the batcher is closing, or there is no room (as in :meth:`submit`).
+        """
+        if self._closing:
+            raise ServerBusy("the server is shutting down")
+        if not self.has_room(count):
+            raise self.refuse(count)
+        self._reserved += count
+        return Reservation(count)
+
+    def release(self, reservation: Reservation) -> None:
+        """Give back the room of a reservation not submitted (idempotent)."""
+        if reservation.held:
+            self._reserved -= reservation.count
+            reservation.held = False
+
+    async def submit(self, pixel_values: np.ndarray, reservation: Reservation | None = None) -> BatchResult:
         """Queue ``pixel_values`` ``(B, C, H, W)`` and wait for its rows of the outputs.
+
+        With the ``reservation`` :meth:`reserve` gave, the request was admitted already: its room is used.
 
         Raises:
             InvalidInput: more than ``max_batch_size`` images, or none.
@@ -183,7 +217,9 @@ class MicroBatcher:
             raise InvalidInput(f"a request must hold 1 to {self.max_batch_size} images (--max-batch-size), got {count}")
         if self._closing:
             raise ServerBusy("the server is shutting down")
-        if not self.has_room(count):
+        if reservation is not None and reservation.held:
+            self.release(reservation)  # admitted at reserve(): the same room now holds the queued images
+        elif not self.has_room(count):
             raise self.refuse(count)
         loop = asyncio.get_running_loop()
         item = _Pending(pixel_values, loop.create_future(), time.perf_counter())

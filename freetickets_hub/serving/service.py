@@ -9,6 +9,7 @@ loads in the background once the server listens, so ``/v2/health/live`` answers 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -21,16 +22,18 @@ import numpy as np
 
 from freetickets_hub.errors import ConfigError
 
-from .batcher import BatchResult, MicroBatcher
+from .batcher import BatchResult, MicroBatcher, Reservation
 from .engine import BACKENDS, ServingEngine, load_engine
 from .errors import InvalidInput, ModelNotFound, ServerBusy, ServerNotReady
 from .metrics import ServingMetrics
+from .predict import decode_images
 
 __all__ = ["ServeSettings", "Service"]
 
 logger = logging.getLogger(__name__)
 
 SETTINGS_ENV = "FREETICKETS_SERVE_SETTINGS"  # how `--workers N` hands the settings to each worker process
+DECODE_WORKERS = 4  # at most this many images decode at once (fewer on fewer cores); admission bounds the rest
 
 
 @dataclass
@@ -98,6 +101,10 @@ class Service:
         self.batcher: MicroBatcher | None = None
         self.draining = False
         self.failure: str | None = None  # why loading failed; the server then exits
+        # image decoding runs here, bounded, and only for admitted requests (Service.reserve)
+        self._decoders = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(DECODE_WORKERS, os.cpu_count() or 1), thread_name_prefix="decode"
+        )
         self.in_flight = 0  # HTTP requests being answered (probes and metrics excluded)
         self._loading: asyncio.Task[None] | None = None
 
@@ -137,6 +144,7 @@ class Service:
             self._loading.cancel()
         if self.batcher is not None:
             await self.batcher.close()
+        self._decoders.shutdown(wait=True)
 
     def begin_drain(self) -> None:
         self.draining = True
@@ -182,8 +190,35 @@ class Service:
         if not self.batcher.has_room():
             raise self.batcher.refuse()
 
-    async def infer(self, pixel_values: np.ndarray) -> BatchResult:
-        """Run ``pixel_values`` through the batcher.
+    def reserve(self, count: int) -> Reservation:
+        """Admit a request of ``count`` images before decoding them (decoding is shed like model work).
+
+        Raises:
+            ServerBusy: shutting down, or no room (the batcher's queue limit or wait budget).
+            ServerNotReady: still loading.
+        """
+        if self.draining:
+            raise ServerBusy("the server is shutting down; retry on another replica")
+        self.require_engine()
+        assert self.batcher is not None
+        return self.batcher.reserve(count)
+
+    def release(self, reservation: Reservation) -> None:
+        """Give an admitted request's room back (a no-op once :meth:`infer` queued it)."""
+        if self.batcher is not None:
+            self.batcher.release(reservation)
+
+    async def decode(self, blobs: list[tuple[str, bytes]]) -> np.ndarray:
+        """Decode and fit images to the model's input in the bounded decoding pool.
+
+        Raises:
+            InvalidInput: a blob is empty, not an allowed format, broken, or over a size limit.
+        """
+        config = self.require_engine().config
+        return await asyncio.get_running_loop().run_in_executor(self._decoders, decode_images, blobs, config)
+
+    async def infer(self, pixel_values: np.ndarray, reservation: Reservation | None = None) -> BatchResult:
+        """Run ``pixel_values`` through the batcher (in the room ``reservation`` holds, when given).
 
         Raises:
             ServerBusy: shutting down, or no room (the batcher's queue limit or wait budget).
@@ -194,7 +229,7 @@ class Service:
             raise ServerBusy("the server is shutting down; retry on another replica")
         self.require_engine()
         assert self.batcher is not None
-        result = await self.batcher.submit(pixel_values)
+        result = await self.batcher.submit(pixel_values, reservation)
         self.metrics.queue_latency.observe(result.queue_s)
         bad = [name for name, value in result.outputs.items() if not np.isfinite(value).all()]
         if bad:  # JSON has no NaN: e.g. finite inputs near 3e38 overflow inside the model

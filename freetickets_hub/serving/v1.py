@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from importlib import resources
 from typing import Any
 
@@ -12,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import UploadFile
 
 from .errors import InvalidInput
-from .predict import decode_base64_images, decode_images, parse_top_k, records
+from .predict import decode_base64_images, parse_top_k, records
 from .service import Service
 from .tensors import parse_json
 
@@ -76,8 +75,12 @@ async def predict(request: Request, top_k: str | None = None) -> JSONResponse:
         )
     if len(blobs) > limit:
         raise InvalidInput(f"{len(blobs)} images in one request; the limit is {limit} (--max-batch-size)")
-    pixel_values = await asyncio.to_thread(decode_images, blobs, engine.config)
-    result = await service.infer(pixel_values)
+    reservation = service.reserve(len(blobs))  # decoding counts against --max-queue: a burst is shed first
+    try:
+        pixel_values = await service.decode(blobs)
+        result = await service.infer(pixel_values, reservation)
+    finally:
+        service.release(reservation)
     rows = records(result.outputs, engine.config, k)
     abstained = sum(bool(row.get("abstain")) for row in rows)
     if abstained:
