@@ -14,9 +14,12 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def one_bit_png(width: int, height: int) -> bytes:
-    """An all-black 1-bit PNG of ``width`` x ``height`` (1 x 1,000,000 is about 2 KB)."""
-    data = zlib.compress((b"\x00" + bytes((width + 7) // 8)) * height, 9)
+def one_bit_png(width: int, height: int, rows: int | None = None) -> bytes:
+    """An all-black 1-bit PNG of ``width`` x ``height`` (1 x 1,000,000 is about 2 KB).
+
+    ``rows``: store only that many rows (a header that promises more than the file holds).
+    """
+    data = zlib.compress((b"\x00" + bytes((width + 7) // 8)) * (height if rows is None else rows), 9)
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
 

@@ -17,6 +17,7 @@ from freetickets_hub.cli import main
 from freetickets_hub.engines.preprocessing import (
     ALLOWED_FORMATS,
     MAX_ASPECT_RATIO,
+    MAX_IMAGE_PIXELS,
     MAX_RESIZE_PIXELS,
     open_image,
     preprocess,
@@ -48,6 +49,13 @@ def test_an_extreme_aspect_ratio_is_refused_on_its_header(size: tuple[int, int],
         preprocess([path], CFG)
     with pytest.raises(ImageError, match=f"{size[0]}x{size[1]} pixels"):
         open_image(io.BytesIO(path.read_bytes()), name="upload")
+
+
+@pytest.mark.parametrize("size", [(60_000, 60_000), (12_000, 8_000), (7_000, 7_000)])
+def test_too_many_pixels_is_named_as_such_on_the_header(size: tuple[int, int], no_decoding) -> None:
+    """Over Pillow's own bomb limits (2x and 1x its 89 M pixels) or only over ours: the same message."""
+    with pytest.raises(ImageError, match=f"^upload: the image is .*over the limit of {MAX_IMAGE_PIXELS:,} pixels"):
+        open_image(io.BytesIO(one_bit_png(*size, rows=1)), name="upload")
 
 
 def test_the_resize_intermediate_is_bounded_for_in_memory_images(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -54,7 +54,7 @@ MAX_RESIZE_PIXELS = 2**24  # width x height of the image resized to the model's 
 # what Pillow's readers raise on broken files besides OSError/ValueError (struct.error, IndexError, ...)
 _DECODE_ERRORS = (
     OSError, SyntaxError, ValueError, TypeError, IndexError, KeyError, AttributeError, EOFError,
-    NotImplementedError, ZeroDivisionError, OverflowError, struct.error, Image.DecompressionBombWarning,
+    NotImplementedError, ZeroDivisionError, OverflowError, struct.error,
 )  # fmt: skip
 
 _CHANNELS = (1, 2, 3, 4)  # gray, gray+alpha, RGB, RGBA: what the last axis of an (H, W, C) image holds
@@ -137,7 +137,11 @@ def open_image(source: str | os.PathLike | IO[bytes], *, name: str) -> Image.Ima
         raise ImageError(f"{name}: not a {', '.join(ALLOWED_FORMATS)} image") from None
     except ImageError:
         raise
-    except (*_DECODE_ERRORS, Image.DecompressionBombError) as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # Pillow's check, on the header
+        raise ImageError(
+            f"{name}: the image is over the limit of {MAX_IMAGE_PIXELS:,} pixels ({_without_repr(err)})"
+        ) from None
+    except _DECODE_ERRORS as err:
         raise ImageError(f"{name}: a broken or truncated {_format_of(source)}image ({_without_repr(err)})") from None
 
 
@@ -158,7 +162,8 @@ def check_image_size(size: Sequence[int], *, name: str, pretrained_cfg: dict[str
         )
     if width * height > MAX_IMAGE_PIXELS:
         raise ImageError(
-            f"{name}: the image is {width}x{height} = {width * height:,} pixels, over the limit of {MAX_IMAGE_PIXELS:,}"
+            f"{name}: the image is {width}x{height} = {width * height:,} pixels, "
+            f"over the limit of {MAX_IMAGE_PIXELS:,} pixels"
         )
     if pretrained_cfg is not None:
         resized = _resized_size((width, height), _shorter_side(pretrained_cfg))
