@@ -130,7 +130,8 @@ def test_card_has_no_machine_paths_and_one_sparsity(trained: Path, tiny_dataset:
     main(["calibrate", str(trained), "--dataset", str(tiny_dataset.resolve()), "--split", "train[:30]"])
     card = (trained / "README.md").read_text()
     summary = json.loads((trained / "train_summary.json").read_text())
-    assert summary["dataset"] == str(tiny_dataset.resolve())  # the summary keeps what the recipe said
+    assert summary["recipe"]["dataset"] == str(tiny_dataset.resolve())  # the recipe as it was given
+    assert summary["dataset"] == tiny_dataset.name and str(tiny_dataset.parent) not in summary["test_split_description"]
     assert str(tiny_dataset.parent) not in card and "/tmp" not in card
     assert f"dataset: {tiny_dataset.name}" in card  # the recipe block names the folder only
     table = re.findall(r"^\| (\d) \| [\d,]+ of [\d,]+ \| (0\.\d{4}) \|", card, re.M)

@@ -46,3 +46,13 @@ def test_a_runs_validation_rows_are_found_again_from_its_recipe(tiny_dataset: Pa
     names = source.features["label"].names
     kept = [name for name in names if name not in excluded]
     assert [kept.index(names[int(source[i]["label"])]) for i in rows] == held_out.labels.tolist()
+
+
+def test_published_files_name_a_local_dataset_by_its_last_part(tmp_path: Path) -> None:
+    from freetickets_hub.data import public_dataset
+
+    (tmp_path / "fmnist").mkdir()
+    assert public_dataset(str(tmp_path / "fmnist")) == "fmnist"
+    assert public_dataset(str(tmp_path / "fmnist") + "/") == "fmnist"
+    assert public_dataset("${FREETICKETS_DATASETS}/fashion_mnist") == "fashion_mnist"
+    assert public_dataset("zalando-datasets/fashion_mnist") == "zalando-datasets/fashion_mnist"  # a Hub id

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from freetickets_hub.artifact.config import EnsembleConfig, EnsembleInfo
+from freetickets_hub.data.sources import public_dataset
 from freetickets_hub.model.ensemble import EnsembleModel
 from freetickets_hub.uncertainty.metrics import ECE_BINS, classification_metrics
 from freetickets_hub.uncertainty.outputs import combine_member_logits
@@ -115,10 +116,10 @@ def summarize(
     return {
         "recipe": recipe.to_dict(),
         "method": recipe.method,
-        "dataset": recipe.dataset,
+        "dataset": public_dataset(recipe.dataset),  # no machine path (the recipe above keeps what was given)
         "num_images": {"train": len(data.train), "val": len(data.val) if data.val else 0, "test": len(data.test)},
         "test": test,
-        "test_split_description": f"{recipe.dataset} [{recipe.test_split}], {len(data.test)} images",
+        "test_split_description": f"{public_dataset(recipe.dataset)} [{recipe.test_split}], {len(data.test)} images",
         "ece_bins": ECE_BINS,
         "tickets": [{"phase": t.phase, "step": t.step, "val_accuracy": t.val_accuracy} for t in stats.tickets],
         "sparsity": {

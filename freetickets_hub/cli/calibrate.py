@@ -40,19 +40,13 @@ def register(verbs: argparse._SubParsersAction) -> None:
 MIN_RELIABLE_TEMPERATURE_IMAGES = 200
 
 
-def public_dataset(dataset: str) -> str:
-    """``dataset`` as the artifact records it: a local folder by its last part only (no machine path)."""
-    import os
-
-    return Path(dataset).name if os.path.exists(os.path.expandvars(dataset)) else dataset
-
-
 def run(args: argparse.Namespace) -> int:
     import os
 
     from freetickets_hub import EnsembleModel
     from freetickets_hub.artifact.files import check_writable, prepare_output_dir, write_text_atomic
     from freetickets_hub.artifact.names import CONFIG_NAME
+    from freetickets_hub.data import public_dataset
     from freetickets_hub.errors import DatasetError
     from freetickets_hub.evaluation import create_accelerator, load_eval_split, run_inference
     from freetickets_hub.uncertainty.calibration import fit_temperature
@@ -181,6 +175,7 @@ def _fit_selective(
         InfeasibleRiskError: no threshold meets ``--target-risk``.
         ValueError: ``--conformal-alpha`` needs more images than ``rows`` holds.
     """
+    from freetickets_hub.data import public_dataset
     from freetickets_hub.uncertainty.outputs import combine_member_logits
     from freetickets_hub.uncertainty.selective import fit_conformal, fit_threshold
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from freetickets_hub.cli.calibrate import held_out_rows, public_dataset
+from freetickets_hub.cli.calibrate import held_out_rows
 from freetickets_hub.errors import FreeTicketsError
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ def _int8_calibration(args: argparse.Namespace) -> Int8Calibration:
     from freetickets_hub.artifact.config import EnsembleConfig
     from freetickets_hub.artifact.hub import resolve_file
     from freetickets_hub.artifact.names import CONFIG_NAME
-    from freetickets_hub.data import load_eval_split
+    from freetickets_hub.data import load_eval_split, public_dataset
     from freetickets_hub.errors import DatasetError
     from freetickets_hub.export.quantize import calibration_from_split
 

@@ -16,7 +16,7 @@ from .images import (
     is_input_sized,
     load_eval_split,
 )
-from .sources import BUILTIN_SOURCES, DATASETS_ENV, load_split, resolve_dataset
+from .sources import BUILTIN_SOURCES, DATASETS_ENV, load_split, public_dataset, resolve_dataset
 
 __all__ = [
     "BUILTIN_SOURCES",
@@ -30,6 +30,7 @@ __all__ = [
     "is_input_sized",
     "load_eval_split",
     "load_split",
+    "public_dataset",
     "resolve_dataset",
     "run_validation_rows",
     "validation_carve",

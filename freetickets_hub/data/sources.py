@@ -15,7 +15,7 @@ import numpy as np
 
 from freetickets_hub.errors import DatasetError, MissingDependencyError, RecipeError
 
-__all__ = ["BUILTIN_SOURCES", "DATASETS_ENV", "load_split", "resolve_dataset"]
+__all__ = ["BUILTIN_SOURCES", "DATASETS_ENV", "load_split", "public_dataset", "resolve_dataset"]
 
 DATASETS_ENV = "FREETICKETS_DATASETS"  # the folder shipped recipes read their datasets from
 
@@ -40,6 +40,17 @@ def resolve_dataset(name: str) -> str:
             )
         name = name.replace("${" + DATASETS_ENV + "}", root).replace("$" + DATASETS_ENV, root)
     return os.path.expanduser(name)
+
+
+def public_dataset(dataset: str) -> str:
+    """``dataset`` as published files record it: a local folder by its last part only (no machine path).
+
+    ``/home/me/data/fashion_mnist`` and ``${FREETICKETS_DATASETS}/fashion_mnist`` -> ``fashion_mnist``;
+    a Hub id (``org/name``) stays as it is.
+    """
+    if DATASETS_ENV in dataset or os.path.exists(os.path.expanduser(dataset)):
+        return Path(dataset.rstrip("/\\")).name
+    return dataset
 
 
 def _checkout_datasets() -> str | None:
