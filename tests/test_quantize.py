@@ -248,20 +248,22 @@ def test_bad_requests_are_refused(carve_dataset: Path, tmp_path: Path, capsys) -
         OnnxEnsemble.from_pretrained(folder, variant="int4")
 
 
-@pytest.mark.slow  # trains a Fashion-MNIST ensemble (minutes on 2 cores)
+@pytest.mark.slow  # trains the demo ensemble (about 5 minutes on 2 cores)
 @pytest.mark.skipif(not SHARED_FMNIST.is_dir(), reason="needs ../shared/datasets/fashion_mnist")
 def test_int8_quality_on_a_trained_fashion_mnist_ensemble(tmp_path: Path) -> None:
-    """The real gate (agreement >= 99 %, accuracy within 0.5 points) on the validation carve of real images."""
+    """The README's int8 command passes its real gate (agreement >= 99 %, accuracy within 0.5 points) on
+    the documented model, the demo recipe as shipped, on the run's validation carve of real images.
+
+    (A weaker run, 6,000 images and 3 epochs at about 73 %, measured 98.6 % agreement and is refused:
+    the gate, not this test, decides for other models.)
+    """
     run = tmp_path / "run"
     recipe = Path(__file__).resolve().parents[1] / "training" / "recipes" / "fmnist_demo_edst.yaml"
-    overrides = ["--set", "max_train_samples=6000", "--set", "explore_epochs=2", "--set", "refine_epochs=1"]
-    assert main(["train", "--recipe", str(recipe), "--output-dir", str(run), *overrides]) == 0
+    assert main(["train", "--recipe", str(recipe), "--output-dir", str(run)]) == 0
     argv = ["export", "onnx", str(run), "--quantize", "int8", "--calibration-dataset", str(SHARED_FMNIST)]
     assert main(argv) == 0
     int8 = json.loads((run / "onnx" / "export_report.json").read_text())["int8"]
-    assert (
-        int8["held_out_images"] == 2000 and int8["fp32"]["accuracy"] > 0.65
-    )  # trained (about 73 %), far from chance (10 %)
+    assert int8["held_out_images"] == 2000 and int8["fp32"]["accuracy"] > 0.85  # the demo measures about 88 %
     assert int8["agreement"] >= 0.99
     assert int8["fp32"]["accuracy"] - int8["int8"]["accuracy"] <= 0.005
 
