@@ -255,3 +255,24 @@ def test_without_a_refusal_the_wait_budget_does_not_apply() -> None:
         return await asyncio.gather(first, *rest)
 
     assert len(run(main())) == 4
+
+
+def test_refuse_queued_answers_waiting_requests_and_the_worker_keeps_serving() -> None:
+    engine = FakeEngine()
+
+    async def main():
+        batcher = make(engine, max_batch_size=4, max_delay_s=20.0)  # a lone request waits 20 s for companions
+        await batcher.start()
+        waiting = asyncio.ensure_future(batcher.submit(np.ones((1, 1, 2, 2), np.float32)))
+        await asyncio.sleep(0.05)
+        refused = batcher.refuse_queued(ServerBusy("shutting down"))
+        with pytest.raises(ServerBusy, match="shutting down"):
+            await waiting
+        assert (refused, batcher.queued_images) == (1, 0)
+        served = await batcher.submit(np.ones((4, 1, 2, 2), np.float32))  # a full batch: no wait
+        await batcher.close()
+        return served
+
+    served = run(main())
+    assert engine.batches == [4]  # the refused request never reached the engine
+    np.testing.assert_array_equal(served.outputs["row_sum"], np.full(4, 4.0))

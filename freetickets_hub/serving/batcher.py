@@ -248,6 +248,18 @@ class MicroBatcher:
         drain_s = self.admitted_images / throughput if throughput > 0 else 1.0
         return ServerBusy(f"{why}; retry later", retry_after_s=max(1, math.ceil(drain_s)))
 
+    def refuse_queued(self, error: ServerBusy) -> int:
+        """Answer every queued request with ``error`` now (shutdown's drain bound passed); the images refused."""
+        refused = 0
+        while self._pending:
+            item = self._pending.popleft()
+            refused += len(item.pixel_values)
+            if not item.future.done():
+                item.future.set_exception(error)
+        self._queued_images = 0
+        self._arrived.set()  # the worker may be waiting for companions of a request no longer queued
+        return refused
+
     def _trim(self) -> None:
         """As shedding starts, refuse the queue's tail that the wait budget would not have admitted.
 
@@ -291,6 +303,8 @@ class MicroBatcher:
                     await asyncio.wait_for(self._arrived.wait(), remaining)
                 except TimeoutError:
                     break
+            if not self._pending:  # refused while it waited (refuse_queued)
+                continue
             batch = [self._pending.popleft()]
             size = len(batch[0].pixel_values)
             while self._pending and size + len(self._pending[0].pixel_values) <= self.max_batch_size:

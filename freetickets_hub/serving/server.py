@@ -8,6 +8,7 @@ supervisor forwards to every worker.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 from types import FrameType
@@ -15,10 +16,12 @@ from types import FrameType
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
+from .errors import ServerBusy
 from .service import SETTINGS_ENV, ServeSettings, Service
 
 __all__ = ["drain_on_sigterm", "run_server"]
 
+logger = logging.getLogger(__name__)
 _GRACE_S = 1  # uvicorn's own grace for connections still open once the drain has ended
 
 
@@ -52,6 +55,14 @@ def drain_on_sigterm(service: Service) -> asyncio.Task[None] | None:
             deadline = loop.time() + max(0.0, service.settings.drain_timeout_s - _GRACE_S)
             while not service.idle and loop.time() < deadline:
                 await asyncio.sleep(0.02)
+            if service.batcher is not None:  # answered 503 now rather than cancelled (a 500) at uvicorn's exit
+                refused = service.batcher.refuse_queued(
+                    ServerBusy(
+                        "the server shut down before this request's turn (--drain-timeout-s); retry on another replica"
+                    )
+                )
+                if refused:
+                    logger.warning("drain bound reached: %d queued image(s) refused with 503", refused)
         server.should_exit = True
 
     return loop.create_task(supervise(), name="drain-on-sigterm")
@@ -69,6 +80,7 @@ def run_server(settings: ServeSettings) -> int:
         proxy_headers=False,
         access_log=False,
         log_level="info",
+        http="freetickets_hub.serving.http_protocol:IdleBoundedProtocol",  # a silent new connection closes too
         timeout_keep_alive=settings.keep_alive_s,
         timeout_graceful_shutdown=_GRACE_S,  # after the drain: the whole shutdown stays within --drain-timeout-s
     )
