@@ -185,6 +185,19 @@ def batch_counters(base: str) -> tuple[float, float]:
     return float(values.get("freetickets_batch_size_sum", 0)), float(values.get("freetickets_batch_size_count", 0))
 
 
+def mean_batch(before: tuple[float, float], after: tuple[float, float]) -> float:
+    """Images per engine call between two ``(images, calls)`` readings."""
+    return (after[0] - before[0]) / max(after[1] - before[1], 1)
+
+
+def triton_batch_counters(url: str, name: str) -> tuple[float, float]:
+    """Triton's (images inferred, model executions) for ``name``, as ``batch_counters`` gives ours."""
+    import httpx
+
+    stats = httpx.get(f"http://{url}/v2/models/{name}/stats", timeout=10).json()["model_stats"][0]
+    return float(stats["inference_count"]), float(stats["execution_count"])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -322,6 +335,7 @@ def run_against_triton(model: Path, tmp: Path, duration: float, max_requests: in
     try:
         triton.wait_ready()
         urls = {"serve": f"{base}/v2/models/{NAME}/infer", "triton": f"http://{triton.url}/v2/models/{NAME}/infer"}
+        counters = {"serve": lambda: batch_counters(base), "triton": lambda: triton_batch_counters(triton.url, NAME)}
         medians: dict[str, list[Level]] = {"serve": [], "triton": []}
         with subprocess_server(serve, base, "/v2/health/ready"):
             for concurrency in (1, 8, 32):
@@ -329,7 +343,9 @@ def run_against_triton(model: Path, tmp: Path, duration: float, max_requests: in
                 for _ in range(rounds):  # alternating, so a change in the machine's load hits both alike
                     for peer, url in urls.items():
                         label = f"{peer} c={concurrency}"
+                        before = counters[peer]()
                         level = asyncio.run(closed_loop(url, concurrency, duration, max_requests, label))
+                        level.mean_batch = mean_batch(before, counters[peer]())
                         per_round[peer].append(level)
                         print(level.row(), flush=True)
                 for peer in urls:
@@ -337,7 +353,9 @@ def run_against_triton(model: Path, tmp: Path, duration: float, max_requests: in
             rate = 3 * medians["serve"][-1].images_per_s / IMAGES_PER_REQUEST  # the same arrivals for both
             overloads = {}
             for peer, url in urls.items():
+                before = counters[peer]()
                 overloads[peer] = asyncio.run(open_loop(url, rate, duration, 4000))
+                overloads[peer].mean_batch = mean_batch(before, counters[peer]())
                 overloads[peer].label = f"{peer} overload"
                 print(overloads[peer].row(), flush=True)
     finally:
@@ -392,8 +410,7 @@ def run(model: Path, duration: float, max_requests: int, rounds: int) -> int:
             for _ in range(rounds):
                 before = batch_counters(base)
                 level = asyncio.run(closed_loop(url, concurrency, duration, max_requests, f"service c={concurrency}"))
-                after = batch_counters(base)
-                level.mean_batch = (after[0] - before[0]) / max(after[1] - before[1], 1)
+                level.mean_batch = mean_batch(before, batch_counters(base))
                 direct = direct_images_per_s(model, max(1, round(level.mean_batch)), seconds=duration / 2)
                 naive = asyncio.run(
                     closed_loop(naive_url, concurrency, duration, max_requests, f"naive c={concurrency}")
