@@ -28,11 +28,21 @@ def encoded(fmt: str, seed: int = 0, size: tuple[int, int] = (28, 28), mode: str
     """A random image of ``size`` saved as ``fmt``."""
     rng = np.random.default_rng(seed)
     shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
-    image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
-    if mode not in ("L", "RGB"):
-        image = image.convert(mode)
+    return save(Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)), fmt, mode)
+
+
+def real_digit(index: int, fmt: str, mode: str = "L") -> bytes:
+    """scikit-learn's bundled handwritten digit ``index`` (a real image, 8x8 grown to 28x28) saved as ``fmt``."""
+    from sklearn.datasets import load_digits
+
+    pixels = (load_digits().images[index] * (255 / 16)).astype(np.uint8)
+    return save(Image.fromarray(pixels).resize((28, 28), Image.Resampling.BILINEAR), fmt, mode)
+
+
+def save(image: Image.Image, fmt: str, mode: str = "L") -> bytes:
+    """``image`` converted to ``mode`` and encoded as ``fmt``."""
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
+    image.convert(mode).save(buffer, format=fmt)
     return buffer.getvalue()
 
 

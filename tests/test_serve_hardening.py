@@ -17,7 +17,7 @@ import pytest
 
 from freetickets_hub.engines.preprocessing import ALLOWED_FORMATS
 
-from .image_bombs import encoded, mutations, one_bit_png
+from .image_bombs import encoded, mutations, one_bit_png, real_digit
 from .serve_support import exported_model, running
 
 NAME = "fmnist"
@@ -101,11 +101,14 @@ def test_formats_outside_the_allow_list_are_400(server, fmt: str) -> None:
 
 
 def test_fuzz_never_gives_a_5xx_other_than_503(server) -> None:
-    """Bounded: 6 formats x 12 seeded mutations on /v1/predict (multipart and base64) and the cases above."""
+    """Bounded: 6 formats x 12 seeded mutations of real digits and of noise on /v1/predict (multipart and
+    base64), mutated DDS / SPIDER files, a dimension bomb, and every parser case above on both routes."""
     statuses: dict[int, int] = {}
     deadline = time.monotonic() + 120
     for i, fmt in enumerate(ALLOWED_FORMATS):
-        for j, blob in enumerate(mutations(encoded(fmt, seed=i, mode="RGB"), seed=100 + i, count=12)):
+        real = mutations(real_digit(i, fmt, mode="RGB"), seed=100 + i, count=6)
+        noise = mutations(encoded(fmt, seed=i, mode="RGB"), seed=200 + i, count=6)
+        for j, blob in enumerate([*real, *noise]):
             if j % 2:
                 reply = upload(server.url, blob)
             else:
@@ -115,6 +118,12 @@ def test_fuzz_never_gives_a_5xx_other_than_503(server) -> None:
             assert reply.status_code < 500 or reply.status_code == 503, (fmt, j, reply.text)
             assert "<_io." not in reply.text
             assert time.monotonic() < deadline, statuses
+    foreign = [
+        m for fmt in ("DDS", "SPIDER") for m in mutations(encoded(fmt, mode="F" if fmt == "SPIDER" else "RGB"), 7, 4)
+    ]
+    for blob in [*foreign, one_bit_png(1, 1_000_000)]:
+        reply = upload(server.url, blob)
+        assert reply.status_code == 400, reply.text
     for body, _ in (*V2_CASES.values(), *V1_JSON_CASES.values()):
         for path in (INFER, "/v1/predict"):
             reply = httpx.post(server.url + path, content=body, headers={"Content-Type": "application/json"})
