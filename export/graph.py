@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import torch
@@ -20,10 +21,14 @@ from freetickets_hub.errors import ExportError
 from freetickets_hub.model.ensemble import EnsembleModel
 from freetickets_hub.uncertainty.outputs import OUTPUT_NAMES, combine_member_logits
 
+if TYPE_CHECKING:
+    import onnx_ir
+
 __all__ = ["DEFAULT_OPSET", "MIN_OPSET", "EnsembleGraph", "check_opset", "export_graph"]
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 18  # the dynamo exporter's lowest; it silently raises lower requests to 18
+_STACK_TRACE = "pkg.torch.onnx.stack_trace"  # node metadata torch.onnx writes
 _TRACE_BATCH = 2  # batch sizes 0 and 1 are specialised by torch.export; tracing with 2 keeps the axis dynamic
 
 
@@ -101,6 +106,14 @@ def export_graph(
         raise ExportError(f"torch.onnx could not export {model.config.architecture!r}: {err}") from err
     finally:
         model.train(was_training)
+    _drop_stack_traces(program.model)
     program.model.metadata_props[METADATA_TEMPERATURE] = repr(float(model.temperature))
     program.model.metadata_props[METADATA_NUM_MEMBERS] = str(model.num_members)
     program.save(str(path), external_data=external_data)
+
+
+def _drop_stack_traces(graph_model: onnx_ir.Model) -> None:
+    """Remove the exporter's per-node Python stack traces: they hold the exporting machine's file paths."""
+    graphs = [graph_model.graph, *graph_model.functions.values()]
+    for node in (node for graph in graphs for node in graph.all_nodes()):
+        node.metadata_props.pop(_STACK_TRACE, None)

@@ -78,6 +78,15 @@ def test_export_writes_one_graph_with_the_design_interface(exported: tuple[Ensem
     assert max(report["max_abs_diff"][name] for name in report["gated_outputs"]) <= 1e-5
 
 
+def test_the_graph_holds_no_path_of_the_exporting_machine(exported: tuple[EnsembleModel, Path]) -> None:
+    _, folder = exported
+    checkout = str(Path(__file__).resolve().parents[1])
+    blob = (folder / "onnx" / "model.onnx").read_bytes()
+    assert checkout.encode() not in blob and b"site-packages" not in blob  # torch.onnx's per-node stack traces
+    graph = onnx.load(str(folder / "onnx" / "model.onnx")).graph
+    assert any(p.key == "namespace" for node in graph.node for p in node.metadata_props)  # module scopes stay
+
+
 @pytest.mark.parametrize("batch_size", [1, 5])
 def test_graph_agrees_with_torch_on_every_output(exported: tuple[EnsembleModel, Path], batch_size: int) -> None:
     model, folder = exported
