@@ -87,6 +87,10 @@ LEVERS = {  # EDST at seed 0, one change each; the same epochs (training FLOPs c
     "edst_avg0.3": ("ticket weight average over the last 30 % of each phase", ["average_fraction=0.3"]),
     "edst_rmask0.01": ("CigL random weight mask, rate 0.01", ["random_mask_rate=0.01"]),
     "edst_cigl": ("CigL: random mask 0.01 + weight average 30 %", ["random_mask_rate=0.01", "average_fraction=0.3"]),
+    "edst_cyclic": (
+        "Sup-tickets: 3 LR cycles over the last 30 %, their ends averaged",
+        ["average_fraction=0.3", "average_cycles=3"],
+    ),
 }
 
 

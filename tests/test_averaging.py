@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 from torch.optim.swa_utils import update_bn
 
 from freetickets_hub import EnsembleModel
 from freetickets_hub.errors import RecipeError
 from freetickets_hub.training import averaging
-from freetickets_hub.training.averaging import TicketAverage, in_window
+from freetickets_hub.training.averaging import TicketAverage, cycle_position, in_window
 from freetickets_hub.training.checkpoint import AVERAGE_FILE
 from freetickets_hub.training.recipe import Recipe
 
@@ -81,6 +82,55 @@ def test_state_dict_round_trip_continues_the_same_mean() -> None:
     assert TicketAverage().state_dict() == {}
 
 
+def test_cycles_split_the_window_and_end_on_its_last_step() -> None:
+    # a 10-step phase, window 6 (steps 5..10), 3 cycles of 2 steps
+    positions = [cycle_position(s, 10, 0.6, 3) for s in range(5, 11)]
+    assert [p.progress for p in positions] == [0.5, 1.0] * 3
+    assert [s for s, p in zip(range(5, 11), positions, strict=True) if p.last] == [6, 8, 10]
+    # a window of 7 in 3 cycles: 3 + 2 + 2 steps, every step in exactly one cycle
+    uneven = [cycle_position(s, 7, 1.0, 3) for s in range(1, 8)]
+    assert [s for s in range(1, 8) if uneven[s - 1].last] == [3, 5, 7]
+    assert uneven[0].progress == pytest.approx(1 / 3) and uneven[3].progress == 0.5
+    assert [cycle_position(s, 4, 0.5, 9).last for s in (3, 4)] == [True, True]  # more cycles than steps: one each
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"average_cycles": 2}, "set average_fraction"),
+        ({"average_fraction": 0.5, "average_cycles": -1}, "average_cycles"),
+        ({"average_fraction": 0.5, "average_cycles": 2, "average_cycle_lr": 0.0}, "average_cycle_lr"),
+        ({"average_fraction": 0.5, "average_cycle_lr": 0.1}, "needs average_cycles"),
+    ],
+)
+def test_cycle_keys_are_checked(overrides: dict, message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        Recipe(**overrides)
+
+
+def test_cyclic_window_lr_and_the_tickets_it_averages(
+    tmp_path: Path, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """3 steps an epoch; refinements of 4 epochs (12 steps, LR 0.001 from step 7); window: steps 7-12, 2 cycles."""
+    logged: dict[int, float] = {}
+    original_log = Accelerator.log
+
+    def log(self: Accelerator, values: dict, step: int | None = None, **kwargs: object) -> None:
+        logged[step] = values["train/lr"]
+        original_log(self, values, step=step, **kwargs)
+
+    averaged: list[int] = []
+    update = TicketAverage.update
+    monkeypatch.setattr(Accelerator, "log", log)
+    monkeypatch.setattr(TicketAverage, "update", lambda self, model: (averaged.append(1), update(self, model)))
+    cyclic = ("refine_epochs=4", "average_fraction=0.5", "average_cycles=2")
+    assert _train(tmp_path, tiny_dataset, overrides=cyclic) == 0
+    first_refine = [logged[s] for s in range(4, 16)]  # exploration is steps 1-3
+    assert first_refine[:6] == [0.01] * 6  # the phase's own schedule before the window
+    assert first_refine[6:] == pytest.approx([0.007, 0.004, 0.001] * 2)  # 10x the window's LR down to it, twice
+    assert len(averaged) == 2 * 2  # the cycles' last iterates only, in each of the 2 refinement phases
+
+
 @pytest.mark.parametrize("bad", ["-0.1", "1.5"])
 def test_fraction_outside_unit_interval_is_refused(bad: str) -> None:
     with pytest.raises(RecipeError, match="average_fraction"):
@@ -120,10 +170,18 @@ def test_edst_ticket_is_the_mean_of_its_window_masks_frozen_bn_recomputed(
 
 
 @pytest.mark.slow
-def test_resume_mid_window_is_bit_exact(tmp_path: Path, tiny_dataset: Path) -> None:
-    overrides = ("average_fraction=0.67",)
+@pytest.mark.parametrize(
+    ("overrides", "stop"),
+    [
+        (("average_fraction=0.67",), 5),  # 1 iterate in
+        (("refine_epochs=2", "average_fraction=0.67", "average_cycles=2"), 8),  # 1 cycle done, mid the second
+    ],
+)
+def test_resume_mid_window_is_bit_exact(
+    tmp_path: Path, tiny_dataset: Path, overrides: tuple[str, ...], stop: int
+) -> None:
     assert _train(tmp_path / "full", tiny_dataset, overrides=overrides) == 0
-    assert _train(tmp_path / "cut", tiny_dataset, "--max-steps", "5", overrides=overrides) == 0  # 1 iterate in
+    assert _train(tmp_path / "cut", tiny_dataset, "--max-steps", str(stop), overrides=overrides) == 0
     (checkpoint,) = (tmp_path / "cut" / "checkpoints").glob("step_*")
     assert (checkpoint / AVERAGE_FILE).is_file()
     assert _train(tmp_path / "cut", tiny_dataset, "--resume", overrides=overrides) == 0

@@ -37,6 +37,7 @@ def test_the_grid_is_three_seeds_of_four_methods_and_edst_levers(benchmarks: tup
         changed = {k for k, v in recipes[name].to_dict().items() if v != edst.to_dict()[k]}
         assert recipes[name].method == "edst" and recipes[name].seed == 0 and 1 <= len(changed) <= 2, (name, changed)
     assert recipes["edst_cigl"].random_mask_rate == 0.01 and recipes["edst_cigl"].average_fraction == 0.3
+    assert (recipes["edst_cyclic"].average_cycles, recipes["edst_cyclic"].average_fraction) == (3, 0.3)
 
 
 def test_unit_draw_reproduces_detection_metrics(benchmarks: tuple[ModuleType, ModuleType]) -> None:

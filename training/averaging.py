@@ -5,6 +5,10 @@ every averaged iterate has the ticket's mask and the mean keeps it), the weights
 optimizer step are averaged with ``torch.optim.swa_utils.AveragedModel``, and the ticket is the
 average with its BatchNorm statistics recomputed on the training split (``update_bn``, evaluation
 preprocessing). Training continues from the last iterate: only the ticket is averaged.
+
+With ``average_cycles`` C (Sup-tickets-style), the window's LR runs C cycles, each falling linearly
+from ``average_cycle_lr`` (default: 10x the window's own LR) to the window's own LR, and only the
+iterate at each cycle's end is averaged: C cheap tickets superposed into one, masks still frozen.
 """
 
 from __future__ import annotations
@@ -12,16 +16,43 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 
-__all__ = ["TicketAverage", "in_window"]
+__all__ = ["CyclePosition", "TicketAverage", "cycle_position", "in_window"]
+
+
+def _window_steps(phase_steps: int, fraction: float) -> int:
+    return max(1, round(fraction * phase_steps))
 
 
 def in_window(step_in_phase: int, phase_steps: int, fraction: float) -> bool:
     """Whether the phase's ``step_in_phase``-th optimizer step (from 1) falls in its averaging window."""
-    return fraction > 0 and step_in_phase > phase_steps - max(1, round(fraction * phase_steps))
+    return fraction > 0 and step_in_phase > phase_steps - _window_steps(phase_steps, fraction)
+
+
+@dataclass(frozen=True)
+class CyclePosition:
+    """Where a step of the averaging window falls in its LR cycle (``average_cycles``)."""
+
+    progress: float  # in (0, 1]: 1 at the cycle's last step
+    last: bool  # the cycle ends with this step: its iterate is one of the averaged tickets
+
+
+def cycle_position(step_in_phase: int, phase_steps: int, fraction: float, cycles: int) -> CyclePosition:
+    """The window of ``in_window`` split into ``cycles`` nearly equal cycles (at least one step each).
+
+    Sup-tickets (Yin et al., UAI 2022): each cycle's LR falls from high to low, and the iterate at its
+    low end is a cheap ticket; the phase's ticket is their average.
+    """
+    window = _window_steps(phase_steps, fraction)
+    cycles = min(cycles, window)
+    k = step_in_phase - (phase_steps - window) - 1  # 0-based within the window
+    index = k * cycles // window
+    start, end = -(-index * window // cycles), -(-(index + 1) * window // cycles)
+    return CyclePosition((k - start + 1) / (end - start), k == end - 1)
 
 
 class TicketAverage:

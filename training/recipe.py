@@ -177,6 +177,11 @@ class Recipe(RecipeBase):
     # SWA-style ticket: the mean of the last fraction of each ticket phase's iterates, masks frozen
     # there, BatchNorm recomputed on the training split (training/averaging.py); 0: the last iterate
     average_fraction: float = 0.0
+    # Sup-tickets-style cyclic LR over that window: this many cycles, each from `average_cycle_lr`
+    # (null: 10x the window's own LR) down to the window's own LR; the ticket averages the iterates
+    # at the cycles' ends only; 0: every iterate at the phase's own LR
+    average_cycles: int = 0
+    average_cycle_lr: float | None = None
     # CigL's random weight mask: drop this fraction of every maskable weight in each training
     # forward pass, on top of the DST mask; never at inference (training/random_mask.py); 0: off
     random_mask_rate: float = 0.0
@@ -195,6 +200,16 @@ class Recipe(RecipeBase):
             raise RecipeError(
                 "recipe key 'average_fraction' averages the last iterates: it needs ticket_selection: last"
             )
+        if self.average_cycles < 0:
+            raise RecipeError(f"recipe key 'average_cycles' must be >= 0, got {self.average_cycles}")
+        if self.average_cycles and not self.average_fraction:
+            raise RecipeError(
+                "recipe key 'average_cycles' cycles the LR over the averaging window: set average_fraction"
+            )
+        if self.average_cycle_lr is not None and not self.average_cycle_lr > 0:
+            raise RecipeError(f"recipe key 'average_cycle_lr' must be positive, got {self.average_cycle_lr}")
+        if self.average_cycle_lr is not None and not self.average_cycles:
+            raise RecipeError("recipe key 'average_cycle_lr' needs average_cycles")
         if not self.refine_lrs:
             raise RecipeError("recipe key 'refine_lrs' must list at least one learning rate")
         if len(set(self.exclude_classes)) != len(self.exclude_classes):

@@ -36,7 +36,7 @@ from freetickets_hub.errors import FreeTicketsError
 from freetickets_hub.model import architectures as _architectures  # noqa: F401  (registers WRNs)
 from freetickets_hub.model.ensemble import EnsembleModel
 
-from .averaging import TicketAverage, in_window
+from .averaging import TicketAverage, cycle_position, in_window
 from .checkpoint import (
     CHECKPOINTS,
     Progress,
@@ -320,12 +320,32 @@ class _Loop:
         progress.batch = 0
         return True
 
-    def _set_lr(self, member: _Member, phase: Phase) -> float:
-        """The phase's LR schedule at the current position (fractional epochs drive the warm-up)."""
+    def _step_in_phase(self, member: _Member) -> int:
+        """The phase's optimizer step (from 1) the current micro-batch belongs to."""
         progress = self.progress
-        steps_done = progress.epoch * member.steps_per_epoch + progress.batch // self.recipe.grad_accum_steps
+        return progress.epoch * member.steps_per_epoch + progress.batch // self.recipe.grad_accum_steps + 1
+
+    def _averaging(self, member: _Member, phase: Phase) -> bool:
+        """Whether the current step falls in the ticket phase's averaging window (``average_fraction``)."""
+        phase_steps = phase.epochs * member.steps_per_epoch
+        return phase.ticket and in_window(self._step_in_phase(member), phase_steps, self.recipe.average_fraction)
+
+    def _set_lr(self, member: _Member, phase: Phase) -> float:
+        """The phase's LR schedule at the current position (fractional epochs drive the warm-up).
+
+        With ``average_cycles``, the averaging window's LR falls linearly in each cycle from
+        ``average_cycle_lr`` (default 10x the window's own LR) to the window's own LR.
+        """
+        recipe = self.recipe
+        steps_done = self._step_in_phase(member) - 1
         epochs_done = steps_done / member.steps_per_epoch
         lr = phase.lr_at(epochs_done / phase.epochs, epochs_done)
+        if recipe.average_cycles and self._averaging(member, phase):
+            high = recipe.average_cycle_lr or 10 * lr
+            position = cycle_position(
+                steps_done + 1, phase.epochs * member.steps_per_epoch, recipe.average_fraction, recipe.average_cycles
+            )
+            lr = high + (lr - high) * position.progress
         for group in member.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
@@ -349,11 +369,7 @@ class _Loop:
         progress.images += recipe.batch_size * recipe.grad_accum_steps * self.accelerator.num_processes
         member.bar.update(1)
         density = 1.0
-        averaging = phase.ticket and in_window(
-            progress.epoch * member.steps_per_epoch + progress.batch // recipe.grad_accum_steps + 1,
-            phase.epochs * member.steps_per_epoch,
-            recipe.average_fraction,
-        )
+        averaging = self._averaging(member, phase)
         if engine is not None and averaging:
             engine.apply_masks()  # masks frozen over the averaging window
             density = engine.density()
@@ -366,11 +382,18 @@ class _Loop:
                 member.bar.write(
                     f"[{phase.name}] step {progress.step}: mask update, {update['regrown']} weights pruned and regrown"
                 )
-        if averaging:
+        if averaging and (not recipe.average_cycles or self._cycle_ends(member, phase)):
             member.average.update(self.accelerator.unwrap_model(member.model))
         self.accelerator.log({"train/loss": loss, "train/lr": lr, "train/density": density}, step=progress.total_steps)
         if progress.step % 10 == 0:
             member.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", phase=phase.name, density=f"{density:.3f}")
+
+    def _cycle_ends(self, member: _Member, phase: Phase) -> bool:
+        """``average_cycles``: the step just taken ends an LR cycle (its iterate is a ticket to average)."""
+        recipe = self.recipe
+        step = self._step_in_phase(member)
+        phase_steps = phase.epochs * member.steps_per_epoch
+        return cycle_position(step, phase_steps, recipe.average_fraction, recipe.average_cycles).last
 
     def _skipped_step(self, member: _Member, phase: Phase) -> None:
         """fp16: the grad scaler found inf/NaN gradients and skipped the step; it neither counts nor updates masks."""
