@@ -140,7 +140,9 @@ def _summary(folder: Path, stored: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _canonical(recipe: dict[str, Any]) -> str:
-    return json.dumps(recipe, sort_keys=True)
+    """The recipe with every key a later version added at its default: such a run is still the same run."""
+    defaults = Recipe().to_dict()
+    return json.dumps({k: v for k, v in recipe.items() if k not in defaults or v != defaults[k]}, sort_keys=True)
 
 
 def load_shared_data(specs: list[RunSpec]) -> ImageData:

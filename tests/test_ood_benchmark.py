@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import ModuleType
 
@@ -78,3 +79,21 @@ def test_shared_draws_pair_runs_so_a_small_real_difference_separates(benchmarks:
     assert not stats.separated(a - b, [0.01, -0.02, 0.01])  # a seed that disagrees vetoes the claim
     unpaired = a - stats.bootstrap_detection(inside, outside, stats.Draws.make(2000, 500, 500, 1))["auroc"]
     assert np.std(unpaired) > 3 * np.std(a - b)
+
+
+def test_a_finished_run_stays_valid_when_a_later_version_adds_a_recipe_key(
+    benchmarks: tuple[ModuleType, ModuleType], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import quality_runs  # on sys.path through the fixture
+
+    ood, _ = benchmarks
+    spec = ood.build_specs(ood.PRESET, "../shared/datasets/fashion_mnist", [])[0]
+    recipe = spec.load().to_dict()
+    older = {k: v for k, v in recipe.items() if k not in ("average_cycles", "average_cycle_lr")}  # before those keys
+    (tmp_path / "train_summary.json").write_text(json.dumps({"recipe": older}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(quality_runs, "_summary", lambda folder, stored: {"skipped": True})
+    assert quality_runs.train_run(spec, tmp_path, log=lambda _: None) == {"skipped": True}
+    (tmp_path / "train_summary.json").write_text(json.dumps({"recipe": {**older, "lr": 0.5}}))
+    with pytest.raises(quality_runs.FreeTicketsError, match="holds a run of another recipe"):
+        quality_runs.train_run(spec, tmp_path, log=lambda _: None)
