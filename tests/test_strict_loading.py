@@ -90,7 +90,7 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
 
 
 CONFIG_CASES = {
-    "format_version": (_set("ensemble.format_version", 2), "ensemble.format_version 2 is not supported"),
+    "format_version": (_set("ensemble.format_version", 3), "ensemble.format_version 3 is not supported"),
     "num_classes type": (_set("num_classes", "10"), "num_classes must be of type int, got '10'"),
     "sparsity type": (_set("ensemble.sparsity", "0.8"), "ensemble.sparsity must be of type int or float, got '0.8'"),
     "members type": (_set("ensemble.num_members", 3.0), "ensemble.num_members must be of type int, got 3.0"),

@@ -14,11 +14,19 @@ from typing import Any
 
 from freetickets_hub.errors import ConfigError
 
-__all__ = ["FORMAT_VERSION", "CalibrationConfig", "EnsembleConfig", "EnsembleInfo", "SelectiveConfig"]
+__all__ = [
+    "FORMAT_VERSION",
+    "READ_FORMAT_VERSIONS",
+    "CalibrationConfig",
+    "EnsembleConfig",
+    "EnsembleInfo",
+    "SelectiveConfig",
+]
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this version reads and writes; an artifact without slim members stays at 1
+READ_FORMAT_VERSIONS = (1, 2)  # 2 adds ensemble.member_widths (slim members, issue 23)
 METHODS = ("edst", "dst", "dense", "dense_ensemble", "static_sparse", "merged")
 DISTRIBUTIONS = ("erk", "uniform", "dense")
 SELECTIVE_SCORES = ("confidence", "entropy", "mutual_information")
@@ -111,8 +119,11 @@ class EnsembleInfo:
     sparsity: float = 0.0  # target sparsity over maskable (conv/linear) weights
     distribution: str = "erk"
     calibration: CalibrationConfig | None = None
-    format_version: int = FORMAT_VERSION
+    format_version: int | None = None  # None: the lowest that holds this block (1, or 2 with member_widths)
     selective: SelectiveConfig | None = None  # abstention threshold / conformal sets on the calibrated outputs
+    # slim members (channel-level sparsity): per member, its widths record (freetickets_hub.model.widths:
+    # module name -> [out, in] or [features]) or None for a member at the architecture's full width
+    member_widths: list[dict[str, list[int]] | None] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.calibration, dict):
@@ -132,12 +143,24 @@ class EnsembleInfo:
             raise ConfigError(f"ensemble.sparsity must be in [0, 1), got {self.sparsity}")
         if self.distribution not in DISTRIBUTIONS:
             raise ConfigError(f"ensemble.distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
+        _check_member_widths(self.member_widths, self.num_members)
+        if self.member_widths is not None and not any(self.member_widths):
+            self.member_widths = None  # every member at full width: nothing to record
+        if self.format_version is None:
+            self.format_version = 1 if self.member_widths is None else 2
         _check_type("ensemble.format_version", self.format_version, int)
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version not in READ_FORMAT_VERSIONS:
             raise ConfigError(
                 f"ensemble.format_version {self.format_version} is not supported by this version of "
-                f"freetickets-hub (it reads format_version {FORMAT_VERSION}); upgrade freetickets-hub."
+                f"freetickets-hub (it reads format_version {', '.join(map(str, READ_FORMAT_VERSIONS))}); "
+                "upgrade freetickets-hub."
             )
+        if self.member_widths is not None and self.format_version < 2:
+            raise ConfigError(f"ensemble.member_widths needs format_version 2, got {self.format_version}")
+
+    def widths_of(self, index: int) -> dict[str, list[int]] | None:
+        """Member ``index``'s widths record, or None when it has the architecture's full width."""
+        return None if self.member_widths is None else self.member_widths[index]
 
     @property
     def temperature(self) -> float:
@@ -185,7 +208,10 @@ class EnsembleConfig:
         return int(self.model_args.get("in_chans", self.pretrained_cfg.get("input_size", (3,))[0]))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["ensemble"]["member_widths"] is None:  # a format-1 config stays exactly as format 1 wrote it
+            del data["ensemble"]["member_widths"]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, indent=2) + "\n"
@@ -221,6 +247,27 @@ def _known(data: dict[str, Any], datacls: type, where: str) -> dict[str, Any]:
     if unknown:
         logger.warning("Ignoring unknown %s keys %s (written by a newer freetickets-hub?)", where, unknown)
     return {k: v for k, v in data.items() if k in names}
+
+
+def _check_member_widths(member_widths: Any, num_members: int) -> None:
+    """The form of ``ensemble.member_widths``; whether the widths fit the architecture is checked at build."""
+    if member_widths is None:
+        return
+    _check_type("ensemble.member_widths", member_widths, list)
+    if len(member_widths) != num_members:
+        raise ConfigError(f"ensemble.member_widths has {len(member_widths)} entries but num_members is {num_members}")
+    for index, widths in enumerate(member_widths):
+        if widths is None:
+            continue
+        where = f"ensemble.member_widths[{index}]"
+        _check_type(where, widths, dict)
+        for name, counts in widths.items():
+            if not (
+                isinstance(counts, list)
+                and counts
+                and all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts)
+            ):
+                raise ConfigError(f"{where}[{name!r}] must be a list of positive integers, got {counts!r}")
 
 
 def _check_type(name: str, value: Any, expected: type | tuple[type, ...]) -> None:

@@ -31,6 +31,7 @@ from freetickets_hub.engines.preprocessing import ImageInput, batch_starts, chec
 from freetickets_hub.errors import ArtifactError, ConfigError
 from freetickets_hub.model import architectures as _architectures  # noqa: F401  (registers the CIFAR-style WRNs with timm)
 from freetickets_hub.model.card import render_model_card
+from freetickets_hub.model.widths import create_slim_model
 from freetickets_hub.uncertainty.outputs import EnsembleOutput, combine_member_logits
 from freetickets_hub.uncertainty.predictions import Predictions
 
@@ -67,26 +68,14 @@ class EnsembleModel(
     def __init__(self, config: EnsembleConfig | dict, *, independent_init: bool = True) -> None:
         super().__init__()
         self.config = config if isinstance(config, EnsembleConfig) else EnsembleConfig.from_dict(config)
-        try:
-            first = timm.create_model(
-                self.config.architecture,
-                pretrained=False,
-                num_classes=self.config.num_classes,
-                **self.config.model_args,
-            )
-        except (RuntimeError, TypeError) as err:  # timm: "Unknown model (...)"; a bad model_args key
-            raise ConfigError(f"cannot build architecture {self.config.architecture!r}: {err}") from err
+        info = self.config.ensemble
+        first = self._build_member(info.widths_of(0))
         # copying one member costs a memory copy; a fresh random init costs a model build
         others = (
-            timm.create_model(
-                self.config.architecture,
-                pretrained=False,
-                num_classes=self.config.num_classes,
-                **self.config.model_args,
-            )
-            if independent_init
-            else copy.deepcopy(first)
-            for _ in range(self.config.ensemble.num_members - 1)
+            copy.deepcopy(first)
+            if not independent_init and info.widths_of(index) == info.widths_of(0)
+            else self._build_member(info.widths_of(index))
+            for index in range(1, info.num_members)
         )
         self.members = nn.ModuleList([first, *others])
         # masks[i][name]: which entries of member i's weight `name` may be nonzero; dense layers have none
@@ -96,6 +85,16 @@ class EnsembleModel(
         # dtype the conv/linear weights were stored in; saving keeps it unless told otherwise
         self.values_dtype = "float32"
         self.eval()
+
+    def _build_member(self, widths: dict[str, list[int]] | None) -> nn.Module:
+        """One member: the timm architecture, rebuilt at ``widths`` for a slim member (``model.widths``)."""
+        kwargs = {"num_classes": self.config.num_classes, **self.config.model_args}
+        try:
+            if widths is not None:
+                return create_slim_model(self.config.architecture, widths, **kwargs)
+            return timm.create_model(self.config.architecture, pretrained=False, **kwargs)
+        except (RuntimeError, TypeError) as err:  # timm: "Unknown model (...)"; a bad model_args key
+            raise ConfigError(f"cannot build architecture {self.config.architecture!r}: {err}") from err
 
     @property
     def num_members(self) -> int:

@@ -30,9 +30,16 @@ def export_member(model: EnsembleModel, index: int, save_directory: str | Path) 
 
     Raises:
         IndexError: ``index`` is not a member of ``model``.
+        ValueError: the member is slim (its channels differ from the architecture's, which timm's
+            folder format cannot record).
     """
     if not 0 <= index < model.num_members:
         raise IndexError(f"member {index} does not exist: the ensemble has {model.num_members} member(s)")
+    if model.config.ensemble.widths_of(index) is not None:
+        raise ValueError(
+            f"member {index} is slim (channel-level sparsity): timm's folder format records no per-layer widths, "
+            "so timm.create_model could not rebuild it; keep it in the ensemble artifact"
+        )
     from timm.models import save_for_hf
 
     save_directory = Path(save_directory)

@@ -71,6 +71,9 @@ def merge_ensembles(models: Sequence[EnsembleModel], *, names: Sequence[str] | N
             num_members=sum(model.num_members for model in models),
             sparsity=first.ensemble.sparsity,
             distribution=first.ensemble.distribution,
+            member_widths=[
+                model.config.ensemble.widths_of(i) for model in models for i in range(model.num_members)
+            ],  # slim members keep their own channels (None for all full-width: a format-1 config)
         ),
     )
     merged = EnsembleModel(config)
