@@ -15,8 +15,20 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN_IMAGES, BATCH = 64, 8
 
 
-@pytest.mark.parametrize("growth", ["gradient", pytest.param("random", marks=pytest.mark.slow)])
-def test_two_processes_keep_masks_identical_and_split_data(tmp_path: Path, tiny_dataset: Path, growth: str) -> None:
+LEVERS = ("random_mask_rate=0.1", "average_fraction=0.5", "average_cycles=2")  # issue 24, all at once
+
+
+@pytest.mark.parametrize(
+    ("growth", "levers"),
+    [
+        ("gradient", ()),
+        pytest.param("random", (), marks=pytest.mark.slow),
+        pytest.param("gradient", LEVERS, marks=pytest.mark.slow, id="overconfidence-levers"),
+    ],
+)
+def test_two_processes_keep_masks_identical_and_split_data(
+    tmp_path: Path, tiny_dataset: Path, growth: str, levers: tuple[str, ...]
+) -> None:
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     assert accelerate is not None
     overrides = [
@@ -29,6 +41,7 @@ def test_two_processes_keep_masks_identical_and_split_data(tmp_path: Path, tiny_
         "refine_epochs=1",
         "num_members=2",
         f"growth={growth}",
+        *levers,
     ]
     cmd = [
         accelerate,
@@ -60,3 +73,5 @@ def test_two_processes_keep_masks_identical_and_split_data(tmp_path: Path, tiny_
     assert summary["total_steps"] == epochs * TRAIN_IMAGES // (2 * BATCH)
     assert summary["costs"]["train_images_processed"] == epochs * TRAIN_IMAGES
     assert "mask update" in result.stdout  # the updates really happened (and were checked across ranks)
+    if levers:
+        assert "ticket averaged over" in result.stdout
