@@ -7,6 +7,7 @@ artifact"). Functions only, the model never sees a file: ``EnsembleModel``'s per
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -155,9 +156,32 @@ def read_weights(path: Path) -> State:
 
 
 def write_weights(path: Path, tensors: State, values_dtype: str) -> None:
-    """Write ``tensors`` atomically, with the metadata readers check (``format``, ``library``, ``values_dtype``)."""
+    """Write ``tensors`` atomically, with the metadata readers check (``format``, ``library``, ``values_dtype``).
+
+    The same tensors give the same bytes: safetensors writes ``__metadata__`` in a random order
+    (a Rust ``HashMap``, safetensors issue #584), so its keys are put in sorted order here.
+    """
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "library": LIBRARY_NAME, "values_dtype": values_dtype})
+        _sort_metadata(tmp)
+
+
+_METADATA_START = b'{"__metadata__":'
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the header's ``__metadata__`` object with sorted keys, in place (the same length)."""
+    with open(path, "r+b") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = f.read(length)
+        if not header.startswith(_METADATA_START):
+            return
+        text, start = header.decode("utf-8"), len(_METADATA_START)
+        metadata, end = json.JSONDecoder().raw_decode(text, start)
+        canonical = json.dumps(dict(sorted(metadata.items())), separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) == len(text[start:end].encode()):  # the same object in another order: the same bytes
+            f.seek(8 + start)
+            f.write(canonical)
 
 
 def stored_values_dtype(tensors: State) -> str:
