@@ -336,15 +336,13 @@ class _Loop:
         With ``average_cycles``, the averaging window's LR falls linearly in each cycle from
         ``average_cycle_lr`` (default 10x the window's own LR) to the window's own LR.
         """
-        recipe = self.recipe
-        steps_done = self._step_in_phase(member) - 1
-        epochs_done = steps_done / member.steps_per_epoch
+        recipe, step = self.recipe, self._step_in_phase(member)
+        epochs_done = (step - 1) / member.steps_per_epoch
         lr = phase.lr_at(epochs_done / phase.epochs, epochs_done)
         if recipe.average_cycles and self._averaging(member, phase):
             high = recipe.average_cycle_lr or 10 * lr
-            position = cycle_position(
-                steps_done + 1, phase.epochs * member.steps_per_epoch, recipe.average_fraction, recipe.average_cycles
-            )
+            phase_steps = phase.epochs * member.steps_per_epoch
+            position = cycle_position(step, phase_steps, recipe.average_fraction, recipe.average_cycles)
             lr = high + (lr - high) * position.progress
         for group in member.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
