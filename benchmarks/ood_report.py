@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ood_sets import SeedGroup
     from quality_runs import RunSpec
 
-__all__ = ["Grid", "report", "select_lever"]
+__all__ = ["Grid", "rank_levers", "report"]
 
 SCORES = ("entropy", "mutual_information", "msp")
 SCORE_LABELS = {"entropy": "entropy", "mutual_information": "mutual information", "msp": "max probability"}
@@ -63,7 +63,7 @@ def report(
 ) -> None:
     """Analyse every run, aggregate over seeds, write the tables (see the module docstring).
 
-    ``selected`` is the lever :func:`select_lever` chose (its seeds 1 and 2 join the tables when trained).
+    ``selected`` is the lever :func:`rank_levers` put first (its seeds 1 and 2 join the tables when trained).
     """
     levers, seeds = grid.levers, grid.seeds
     started = time.time()
@@ -213,17 +213,17 @@ def within_budget(folder: Path, single_dense_folder: Path) -> bool:
     return _training_flops(folder) <= FLOPS_GOAL * _training_flops(single_dense_folder)
 
 
-def select_lever(
+def rank_levers(
     logits: dict[str, dict[str, torch.Tensor]], groups: dict[int, SeedGroup], names: list[str], out: Path
-) -> str:
-    """The candidate within the FLOPs budget with the best validation score (T fitted on its validation carve)."""
+) -> list[str]:
+    """The candidates within the FLOPs budget, best validation score first (T fitted on its validation carve)."""
 
     def score(name: str) -> float:
         group = groups[0]
         temperature = fit_temperature(logits[name]["val"], group.data.val.labels).temperature
         return validation_score(validation_sets(logits[name], group, temperature))
 
-    return max((n for n in names if within_budget(out / n, out / f"{BASELINE}_s0")), key=score)
+    return sorted((n for n in names if within_budget(out / n, out / f"{BASELINE}_s0")), key=score, reverse=True)
 
 
 def _diversity(member_logits: torch.Tensor, temperature: float) -> dict[str, float] | None:

@@ -97,3 +97,19 @@ def test_a_finished_run_stays_valid_when_a_later_version_adds_a_recipe_key(
     (tmp_path / "train_summary.json").write_text(json.dumps({"recipe": {**older, "lr": 0.5}}))
     with pytest.raises(quality_runs.FreeTicketsError, match="holds a run of another recipe"):
         quality_runs.train_run(spec, tmp_path, log=lambda _: None)
+
+
+def test_the_best_two_levers_are_combined_unless_a_lever_already_is_their_union(
+    benchmarks: tuple[ModuleType, ModuleType],
+) -> None:
+    ood, _ = benchmarks
+    levers = dict(ood.LEVERS)
+    assert ood.combination(levers, "edst_avg0.3", "edst_rmask0.01") is None  # that is edst_cigl
+    assert ood.combination(levers, "edst_cyclic", "edst_avg0.3") is None  # the cyclic lever contains the average
+    name, (label, overrides) = ood.combination(levers, "edst_cyclic", "edst_rmask0.01")
+    assert name == "edst_cyclic+edst_rmask0.01" and " + " in label
+    assert overrides == ["average_fraction=0.3", "average_cycles=3", "random_mask_rate=0.01"]
+    levers[name] = (label, overrides)
+    spec = ood.lever_spec(ood.PRESET, "../shared/datasets/fashion_mnist", name, 0, levers)
+    recipe = spec.load()
+    assert (recipe.average_cycles, recipe.random_mask_rate, recipe.method) == (3, 0.01, "edst")
