@@ -160,6 +160,9 @@ def test_diversity_closed_form():
     assert result["overall"]["jaccard"]["matrix"][1][0] == pytest.approx(1 - 3 / 7)  # pooled: (1 + 2) / (3 + 4)
     assert result["overall"]["hamming"]["mean"] == pytest.approx(4 / 8)
     assert mask_distance([{}, {}]) is None
+    slim = [{"conv.weight": a.view(2, 2), "fc.weight": a}, {"conv.weight": b.view(2, 2), "fc.weight": b[:2]}]
+    assert set(mask_distance(slim)["layers"]) == {"conv.weight"}  # slim members' fc positions do not correspond
+    assert mask_distance([{"fc.weight": a}, {"fc.weight": b[:2]}]) is None
 
     logits = torch.log(torch.tensor([[[0.5, 0.5]], [[0.9, 0.1]]]))
     diversity = prediction_diversity(logits)

@@ -124,3 +124,21 @@ def test_a_slim_ensemble_exports_and_serves_with_the_torch_outputs(tmp_path: Pat
     assert reply.status_code == 200, reply.text
     probs = next(o for o in reply.json()["outputs"] if o["name"] == "probs")
     np.testing.assert_allclose(np.array(probs["data"]).reshape(expected.shape), expected, atol=1e-5, rtol=0)
+
+
+def test_fine_tuning_a_slim_base_keeps_its_channels_and_masks(tmp_path: Path) -> None:
+    from .test_finetune import FAST, write_class_subset
+
+    base = slim_ensemble()
+    base.save_pretrained(tmp_path / "base")
+    data = write_class_subset([5, 6, 7, 8, 9], tmp_path / "fmnist_5_9", {"train": 64, "test": 32})
+    args = ["finetune", str(tmp_path / "base"), "--dataset", str(data), "--output-dir", str(tmp_path / "ft")]
+    args += ["--recipe", "training/recipes/finetune_small.yaml", "--set", "val_size=0"]
+    assert main([*args, *(a for s in FAST for a in ("--set", s))]) == 0
+    tuned = EnsembleModel.from_pretrained(tmp_path / "ft")  # strict: every tensor at the recorded widths
+    for index, (before, after) in enumerate(
+        zip(base.config.ensemble.member_widths, tuned.config.ensemble.member_widths, strict=True)
+    ):
+        assert after == {**before, "fc": [5, before["fc"][1]]}, index  # a new 5-class head at the slim width
+        kept = {name: mask for name, mask in base.masks[index].items() if not name.startswith("fc.")}
+        assert all(torch.equal(tuned.masks[index][name], mask) for name, mask in kept.items())  # frozen-masks

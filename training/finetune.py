@@ -178,8 +178,17 @@ class _FineTune:
                 num_members=base.num_members,
                 sparsity=cfg.ensemble.sparsity,
                 distribution=cfg.ensemble.distribution,
+                member_widths=[self._member_widths(i, len(data.label_names)) for i in range(base.num_members)],
             ),  # no calibration: the base model's temperature was fitted on another task
         )
+
+    def _member_widths(self, index: int, num_classes: int) -> dict[str, list[int]] | None:
+        """A slim base member keeps its channels; only a new head changes its classifier's out width."""
+        widths = self.base.config.ensemble.widths_of(index)
+        if widths is None or not self.new_heads:
+            return widths
+        head = _classifier_weight(self.base.members[index]).removesuffix(".weight")
+        return {**widths, head: [num_classes, *widths[head][1:]]}
 
     def create_member(self, index: int, seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
         member = copy.deepcopy(self.base.members[index]).train()

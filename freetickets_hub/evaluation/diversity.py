@@ -44,16 +44,21 @@ def mask_distance(masks: list[dict[str, torch.Tensor]]) -> dict[str, Any] | None
 
     Jaccard distance is ``1 − |A ∩ B| / |A ∪ B|`` over kept weights; Hamming distance is the share of
     positions where the masks differ. A layer that one member keeps dense (no mask entry) counts as
-    all kept for that member; layers dense in every member are left out.
+    all kept for that member; layers dense in every member are left out, and so are layers whose
+    shapes differ between members (slim members: their positions do not correspond).
 
     Args:
         masks: one ``{weight name: bool mask}`` dict per member (``EnsembleModel.masks``).
 
     Returns:
         ``layers`` (name -> ``jaccard``/``hamming`` pair matrices) and ``overall`` (all layers pooled),
-        or None when no member has a mask (a dense ensemble).
+        or None when no layer can be compared (a dense ensemble, or slim members whose every masked
+        layer differs in shape).
     """
     shapes = {name: mask.shape for member in masks for name, mask in member.items()}
+    if not shapes:
+        return None
+    shapes = {n: shape for n, shape in shapes.items() if all(m[n].shape == shape for m in masks if n in m)}
     if not shapes:
         return None
     num_members = len(masks)
