@@ -142,3 +142,22 @@ def test_fine_tuning_a_slim_base_keeps_its_channels_and_masks(tmp_path: Path) ->
         assert after == {**before, "fc": [5, before["fc"][1]]}, index  # a new 5-class head at the slim width
         kept = {name: mask for name, mask in base.masks[index].items() if not name.startswith("fc.")}
         assert all(torch.equal(tuned.masks[index][name], mask) for name, mask in kept.items())  # frozen-masks
+
+
+def test_calibrate_and_evaluate_run_on_a_slim_ensemble(tmp_path: Path) -> None:
+    from .test_evaluation import model_labels, random_images, write_dataset
+
+    model = slim_ensemble()
+    model.save_pretrained(tmp_path / "slim")
+    images = random_images(80, size=16)
+    labels = model_labels(model, images, flip=0.3)  # the model's own answers, 30 % of them wrong
+    names = [f"class_{i}" for i in range(10)]
+    data = write_dataset(
+        tmp_path / "data", {"train": (images[:40], labels[:40]), "test": (images[40:], labels[40:])}, names
+    )
+    assert main(["calibrate", str(tmp_path / "slim"), "--dataset", str(data), "--split", "train"]) == 0
+    calibrated = EnsembleModel.from_pretrained(tmp_path / "slim")
+    assert calibrated.config.ensemble.calibration is not None and calibrated.config.ensemble.member_widths
+    assert main(["evaluate", str(tmp_path / "slim"), "--dataset", str(data)]) == 0
+    results = json.loads((tmp_path / "slim" / "eval_results.json").read_text())
+    assert results["diversity"]["mask_distance"]["layers"]  # the layers whose shapes agree are compared
