@@ -36,13 +36,17 @@ def connect(url: str) -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=10)
 
 
-def seconds_until_closed(sock: socket.socket, limit: float = 10.0) -> float:
-    """How long the server takes to close ``sock`` (reading and dropping what it sends first)."""
-    started = time.monotonic()
+def read_until_closed(sock: socket.socket, limit: float = 10.0) -> tuple[bytes, float]:
+    """Everything the server sends on ``sock`` until it closes it, and how long that took."""
+    started, received = time.monotonic(), b""
     sock.settimeout(limit)
-    while sock.recv(65536):
-        pass
-    return time.monotonic() - started
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received, time.monotonic() - started
+
+
+def seconds_until_closed(sock: socket.socket, limit: float = 10.0) -> float:
+    return read_until_closed(sock, limit)[1]
 
 
 def infer_header(length: int) -> bytes:
@@ -72,11 +76,8 @@ def test_an_idle_connection_after_a_response_is_closed_after_keep_alive(server: 
 
 def test_a_body_shorter_than_its_content_length_is_408_after_the_body_timeout(server: Server) -> None:
     with connect(server.url) as sock:
-        started = time.monotonic()
         sock.sendall(infer_header(1000) + b'{"inputs": [')
-        sock.settimeout(10)
-        answer = sock.recv(65536)
-        waited = time.monotonic() - started
+        answer, waited = read_until_closed(sock)  # the 408, then the connection closes
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"--body-timeout-s" in answer and b"12 bytes came" in answer
     assert 0.5 < waited < 4.0, f"answered after {waited:.1f} s with --body-timeout-s 1"
