@@ -36,7 +36,7 @@ from freetickets_hub.errors import FreeTicketsError
 from freetickets_hub.model import architectures as _architectures  # noqa: F401  (registers WRNs)
 from freetickets_hub.model.ensemble import EnsembleModel
 
-from .averaging import TicketAverage, cycle_position, in_window
+from .averaging import CyclePosition, TicketAverage, cycle_position, in_window
 from .checkpoint import (
     CHECKPOINTS,
     Progress,
@@ -341,9 +341,7 @@ class _Loop:
         lr = phase.lr_at(epochs_done / phase.epochs, epochs_done)
         if recipe.average_cycles and self._averaging(member, phase):
             high = recipe.average_cycle_lr or 10 * lr
-            phase_steps = phase.epochs * member.steps_per_epoch
-            position = cycle_position(step, phase_steps, recipe.average_fraction, recipe.average_cycles)
-            lr = high + (lr - high) * position.progress
+            lr = high + (lr - high) * self._cycle_position(member, phase).progress
         for group in member.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
@@ -380,18 +378,16 @@ class _Loop:
                 member.bar.write(
                     f"[{phase.name}] step {progress.step}: mask update, {update['regrown']} weights pruned and regrown"
                 )
-        if averaging and (not recipe.average_cycles or self._cycle_ends(member, phase)):
+        if averaging and (not recipe.average_cycles or self._cycle_position(member, phase).last):
             member.average.update(self.accelerator.unwrap_model(member.model))
         self.accelerator.log({"train/loss": loss, "train/lr": lr, "train/density": density}, step=progress.total_steps)
         if progress.step % 10 == 0:
             member.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", phase=phase.name, density=f"{density:.3f}")
 
-    def _cycle_ends(self, member: _Member, phase: Phase) -> bool:
-        """``average_cycles``: the step just taken ends an LR cycle (its iterate is a ticket to average)."""
-        recipe = self.recipe
-        step = self._step_in_phase(member)
-        phase_steps = phase.epochs * member.steps_per_epoch
-        return cycle_position(step, phase_steps, recipe.average_fraction, recipe.average_cycles).last
+    def _cycle_position(self, member: _Member, phase: Phase) -> CyclePosition:
+        """``average_cycles``: where the current step falls in its LR cycle of the averaging window."""
+        recipe, phase_steps = self.recipe, phase.epochs * member.steps_per_epoch
+        return cycle_position(self._step_in_phase(member), phase_steps, recipe.average_fraction, recipe.average_cycles)
 
     def _skipped_step(self, member: _Member, phase: Phase) -> None:
         """fp16: the grad scaler found inf/NaN gradients and skipped the step; it neither counts nor updates masks."""

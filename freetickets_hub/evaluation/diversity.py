@@ -56,8 +56,6 @@ def mask_distance(masks: list[dict[str, torch.Tensor]]) -> dict[str, Any] | None
         layer differs in shape).
     """
     shapes = {name: mask.shape for member in masks for name, mask in member.items()}
-    if not shapes:
-        return None
     shapes = {n: shape for n, shape in shapes.items() if all(m[n].shape == shape for m in masks if n in m)}
     if not shapes:
         return None
