@@ -1,24 +1,30 @@
-"""Fine-tuning released ensembles on small new tasks: three modes against from-scratch and a dense model.
+"""Fine-tuning released ensembles at a real size: three transfers, every mode against from-scratch and dense.
 
-Bases (trained once and cached, by ``quality_runs.train_run``): the quality benchmark's EDST ensemble
-(M=3, S=0.8, WRN-10-2) and its single dense model, built by ``quality.build_specs`` from a preset
-(E=5, ``--base-train-images`` Fashion-MNIST images). Two transfers:
+Bases (trained once per source and cached, by ``quality_runs.train_run``): the quality benchmark's EDST
+ensemble (M=3, S=0.8, WRN-10-2) and its single dense model, at E=``--base-epochs`` on
+``--base-train-images`` Fashion-MNIST images (all ten classes, or classes 0–4 for the 5–9 transfer).
+Transfers (``finetune_data`` writes each as a parquet folder):
 
-- ``digits``: bases trained on all ten Fashion-MNIST classes, fine-tuned on scikit-learn's digits
-  (1,797 8×8 images, a seeded stratified 75/25 train/test split, resized to 28×28 by the base's
-  preprocessing);
-- ``fmnist-5-9``: bases trained on Fashion-MNIST classes 0–4, fine-tuned on ``--target-train-images``
-  images of classes 5–9.
+- ``fmnist-5-9``: classes 0–4 → 5–9, 5,200 train (200 of them the validation carve) / 5,000 test; OOD:
+  1,000 test images of the held-out classes 0–4;
+- ``digits``: scikit-learn's digits, 1,347 train (200 the carve) / 450 test, 8×8 resized to 28×28; OOD:
+  1,000 Fashion-MNIST test images;
+- ``shift``: Fashion-MNIST under impulse noise at severity 5 (a domain shift, same labels), 3,200 train /
+  2,000 test; OOD: scikit-learn's 1,797 digits.
 
-Each target is fine-tuned with ``training/recipes/finetune_small.yaml``: the EDST ensemble in each
-mode (frozen-masks, dst, linear-probe), (a) the same recipe from scratch (random init, random ERK
-masks at S=0.8, same steps), (b) the dense model fine-tuned (frozen-masks mode on a dense model is
-plain fine-tuning). Reported: test accuracy, NLL / ECE after a temperature fitted on the fine-tune's
-validation carve, diversity before → after (the base members on the new test images, with their own
-heads; then the fine-tuned ones), training FLOPs and wall time. Every run is its own process and is
-cached in ``OUTPUT_DIR``; running again skips finished runs and resumes interrupted ones.
+Stages (every run is its own cached folder; a rerun skips finished runs and resumes interrupted ones):
 
-    nice -n 10 python benchmarks/finetune.py            # ~25 min on an idle 2-core CPU (estimate)
+- ``sweep``: ``finetune --search-lr``'s grid (``training/lr_search.py``) on each transfer's validation
+  carve at seed 0, the EDST base in the default mode: where the recipe's LR defaults come from;
+- ``grid``: each row below at every seed. Workers started side by side share the work (a run is
+  claimed by a lock file), so ``--stage grid &`` twice keeps two cores busy;
+- ``report``: accuracy, calibrated NLL / ECE (temperature fitted on the run's carve), OOD AUROC (the
+  calibrated ensemble's entropy), diversity before → after and wall time, as means over the seeds with
+  95 % bootstrap intervals over the test images (paired across runs), and the issue-26 targets.
+
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/finetune.py --stage sweep
+    for worker in 1 2; do OMP_NUM_THREADS=1 python benchmarks/finetune.py --stage grid & done; wait
+    python benchmarks/finetune.py --stage report   # ~3 h of CPU in all on 2 cores (measured: see RESULTS.md)
 """
 
 from __future__ import annotations
@@ -32,104 +38,199 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from finetune_data import write_class_subset, write_corrupted, write_digits
+from ood_stats import Draws, bootstrap_detection, interval, separated
 from quality import Preset, build_specs
 from quality_report import markdown_table, provenance, provenance_lines, write_results
 from quality_runs import REPO, train_run
 
 from freetickets_hub.artifact.files import write_text_atomic
-from freetickets_hub.data import run_validation_rows
+from freetickets_hub.data import load_eval_split, run_validation_rows
 from freetickets_hub.errors import FreeTicketsError
-from freetickets_hub.evaluation import create_accelerator, load_eval_split, run_inference
+from freetickets_hub.evaluation import create_accelerator, run_inference
 from freetickets_hub.model.ensemble import EnsembleModel
+from freetickets_hub.training.finetune import load_finetune_recipe, search_lr
 from freetickets_hub.uncertainty.calibration import fit_temperature
-from freetickets_hub.uncertainty.metrics import classification_metrics
+from freetickets_hub.uncertainty.metrics import classification_metrics, detection_metrics
 from freetickets_hub.uncertainty.outputs import combine_member_logits
 
 RECIPE = "training/recipes/finetune_small.yaml"
-SEED = 0
 SECTION = "finetune"
-RUNS = (  # name, label, base, mode, from scratch
-    ("frozen_masks", "EDST fine-tuned, frozen-masks", "edst_ensemble", "frozen-masks", False),
-    ("dst", "EDST fine-tuned, dst", "edst_ensemble", "dst", False),
-    ("linear_probe", "EDST fine-tuned, linear-probe", "edst_ensemble", "linear-probe", False),
-    ("scratch", "(a) same recipe from scratch (static sparse)", "edst_ensemble", "frozen-masks", True),
-    ("dense", "(b) one dense model fine-tuned", "single_dense", "frozen-masks", False),
+SEEDS = (0, 1, 2)
+DRAWS = 1000
+DEFAULT_ROW = "frozen_masks"  # the default mode; the targets compare it with COMPARED
+COMPARED = ("scratch", "dense")
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    label: str
+    base: str  # quality.py run name
+    mode: str
+    scratch: bool
+
+
+ROWS = (
+    Row("frozen_masks", "EDST fine-tuned, frozen-masks (default)", "edst_ensemble", "frozen-masks", False),
+    Row("dst", "EDST fine-tuned, dst", "edst_ensemble", "dst", False),
+    Row("linear_probe", "EDST fine-tuned, linear-probe", "edst_ensemble", "linear-probe", False),
+    Row("scratch", "EDST recipe from scratch (random ERK masks, same steps)", "edst_ensemble", "frozen-masks", True),
+    Row("dense", "one dense model fine-tuned", "single_dense", "frozen-masks", False),
+    Row("dense_scratch", "one dense model from scratch (same steps)", "single_dense", "frozen-masks", True),
 )
-HEADER = [
-    "run",
-    "acc",
-    "NLL (T)",
-    "ECE (T)",
-    "disagree before → after",
-    "MI before → after",
-    "feature CKA before → after",
-    "train FLOPs",
-    "steps",
-    "wall s",
-]
 
 
-def write_class_subset(source: str, classes: list[int], dest: Path, counts: dict[str, int | None]) -> Path:
-    """Write the images of ``classes`` (relabelled 0..n-1, names kept) as a parquet dataset folder."""
-    from datasets import ClassLabel, load_dataset
-
-    if (dest / "data").is_dir():
-        return dest
-    splits = load_dataset(source)
-    for split, count in counts.items():
-        ds = splits[split]
-        names = ds.features["label"].names
-        ds = ds.filter(lambda y: y in classes, input_columns="label")
-        ds = ds.select(range(min(count, len(ds)))) if count is not None else ds
-        ds = ds.map(lambda y: {"label": classes.index(y)}, input_columns="label")
-        ds = ds.cast_column("label", ClassLabel(names=[names[c] for c in classes]))
-        (dest / "data").mkdir(parents=True, exist_ok=True)
-        ds.to_parquet(str(dest / "data" / f"{split}-00000-of-00001.parquet"))
-    return dest
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    source: str  # the bases' training classes: "all" or "0-4"
+    dataset: Path
+    ood: tuple[str, str, int | None]  # load_eval_split source, split, max images
+    ood_description: str
+    sets: tuple[str, ...]
 
 
-def write_digits(dest: Path) -> Path:
-    """scikit-learn's digits as a parquet dataset folder: a seeded, stratified 75/25 train/test split."""
-    from datasets import ClassLabel, Dataset, Features, Image
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+def targets(out: Path, fmnist: str) -> list[Target]:
+    data = out / "data"
+    five_nine = write_class_subset(fmnist, [5, 6, 7, 8, 9], data / "fmnist_5_9", {"train": 5200, "test": None})
+    zero_four = write_class_subset(fmnist, [0, 1, 2, 3, 4], data / "fmnist_0_4", {"train": None, "test": None})
+    shift = write_corrupted(fmnist, "impulse_noise", 5, data / "fmnist_impulse5", {"train": 3200, "test": 2000})
+    return [
+        Target(
+            "fmnist-5-9",
+            "Fashion-MNIST classes 0–4 → 5–9: 5,200 train (200 the validation carve) / 5,000 test",
+            "0-4",
+            five_nine,
+            (str(zero_four), "test", 1000),
+            "1,000 test images of the held-out classes 0–4",
+            ("val_size=200",),
+        ),
+        Target(
+            "digits",
+            "scikit-learn digits: 1,347 train (200 the carve) / 450 test, 8×8 resized to 28×28",
+            "all",
+            write_digits(data / "digits"),
+            (fmnist, "test", 1000),
+            "1,000 Fashion-MNIST test images",
+            ("val_size=200",),
+        ),
+        Target(
+            "shift",
+            "Fashion-MNIST under impulse noise, severity 5 (the base's ten classes): 3,200 train (200 the carve) "
+            "/ 2,000 test",
+            "all",
+            shift,
+            ("sklearn:digits", "test", None),
+            "scikit-learn's 1,797 digits",
+            ("val_size=200",),
+        ),
+    ]
 
-    if (dest / "data").is_dir():
-        return dest
-    digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8), values 0..16
-    rows = np.arange(len(images))
-    train, test = train_test_split(rows, test_size=0.25, random_state=SEED, stratify=digits.target)
-    features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
-    (dest / "data").mkdir(parents=True, exist_ok=True)
-    for split, index in (("train", train), ("test", test)):
-        columns = {"image": list(images[index]), "label": digits.target[index].tolist()}
-        ds = Dataset.from_dict(columns, features=features)
-        ds.to_parquet(str(dest / "data" / f"{split}-00000-of-00001.parquet"))
-    return dest
+
+def bases(out: Path, fmnist: str, source: str, preset: Preset) -> dict[str, Path]:
+    """The EDST ensemble and the dense model pre-trained on ``source``'s classes (trained when missing)."""
+    dataset = fmnist if source == "all" else str(out / "data" / "fmnist_0_4")
+    folders = {}
+    for spec in build_specs(preset, dataset, []):
+        if spec.name in ("edst_ensemble", "single_dense"):
+            folders[spec.name] = out / f"base_{source}" / spec.name
+            train_run(spec, folders[spec.name])
+    return folders
 
 
-def finetune_run(base: Path, dataset: Path, folder: Path, mode: str, scratch: bool, sets: list[str]) -> float:
-    """Fine-tune in a subprocess unless ``folder`` is finished; returns the seconds of every attempt."""
+def run_sets(target: Target, seed: int, extra: list[str]) -> list[str]:
+    return [*target.sets, f"seed={seed}", *extra]
+
+
+# -- the sweep ------------------------------------------------------------------------------------------
+
+
+def sweep(out: Path, target: Target, base: Path, extra: list[str]) -> dict[str, Any]:
+    """``--search-lr``'s scores on ``target`` at seed 0 (cached in ``sweep/<target>/scores.json``)."""
+    path = out / "sweep" / target.name / "scores.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    recipe = load_finetune_recipe(
+        REPO / RECIPE,
+        run_sets(target, 0, extra),
+        base_model=str(base),
+        dataset=str(target.dataset),
+        mode="frozen-masks",
+    )
+    started = time.perf_counter()
+    _, scores = search_lr(recipe, path.parent / "work")
+    result = {
+        "recipe_lr": recipe.lr,
+        "recipe_backbone_lr": recipe.backbone_lr,
+        "epochs": recipe.epochs,
+        "scores": scores,
+        "wall_time_s": round(time.perf_counter() - started, 1),
+    }
+    write_text_atomic(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return result
+
+
+def sweep_table(sweeps: dict[str, dict[str, Any]]) -> tuple[str, tuple[float, float] | None]:
+    """One row per LR pair: validation NLL on each transfer and the mean rank; and the pair of lowest mean rank."""
+    if not sweeps:
+        return "", None
+    pairs = [(s["lr"], s["backbone_lr"]) for s in next(iter(sweeps.values()))["scores"]]
+    nll = {name: [s["val_nll"] for s in block["scores"]] for name, block in sweeps.items()}
+    ranks = np.mean([np.argsort(np.argsort(values, kind="stable"), kind="stable") + 1 for values in nll.values()], 0)
+    best = min(range(len(pairs)), key=lambda i: (ranks[i], np.mean([v[i] for v in nll.values()])))
+    header = ["lr (heads)", "backbone_lr", *[f"{name} val NLL" for name in nll], "mean rank"]
+    rows = [
+        [f"{lr:g}", f"{blr:g}", *[f"{v[i]:.4f}" for v in nll.values()], f"{ranks[i]:.2f}" + (" ◀" if i == best else "")]
+        for i, (lr, blr) in enumerate(pairs)
+    ]
+    return markdown_table(header, rows), pairs[best]
+
+
+# -- the grid -------------------------------------------------------------------------------------------
+
+
+def claim(folder: Path) -> bool:
+    """Take ``folder`` for this process unless a live process holds it (``.claim`` holds the pid)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".claim"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(lock.read_text() or 0), 0)
+            return False
+        except (ProcessLookupError, ValueError):
+            lock.unlink(missing_ok=True)  # its process is gone: take it over
+            return claim(folder)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+def finetune_run(base: Path, target: Target, folder: Path, row: Row, sets: list[str]) -> None:
+    """Fine-tune ``row`` into ``folder`` in a subprocess (resuming a checkpointed attempt)."""
     spec_path = folder / "benchmark_spec.json"
-    spec = {"base": str(base), "dataset": str(dataset), "mode": mode, "scratch": scratch, "sets": sets}
+    recipe_text = (REPO / RECIPE).read_text()
+    spec = {"base": str(base), "dataset": str(target.dataset), "mode": row.mode, "scratch": row.scratch}
+    spec |= {"sets": sets, "recipe": recipe_text}
     stored = json.loads(spec_path.read_text()) if spec_path.exists() else {**spec, "attempts_s": []}
     if {k: stored.get(k) for k in spec} != spec:
-        raise FreeTicketsError(f"{folder} holds another run ({stored}); choose another --output-dir")
-    if (folder / "model.safetensors").exists() and (folder / "train_summary.json").exists():
-        print(f"skip {folder.name}: done")
-        return sum(stored["attempts_s"])
-    command = [sys.executable, "-m", "freetickets_hub.cli", "finetune", str(base), "--dataset", str(dataset)]
-    command += ["--output-dir", str(folder), "--recipe", str(REPO / RECIPE), "--mode", mode]
+        raise FreeTicketsError(f"{folder} holds another run (recipe or settings changed); choose another --output-dir")
+    command = [sys.executable, "-m", "freetickets_hub.cli", "finetune", str(base), "--dataset", str(target.dataset)]
+    command += ["--output-dir", str(folder), "--recipe", str(REPO / RECIPE), "--mode", row.mode]
     command += [arg for item in sets for arg in ("--set", item)]
-    command += ["--from-scratch"] if scratch else []
+    command += ["--from-scratch"] if row.scratch else []
     command += ["--resume"] if (folder / "checkpoints").is_dir() else []
-    folder.mkdir(parents=True, exist_ok=True)
-    print(f"fine-tune {folder.parent.name}/{folder.name}: log in {folder / 'finetune.log'}")
+    print(f"fine-tune {folder.relative_to(folder.parents[2])}: log in {folder / 'finetune.log'}", flush=True)
     started = time.perf_counter()
     with open(folder / "finetune.log", "a", encoding="utf-8") as log:
         result = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
@@ -138,143 +239,292 @@ def finetune_run(base: Path, dataset: Path, folder: Path, mode: str, scratch: bo
     if result.returncode:
         tail = (folder / "finetune.log").read_text(errors="replace").splitlines()[-20:]
         raise FreeTicketsError(f"fine-tuning {folder} failed (exit {result.returncode}):\n" + "\n".join(tail))
-    return sum(stored["attempts_s"])
 
 
-def evaluate(folder: Path, dataset: Path, accelerator: Any) -> dict[str, Any]:
-    """Test metrics before and after a temperature fitted on the run's own validation carve."""
+def evaluate(folder: Path, target: Target, accelerator: Any) -> None:
+    """Per-image test results after a temperature fitted on the run's own carve, into ``benchmark_eval.npz``."""
     summary = json.loads((folder / "train_summary.json").read_text())
     recipe = summary["recipe"]
     model = EnsembleModel.from_pretrained(folder)
-    val_rows = run_validation_rows(recipe, str(dataset))
-    val = load_eval_split(str(dataset), model.config, split=recipe["train_split"], rows=val_rows)
-    test = load_eval_split(str(dataset), model.config, split=recipe["test_split"])
+    val = load_eval_split(
+        str(target.dataset), model.config, split=recipe["train_split"], rows=run_validation_rows(recipe)
+    )
+    test = load_eval_split(str(target.dataset), model.config, split=recipe["test_split"])
+    source, split, count = target.ood
+    ood = load_eval_split(source, model.config, split=split, max_samples=count, require_labels=False)
 
-    def logits(images: Any) -> Any:
+    def logits(images: torch.Tensor) -> torch.Tensor:
         return run_inference(model, images, accelerator, batch_size=500, desc=folder.name).member_logits
 
-    val_logits, test_logits = logits(val.images), logits(test.images)
-    fit = fit_temperature(val_logits, val.labels)
+    val_logits, test_logits, ood_logits = logits(val.images), logits(test.images), logits(ood.images)
+    temperature = fit_temperature(val_logits, val.labels).temperature
+    test_out, ood_out = combine_member_logits(test_logits, temperature), combine_member_logits(ood_logits, temperature)
     metrics = {
-        name: classification_metrics(combine_member_logits(test_logits, t).probs, test.labels)
-        for name, t in (("uncalibrated", 1.0), ("calibrated", fit.temperature))
+        "temperature": temperature,
+        "uncalibrated": classification_metrics(combine_member_logits(test_logits, 1.0).probs, test.labels),
+        "calibrated": classification_metrics(test_out.probs, test.labels),
+        "ood_auroc": detection_metrics(-test_out.entropy, -ood_out.entropy)["auroc"],
+        "diversity": summary.get("finetune", {}).get("diversity"),
+        "wall_time_s": sum(json.loads((folder / "benchmark_spec.json").read_text())["attempts_s"]),
+        "total_steps": summary["total_steps"],
+        "training_flops": summary["costs"]["training_flops"],
     }
-    return {"temperature": fit.temperature, "test_images": len(test), "val_images": len(val), **metrics}
+    picked = test_out.probs[torch.arange(len(test.labels)), test.labels]
+    arrays = {
+        "correct": (test_out.probs.argmax(1) == test.labels).numpy().astype(np.float64),
+        "nll": -torch.log(picked.clamp_min(1e-12)).numpy().astype(np.float64),
+        "in_score": (-test_out.entropy).numpy().astype(np.float64),
+        "out_score": (-ood_out.entropy).numpy().astype(np.float64),
+    }
+    partial = folder / "benchmark_eval.partial.npz"
+    np.savez(partial, **arrays)
+    os.replace(partial, folder / "benchmark_eval.npz")
+    write_text_atomic(folder / "benchmark_eval.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
-def row(label: str, result: dict[str, Any]) -> list[Any]:
-    cal = result["calibrated"]
-    div = result.get("diversity")
+def work(out: Path, chosen: list[Target], seeds: list[int], folders: dict[str, dict[str, Path]]) -> Iterator[Any]:
+    for seed in seeds:
+        for target in chosen:
+            for row in ROWS:
+                yield target, seed, row, folders[target.source][row.base], out / target.name / f"seed{seed}" / row.name
 
-    def change(key: str) -> str:
-        values = [div[when][key] for when in ("before", "after")] if div else [None]
-        return "n/a" if None in values else f"{values[0]:.3f} → {values[1]:.3f}"
 
-    return [
-        label,
-        result["uncalibrated"]["accuracy"],
-        cal["nll"],
-        cal["ece"],
-        change("disagreement"),
-        change("mutual_information"),
-        change("feature_cka"),
-        f"{result['training_flops']:.3g}",
-        str(result["total_steps"]),
-        f"{result['wall_time_s']:.0f}",
-    ]
+def grid(
+    out: Path, chosen: list[Target], seeds: list[int], folders: dict[str, dict[str, Path]], extra: list[str]
+) -> None:
+    accelerator = create_accelerator()
+    for target, seed, row, base, folder in work(out, chosen, seeds, folders):
+        if (folder / "benchmark_eval.json").is_file() or not claim(folder):
+            continue
+        try:
+            if not (folder / "train_summary.json").is_file():
+                finetune_run(base, target, folder, row, run_sets(target, seed, extra))
+            evaluate(folder, target, accelerator)
+        finally:
+            (folder / ".claim").unlink(missing_ok=True)
+
+
+# -- the report -----------------------------------------------------------------------------------------
+
+
+def load_row(out: Path, target: Target, row: Row, seeds: list[int]) -> dict[int, tuple[dict[str, Any], Any]]:
+    found = {}
+    for seed in seeds:
+        folder = out / target.name / f"seed{seed}" / row.name
+        if (folder / "benchmark_eval.json").is_file():
+            found[seed] = (
+                json.loads((folder / "benchmark_eval.json").read_text()),
+                np.load(folder / "benchmark_eval.npz"),
+            )
+    return found
+
+
+def mean_draws(values: list[np.ndarray], counts: np.ndarray) -> np.ndarray:
+    """The mean over seeds of a per-image mean, on every bootstrap draw of the images."""
+    return counts @ np.mean(values, axis=0) / counts.shape[1]
+
+
+def _mean_known(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
+def summarize(rows: dict[str, dict[int, Any]], draws: Draws) -> dict[str, Any]:
+    """Per row: means over seeds with bootstrap intervals; per compared row: the paired difference to the default."""
+    table: dict[str, Any] = {}
+    for name, found in rows.items():
+        if not found:
+            continue
+        metrics = [m for m, _ in found.values()]
+        arrays = [a for _, a in found.values()]
+        auroc = np.mean([bootstrap_detection(a["in_score"], a["out_score"], draws)["auroc"] for a in arrays], 0)
+        div = [m["diversity"] for m in metrics if m["diversity"]]
+        table[name] = {
+            "seeds": sorted(found),
+            "accuracy": float(np.mean([a["correct"].mean() for a in arrays])),
+            "accuracy_interval": interval(mean_draws([a["correct"] for a in arrays], draws.inside)),
+            "nll": float(np.mean([a["nll"].mean() for a in arrays])),
+            "nll_interval": interval(mean_draws([a["nll"] for a in arrays], draws.inside)),
+            "ece": float(np.mean([m["calibrated"]["ece"] for m in metrics])),
+            "ece_sd": float(np.std([m["calibrated"]["ece"] for m in metrics])),
+            "ood_auroc": float(np.mean([m["ood_auroc"] for m in metrics])),
+            "ood_auroc_interval": interval(auroc),
+            "diversity": {
+                when: {k: _mean_known([d[when][k] for d in div]) for k in ("disagreement", "feature_cka")}
+                for when in ("before", "after")
+                if div and all(d.get(when) for d in div)
+            },
+            "wall_time_s": float(np.mean([m["wall_time_s"] for m in metrics])),
+            "total_steps": metrics[0]["total_steps"],
+        }
+    for name in COMPARED:
+        if DEFAULT_ROW not in table or name not in table:
+            continue
+        seeds = sorted(set(rows[DEFAULT_ROW]) & set(rows[name]))
+        if not seeds:
+            continue
+        comparison: dict[str, Any] = {"seeds": seeds}
+        for key, sign in (("correct", 1.0), ("nll", -1.0)):  # positive = the default fine-tune is better
+            diffs = [sign * (rows[DEFAULT_ROW][s][1][key] - rows[name][s][1][key]) for s in seeds]
+            per_seed = [float(d.mean()) for d in diffs]
+            boot = mean_draws(diffs, draws.inside)
+            verdict = "better" if separated(boot, per_seed) and np.mean(per_seed) > 0 else "tie"
+            verdict = "worse" if separated(boot, per_seed) and np.mean(per_seed) < 0 else verdict
+            comparison[key] = {"mean": float(np.mean(per_seed)), "interval": interval(boot), "per_seed": per_seed}
+            comparison[key]["verdict"] = verdict
+        table[f"{DEFAULT_ROW}_vs_{name}"] = comparison
+    return table
+
+
+def _with_interval(value: float, bounds: list[float]) -> str:
+    return f"{value:.4f} [{bounds[0]:.4f}, {bounds[1]:.4f}]"
+
+
+def _change(div: dict[str, Any], key: str) -> str:
+    values = [div.get(when, {}).get(key) for when in ("before", "after")]
+    return "n/a" if None in values else f"{values[0]:.3f} → {values[1]:.3f}"
 
 
 def render(results: dict[str, Any]) -> str:
-    lines = ["### Fine-tuning released ensembles (small-data transfer)", ""]
-    lines += provenance_lines(results["provenance"], results["wall_time_s"], results["training_s"])
     settings = results["settings"]
+    lines = ["### Fine-tuning released ensembles at a real size (issue 26)", ""]
+    lines += provenance_lines(results["provenance"], results["wall_time_s"], results["training_s"])
     lines += [
-        f"- bases: quality.py's EDST ensemble and single dense model at E={settings['base_epochs']}, "
-        f"{settings['base_train_images']} training images (digits transfer: all ten classes; 5–9 transfer: "
-        "classes 0–4)",
-        f"- fine-tuning: `{RECIPE}`, overrides per target below; every member's backbone at `backbone_lr`, "
-        "its new head at `lr`; the temperature is fitted on the fine-tune's validation carve",
-        "- diversity: on the new test split; *before* = the base members with their own heads "
-        "(the base label space), *after* = the fine-tuned members; feature CKA = mean pairwise linear CKA "
-        "of the pooled pre-logit features (1 = identical representations)",
+        "- bases: quality.py's EDST ensemble (M=3, S=0.8) and single dense model, WRN-10-2, "
+        f"E={settings['base_epochs']} on {settings['base_train_images']:,} Fashion-MNIST images, seed 0 "
+        "(the same bases at every fine-tune seed)",
+        f"- fine-tuning: `{RECIPE}` as committed (lr {settings['lr']:g}, backbone_lr {settings['backbone_lr']:g}, "
+        f"augment {settings['augment']}), `--set seed=S` for S in {settings['seeds']}; the temperature is fitted on "
+        "each run's own validation carve",
+        "- numbers: means over the seeds; [95 % bootstrap interval] over the test images (1,000 draws shared by "
+        "every run, so the differences are paired); ECE ± its sd over seeds; OOD AUROC from the calibrated "
+        "ensemble's entropy; diversity = pairwise disagreement and linear CKA of the pooled features, before "
+        "(base members, base heads) → after",
         "",
     ]
-    for target, block in results["targets"].items():
-        lines += [f"#### {target}: {block['description']}", "", f"overrides: `{' '.join(block['sets']) or '-'}`", ""]
-        lines.append(markdown_table(HEADER, [row(r["label"], r) for r in block["runs"].values()]))
-        lines.append("")
+    if results.get("sweep"):
+        lines += [
+            f"#### LR sweep (`--search-lr`'s grid at seed 0, {results['sweep_epochs']} epochs a candidate, "
+            "validation carve only)",
+            "",
+            results["sweep"],
+            "",
+        ]
+    for name, block in results["targets"].items():
+        lines += [f"#### {name}: {block['description']}", "", f"OOD set: {block['ood']}", ""]
+        header = [
+            "run",
+            "seeds",
+            "acc",
+            "NLL (T)",
+            "ECE (T)",
+            "OOD AUROC",
+            "disagree",
+            "feature CKA",
+            "steps",
+            "wall s",
+        ]
+        body = []
+        for row in ROWS:
+            r = block["table"].get(row.name)
+            if r is None:
+                continue
+            body.append(
+                [
+                    row.label,
+                    len(r["seeds"]),
+                    _with_interval(r["accuracy"], r["accuracy_interval"]),
+                    _with_interval(r["nll"], r["nll_interval"]),
+                    f"{r['ece']:.4f} ± {r['ece_sd']:.4f}",
+                    _with_interval(r["ood_auroc"], r["ood_auroc_interval"]),
+                    _change(r["diversity"], "disagreement"),
+                    _change(r["diversity"], "feature_cka"),
+                    r["total_steps"],
+                    f"{r['wall_time_s']:.0f}",
+                ]
+            )
+        lines += [markdown_table(header, body), ""]
+    lines += ["#### Targets: the default fine-tune against from-scratch and one dense model fine-tuned", ""]
+    body = []
+    for name, block in results["targets"].items():
+        for other in COMPARED:
+            c = block["table"].get(f"{DEFAULT_ROW}_vs_{other}")
+            if c is None:
+                continue
+            cells = [
+                f"{c[k]['mean']:+.4f} [{c[k]['interval'][0]:+.4f}, {c[k]['interval'][1]:+.4f}] {c[k]['verdict']}"
+                for k in ("correct", "nll")
+            ]
+            body.append([name, other, len(c["seeds"]), *cells])
+    header = ["transfer", "against", "seeds", "Δ accuracy (+ = default better)", "Δ NLL (T) (+ = default better)"]
+    lines += [markdown_table(header, body), ""]
+    lines.append(
+        "A target (≥) holds unless the difference is *worse*: its interval excludes 0 and every seed agrees; "
+        "*better* is the same on the other side; *tie* otherwise."
+    )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", choices=("sweep", "grid", "report"), required=True)
     parser.add_argument("--output-dir", default=str(REPO / "runs" / "finetune"))
     parser.add_argument("--dataset", default=str(REPO.parent / "shared" / "datasets" / "fashion_mnist"))
-    parser.add_argument("--base-train-images", type=int, default=4000)
-    parser.add_argument("--target-train-images", type=int, default=1000)
-    parser.add_argument("--digits-train-images", type=int, default=None, help="cap after the carve (default: 1,047)")
+    parser.add_argument("--base-train-images", type=int, default=10_000)
+    parser.add_argument("--base-epochs", type=int, default=5)
+    parser.add_argument("--targets", nargs="+", default=None, help="default: all three")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override every fine-tune")
     parser.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"), help="'' to leave it alone")
     args = parser.parse_args()
     started = time.time()
-    info = provenance(started)
     out = Path(args.output_dir)
-    preset = Preset(5, args.base_train_images, 1000, 2000, update_interval=20, corruption_images=0)
-    data = out / "data"
-    sources = {
-        "all": Path(args.dataset),
-        "0-4": write_class_subset(args.dataset, [0, 1, 2, 3, 4], data / "fmnist_0_4", {"train": None, "test": None}),
+    preset = Preset(args.base_epochs, args.base_train_images, 1000, 2000, update_interval=50, corruption_images=0)
+    every = targets(out, args.dataset)
+    chosen = [t for t in every if args.targets is None or t.name in args.targets]
+    folders = {source: bases(out, args.dataset, source, preset) for source in sorted({t.source for t in chosen})}
+    if args.stage == "sweep":
+        for target in chosen:
+            sweep(out, target, folders[target.source]["edst_ensemble"], args.set)
+    if args.stage == "grid":
+        grid(out, chosen, args.seeds, folders, args.set)
+    if args.stage != "report":
+        return
+    recipe = load_finetune_recipe(REPO / RECIPE, args.set)
+    sweeps = {
+        t.name: json.loads(p.read_text()) for t in chosen if (p := out / "sweep" / t.name / "scores.json").is_file()
     }
-    targets = {
-        "digits": (
-            f"scikit-learn digits, 1,347 train (300 of them the validation carve, "
-            f"{args.digits_train_images or 1047} trained on) / 450 test, 8×8 resized to 28×28",
-            "all",
-            write_digits(data / "digits"),
-            ["augment=crop", "val_size=300"]
-            + ([f"max_train_samples={args.digits_train_images}"] if args.digits_train_images else []),
-        ),
-        "fmnist-5-9": (
-            f"Fashion-MNIST classes 5–9, {args.target_train_images} train (200 of them the validation carve) / "
-            "2,000 test",
-            "0-4",
-            write_class_subset(
-                args.dataset, [5, 6, 7, 8, 9], data / "fmnist_5_9", {"train": args.target_train_images, "test": 2000}
-            ),
-            ["val_size=200"],
-        ),
+    table, best = sweep_table(sweeps)
+    results: dict[str, Any] = {
+        "provenance": provenance(started),
+        "settings": {
+            "base_epochs": args.base_epochs,
+            "base_train_images": args.base_train_images,
+            "seeds": args.seeds,
+            "lr": recipe.lr,
+            "backbone_lr": recipe.backbone_lr,
+            "augment": recipe.augment,
+        },
+        "sweep": table,
+        "sweep_best": best,
+        "sweep_epochs": max(1, next(iter(sweeps.values()))["epochs"] // 5) if sweeps else None,
+        "targets": {},
     }
     training_s = 0.0
-    accelerator = create_accelerator()
-    settings = {"base_epochs": preset.epochs, "base_train_images": args.base_train_images, "recipe": RECIPE}
-    results: dict[str, Any] = {"targets": {}, "provenance": info, "settings": settings}
-    for target, (description, source_name, dataset, sets) in targets.items():  # each target's table as it is done
-        bases: dict[str, Path] = {}
-        for spec in build_specs(preset, str(sources[source_name]), []):
-            if spec.name in ("edst_ensemble", "single_dense"):
-                bases[spec.name] = out / f"base_{source_name}" / spec.name
-                training_s += train_run(spec, bases[spec.name])["benchmark_wall_time_s"]
-        sets = [*sets, *args.set]
-        block: dict[str, Any] = {"description": description, "sets": sets, "runs": {}}
-        for name, label, base_name, mode, scratch in RUNS:
-            folder = out / target / name
-            seconds = finetune_run(bases[base_name], dataset, folder, mode, scratch, sets)
-            training_s += seconds
-            summary = json.loads((folder / "train_summary.json").read_text())
-            block["runs"][name] = {
-                "label": label,
-                **evaluate(folder, dataset, accelerator),
-                "diversity": summary.get("finetune", {}).get("diversity"),
-                "training_flops": summary["costs"]["training_flops"],
-                "total_steps": summary["total_steps"],
-                "wall_time_s": seconds,
-            }
-        results["targets"][target] = block
-        results.update(wall_time_s=round(time.time() - started, 1), training_s=training_s)
-        markdown = render(results)
-        written = write_results(out, results, markdown, args.results_md, SECTION)
-        print(markdown)
-        print("wrote " + ", ".join(written))
+    for target in chosen:
+        rows = {row.name: load_row(out, target, row, args.seeds) for row in ROWS}
+        n_test = next((len(a["correct"]) for found in rows.values() for _, a in found.values()), 0)
+        n_ood = next((len(a["out_score"]) for found in rows.values() for _, a in found.values()), 0)
+        if not n_test:
+            continue
+        training_s += sum(m["wall_time_s"] for found in rows.values() for m, _ in found.values())
+        block = {"description": target.description, "ood": target.ood_description}
+        block["table"] = summarize(rows, Draws.make(n_test, n_ood, DRAWS, seed=0))
+        results["targets"][target.name] = block
+    results.update(wall_time_s=round(time.time() - started, 1), training_s=round(training_s, 1))
+    markdown = render(results)
+    print(markdown)
+    print("wrote " + ", ".join(write_results(out, results, markdown, args.results_md, SECTION)))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from finetune import write_digits
+from finetune_data import write_digits
 
 from freetickets_hub.cli import main as cli
 
