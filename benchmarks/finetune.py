@@ -9,7 +9,7 @@ Transfers (``finetune_data`` writes each as a parquet folder):
   1,000 test images of the held-out classes 0–4;
 - ``digits``: scikit-learn's digits, 1,347 train (200 the carve) / 450 test, 8×8 resized to 28×28; OOD:
   1,000 Fashion-MNIST test images;
-- ``shift``: Fashion-MNIST under impulse noise at severity 5 (a domain shift, same labels), 3,200 train /
+- ``shift``: Fashion-MNIST under impulse noise at severity 5 (a domain shift, same labels), 1,200 train /
   2,000 test; OOD: scikit-learn's 1,797 digits.
 
 Stages (every run is its own cached folder; a rerun skips finished runs and resumes interrupted ones):
@@ -103,7 +103,7 @@ def targets(out: Path, fmnist: str) -> list[Target]:
     data = out / "data"
     five_nine = write_class_subset(fmnist, [5, 6, 7, 8, 9], data / "fmnist_5_9", {"train": 5200, "test": None})
     zero_four = write_class_subset(fmnist, [0, 1, 2, 3, 4], data / "fmnist_0_4", {"train": None, "test": None})
-    shift = write_corrupted(fmnist, "impulse_noise", 5, data / "fmnist_impulse5", {"train": 3200, "test": 2000})
+    shift = write_corrupted(fmnist, "impulse_noise", 5, data / "fmnist_impulse5", {"train": 1200, "test": 2000})
     return [
         Target(
             "fmnist-5-9",
@@ -125,7 +125,7 @@ def targets(out: Path, fmnist: str) -> list[Target]:
         ),
         Target(
             "shift",
-            "Fashion-MNIST under impulse noise, severity 5 (the base's ten classes): 3,200 train (200 the carve) "
+            "Fashion-MNIST under impulse noise, severity 5 (the base's ten classes): 1,200 train (200 the carve) "
             "/ 2,000 test",
             "all",
             shift,
