@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from freetickets_hub import EnsembleModel
 from freetickets_hub.errors import RecipeError
 from freetickets_hub.training import random_mask
 from freetickets_hub.training.random_mask import forward_with_random_mask, keep_masks
@@ -82,3 +83,25 @@ def test_default_recipe_draws_no_mask(tmp_path: Path, tiny_dataset: Path, monkey
 
     monkeypatch.setattr(random_mask, "keep_masks", refuse)
     assert _train(tmp_path, tiny_dataset, overrides=("method=dst", "epochs=1")) == 0
+
+
+def test_trained_model_predicts_without_a_random_mask(
+    tmp_path: Path, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mask lives only in training forward passes: the artifact holds the same tensors as a run
+    without it, and loading and predicting never draw one (two passes agree bitwise)."""
+    assert _train(tmp_path / "masked", tiny_dataset, overrides=("method=dst", "epochs=1", "random_mask_rate=0.5")) == 0
+    assert _train(tmp_path / "plain", tiny_dataset, overrides=("method=dst", "epochs=1")) == 0
+    masked, plain = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("masked", "plain"))
+    assert masked.keys() == plain.keys()
+    assert {k: v.shape for k, v in masked.items()} == {k: v.shape for k, v in plain.items()}
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("a random mask was drawn at inference")
+
+    monkeypatch.setattr(random_mask, "keep_masks", refuse)
+    model = EnsembleModel.from_pretrained(tmp_path / "masked").eval()
+    pixels = torch.rand(4, *model.config.pretrained_cfg["input_size"])
+    with torch.no_grad():
+        first, second = model(pixels).logits, model(pixels).logits
+    assert torch.equal(first, second)
