@@ -45,14 +45,15 @@ class FineTuneRecipe(RecipeBase):
     interpolation: str | None = None
     crop_pct: float | None = None
 
-    backbone_lr: float = 0.001  # the backbone's LR, at most `lr` (unused in linear-probe)
+    # lr / backbone_lr: finetune_small.yaml's, from the seeded sweep in benchmarks/RESULTS.md
+    backbone_lr: float = 0.03  # the backbone's LR, at most `lr` (unused in linear-probe)
 
     # the shared keys' fine-tuning defaults
     val_size: int = 0
     # No flips unless asked: the new task is unknown, and a mirror image is another class for digits,
     # text and many other tasks.
     augment: str = "crop"
-    lr: float = 0.01  # the heads' LR
+    lr: float = 0.15  # the heads' LR
     warmup_epochs: int = 1
     lr_milestones: list[float] = field(default_factory=lambda: [0.6, 0.8])
     prune_rate: float = 0.2  # dst mode: gentler than training's, on trained masks
