@@ -139,7 +139,9 @@ def test_summary_records_lineage_and_diversity_before_and_after(base: Path, froz
         and "## Fine-tuning" in card
         and "frozen-masks" in card
     )
-    assert "augmentation `crop`" in card and "LR 0.05 for the new heads and 0.01 for the backbone" in card
+    shipped = load_finetune_recipe(SMALL_RECIPE)
+    lrs = f"LR {shipped.lr:g} for the new heads and {shipped.backbone_lr:g} for the backbone"
+    assert "augmentation `crop`" in card and lrs in card
     assert "base_model" not in ModelCard(card).data.to_dict()  # a local folder is no Hub id
 
 
