@@ -283,10 +283,15 @@ def evaluate(folder: Path, target: Target, accelerator: Any) -> None:
 
 
 def work(out: Path, chosen: list[Target], seeds: list[int], folders: dict[str, dict[str, Path]]) -> Iterator[Any]:
-    for seed in seeds:
-        for target in chosen:
-            for row in ROWS:
-                yield target, seed, row, folders[target.source][row.base], out / target.name / f"seed{seed}" / row.name
+    """Every run, the ones the targets compare first at every seed (a grid cut short still decides them)."""
+    first = [row for row in ROWS if row.name in (DEFAULT_ROW, *COMPARED)]
+    rest = [row for row in ROWS if row not in first]
+    for rows in (first, rest):
+        for seed in seeds:
+            for target in chosen:
+                for row in rows:
+                    folder = out / target.name / f"seed{seed}" / row.name
+                    yield target, seed, row, folders[target.source][row.base], folder
 
 
 def grid(
