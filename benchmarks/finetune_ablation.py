@@ -3,7 +3,8 @@
 Base: ``training/recipes/fmnist_tiny_edst.yaml`` (EDST M=3, S=0.8, WRN-10-2, 3,000 Fashion-MNIST images,
 all ten classes). Target: scikit-learn digits (``finetune.write_digits``: 1,347 train, 200 of them the
 validation carve, / 450 test, 8x8 resized to 28x28). Every row is ``training/recipes/finetune_small.yaml``
-with the listed ``--set`` changes; each run is cached in ``OUTPUT_DIR/<row>`` and skipped when done.
+at the old LRs (``OLD_LRS``: the defaults this ablation explains) with the listed ``--set`` changes; each
+run is cached in ``OUTPUT_DIR/<row>`` and skipped when done.
 
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/finetune_ablation.py runs/ft_ablation
 """
@@ -19,6 +20,7 @@ from finetune_data import write_digits
 
 from freetickets_hub.cli import main as cli
 
+OLD_LRS = ["lr=0.05", "backbone_lr=0.01"]  # finetune_small.yaml before the sweep of benchmarks/finetune.py
 ROWS = {  # row -> (extra finetune arguments, --set values)
     "crop": ([], []),
     "crop_backbone_lr_eq": ([], ["backbone_lr=0.05"]),
@@ -55,7 +57,7 @@ def main(out: Path) -> None:
             start = time.time()
             args = ["finetune", str(base), "--dataset", str(digits), "--output-dir", str(folder), "--overwrite"]
             args += ["--recipe", "training/recipes/finetune_small.yaml", *extra]
-            assert cli([*args, *(a for s in sets for a in ("--set", s))]) == 0, name
+            assert cli([*args, *(a for s in [*OLD_LRS, *sets] for a in ("--set", s))]) == 0, name
             print(f"{name}: {time.time() - start:.0f} s", flush=True)
         summary = json.loads((folder / "train_summary.json").read_text())
         test = summary["test"]["ensemble"]
