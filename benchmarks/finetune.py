@@ -57,6 +57,7 @@ from freetickets_hub.errors import FreeTicketsError
 from freetickets_hub.evaluation import create_accelerator, run_inference
 from freetickets_hub.model.ensemble import EnsembleModel
 from freetickets_hub.training.finetune import load_finetune_recipe, search_lr
+from freetickets_hub.training.lr_search import Candidate, search_recipe
 from freetickets_hub.uncertainty.calibration import fit_temperature
 from freetickets_hub.uncertainty.metrics import classification_metrics, detection_metrics
 from freetickets_hub.uncertainty.outputs import combine_member_logits
@@ -157,8 +158,6 @@ def run_sets(target: Target, seed: int, extra: list[str]) -> list[str]:
 def sweep(out: Path, target: Target, base: Path, extra: list[str]) -> dict[str, Any]:
     """``--search-lr``'s scores on ``target`` at seed 0 (cached in ``sweep/<target>/scores.json``)."""
     path = out / "sweep" / target.name / "scores.json"
-    if path.is_file():
-        return json.loads(path.read_text())
     recipe = load_finetune_recipe(
         REPO / RECIPE,
         run_sets(target, 0, extra),
@@ -166,15 +165,16 @@ def sweep(out: Path, target: Target, base: Path, extra: list[str]) -> dict[str, 
         dataset=str(target.dataset),
         mode="frozen-masks",
     )
+    centre = {"recipe_lr": recipe.lr, "recipe_backbone_lr": recipe.backbone_lr, "epochs": recipe.epochs}
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if {key: cached.get(key) for key in centre} != centre:
+            raise FreeTicketsError(f"{path} was swept around other LRs ({cached['recipe_lr']:g}, "
+                                   f"{cached['recipe_backbone_lr']:g}); choose another --output-dir")  # fmt: skip
+        return cached
     started = time.perf_counter()
     _, scores = search_lr(recipe, path.parent / "work")
-    result = {
-        "recipe_lr": recipe.lr,
-        "recipe_backbone_lr": recipe.backbone_lr,
-        "epochs": recipe.epochs,
-        "scores": scores,
-        "wall_time_s": round(time.perf_counter() - started, 1),
-    }
+    result = {**centre, "scores": scores, "wall_time_s": round(time.perf_counter() - started, 1)}
     write_text_atomic(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result
 
@@ -184,6 +184,8 @@ def sweep_table(sweeps: dict[str, dict[str, Any]]) -> tuple[str, tuple[float, fl
     if not sweeps:
         return "", None
     pairs = [(s["lr"], s["backbone_lr"]) for s in next(iter(sweeps.values()))["scores"]]
+    if any([(s["lr"], s["backbone_lr"]) for s in block["scores"]] != pairs for block in sweeps.values()):
+        raise FreeTicketsError("the transfers were swept over different LR grids; sweep them again together")
     nll = {name: [s["val_nll"] for s in block["scores"]] for name, block in sweeps.items()}
     ranks = np.mean([np.argsort(np.argsort(values, kind="stable"), kind="stable") + 1 for values in nll.values()], 0)
     best = min(range(len(pairs)), key=lambda i: (ranks[i], np.mean([v[i] for v in nll.values()])))
@@ -414,6 +416,9 @@ def render(results: dict[str, Any]) -> str:
             "",
             results["sweep"],
             "",
+            "The sweep's pick (lowest mean rank): lr {:g}, backbone_lr {:g}; the recipe's: lr {:g}, "
+            "backbone_lr {:g}.".format(*results["sweep_best"], settings["lr"], settings["backbone_lr"]),
+            "",
         ]
     for name, block in results["targets"].items():
         lines += [f"#### {name}: {block['description']}", "", f"OOD set: {block['ood']}", ""]
@@ -512,7 +517,7 @@ def main() -> None:
         },
         "sweep": table,
         "sweep_best": best,
-        "sweep_epochs": max(1, next(iter(sweeps.values()))["epochs"] // 5) if sweeps else None,
+        "sweep_epochs": search_recipe(recipe, Candidate(recipe.lr, recipe.backbone_lr)).epochs,
         "targets": {},
     }
     training_s = 0.0
