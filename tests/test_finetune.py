@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from freetickets_hub import EnsembleModel
 from freetickets_hub.cli import main
+from freetickets_hub.data import run_validation_rows
 from freetickets_hub.errors import RecipeError
 from freetickets_hub.training import lr_search
 from freetickets_hub.training.data import augment_batch
@@ -347,9 +348,10 @@ def test_two_processes_fine_tune_with_identical_masks(base: Path, fmnist_5_9: Pa
 
 
 def test_search_lr_picks_the_good_lr_deterministically_from_the_validation_carve(
-    base: Path, fmnist_5_9: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    base: Path, fmnist_5_9: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    """One sensible head LR between one too small to learn in the time and one that diverges."""
+    """One sensible head LR between one too small to learn in the time and one that diverges; the carve's
+    labels decide, the test split's never do, and the run's first line and its card name the pick."""
     monkeypatch.setattr(lr_search, "LR_FACTORS", (1e-3, 1.0, 100.0))
     monkeypatch.setattr(lr_search, "BACKBONE_RATIOS", (0.2,))
     sizes = {"epochs": 5, "batch_size": 16, "eval_batch_size": 64, "val_size": 32, "max_train_samples": 96}
@@ -360,6 +362,13 @@ def test_search_lr_picks_the_good_lr_deterministically_from_the_validation_carve
     chosen = summary["finetune"]["recipe"]
     assert (chosen["lr"], chosen["backbone_lr"]) == pytest.approx((0.05, 0.01))
     assert not (tmp_path / "ft" / "checkpoints" / "lr_search").exists()  # the short runs are removed
+    assert (
+        "mode: augment crop, 5 epochs per member (1 warm-up), lr 0.05 (heads), backbone_lr 0.01\n"
+        in capsys.readouterr().out
+    )
+    card = (tmp_path / "ft" / "README.md").read_text()
+    assert "at LR 0.05 for the new heads and 0.01 for the backbone (chosen by `--search-lr`" in card
+    assert "of 3 short runs on the validation carve" in card
     # the same train split, another test split: the same scores, bitwise (seeded; the test split is never read)
     other = tmp_path / "other"
     shutil.copytree(fmnist_5_9, other)
@@ -367,6 +376,16 @@ def test_search_lr_picks_the_good_lr_deterministically_from_the_validation_carve
     test.to_parquet(str(other / "data" / "test-00000-of-00001.parquet"))  # every test label now wrong
     picked, again = search_lr(dataclasses.replace(recipe, dataset=str(other)), tmp_path / "search")
     assert again == table and (picked.lr, picked.backbone_lr) == pytest.approx((0.05, 0.01))
+    # the carve's labels rotated, the rows it trains on untouched: the model that learned is now confidently
+    # wrong on the carve, and the one that barely moved from uniform scores best there
+    carve = set(run_validation_rows(summary["recipe"]))
+    train = load_dataset(str(fmnist_5_9), split="train")
+    rotated = train.map(
+        lambda y, i: {"label": (y + 1) % 5 if i in carve else y}, input_columns="label", with_indices=True
+    )
+    rotated.to_parquet(str(other / "data" / "train-00000-of-00001.parquet"))
+    picked, moved = search_lr(dataclasses.replace(recipe, dataset=str(other)), tmp_path / "search2")
+    assert picked.lr == pytest.approx(5e-5) and moved[1]["val_nll"] > table[1]["val_nll"]
 
 
 def test_a_failed_fine_tune_can_be_run_again(

@@ -138,7 +138,7 @@ def _finetune(
     state.print(
         f"fine-tuning {recipe.base_model} ({base.config.ensemble.method}, M={base.num_members}) in {recipe.mode} "
         f"mode: augment {recipe.augment}, {recipe.epochs} epochs per member ({recipe.warmup_epochs} warm-up), "
-        f"lr {recipe.lr} (heads), backbone_lr {recipe.backbone_lr}"
+        f"lr {recipe.lr:g} (heads), backbone_lr {recipe.backbone_lr:g}"
     )
     start = _FineTune(recipe, base, data, lineage, lr_search=scores)
     if from_scratch:

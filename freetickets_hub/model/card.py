@@ -513,11 +513,13 @@ def _finetune_rows(summary: dict[str, Any]) -> dict[str, Any] | None:
     ]
     recipe = block.get("recipe") if isinstance(block.get("recipe"), dict) else {}
     schedule = {key: recipe.get(key) for key in ("augment", "lr", "backbone_lr", "epochs", "warmup_epochs")}
+    schedule |= {key: f"{schedule[key]:g}" for key in ("lr", "backbone_lr") if _is_number(schedule[key])}
     return {
         "mode": block.get("mode", ""),
         "base_space": before.get("label_space") == "base",
         "rows": rows,
         "schedule": schedule if all(value is not None for value in schedule.values()) else None,
+        "searched": len(block["lr_search"]) if isinstance(block.get("lr_search"), list) else 0,
     }
 
 
