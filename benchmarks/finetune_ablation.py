@@ -1,7 +1,7 @@
 """Why fine-tuning underfits: one seeded base, one digit transfer, one recipe change per row.
 
 Base: ``training/recipes/fmnist_tiny_edst.yaml`` (EDST M=3, S=0.8, WRN-10-2, 3,000 Fashion-MNIST images,
-all ten classes). Target: scikit-learn digits (``finetune.write_digits``: 1,347 train, 200 of them the
+all ten classes). Target: scikit-learn digits (``finetune_data.write_digits``: 1,347 train, 200 of them the
 validation carve, / 450 test, 8x8 resized to 28x28). Every row is ``training/recipes/finetune_small.yaml``
 at the old LRs (``OLD_LRS``: the defaults this ablation explains) with the listed ``--set`` changes; each
 run is cached in ``OUTPUT_DIR/<row>`` and skipped when done.

@@ -30,7 +30,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--search-lr", action="store_true",
-        help="first pick lr and backbone_lr by validation NLL from 6 short runs (needs val_size > 0)",
+        help="pick lr and backbone_lr by validation NLL from 6 short runs first (3 in a linear probe; needs val_size)",
     )  # fmt: skip
     p.add_argument("--report-to", default=None, help="accelerate tracker, e.g. tensorboard (optional)")
     p.add_argument(
