@@ -72,6 +72,8 @@ COMPARED = ("scratch", "dense")
 
 @dataclass(frozen=True)
 class Row:
+    """One run of every transfer: which base, which mode, fine-tuned or from scratch."""
+
     name: str
     label: str
     base: str  # quality.py run name
@@ -91,6 +93,8 @@ ROWS = (
 
 @dataclass(frozen=True)
 class Target:
+    """One transfer: its dataset folder, the bases' source classes, its OOD set and its ``--set`` items."""
+
     name: str
     description: str
     source: str  # the bases' training classes: "all" or "0-4"
@@ -101,6 +105,7 @@ class Target:
 
 
 def targets(out: Path, fmnist: str) -> list[Target]:
+    """The three transfers, their datasets written under ``out/data`` when missing."""
     data = out / "data"
     five_nine = write_class_subset(fmnist, [5, 6, 7, 8, 9], data / "fmnist_5_9", {"train": 5200, "test": None})
     zero_four = write_class_subset(fmnist, [0, 1, 2, 3, 4], data / "fmnist_0_4", {"train": None, "test": None})
@@ -149,6 +154,7 @@ def bases(out: Path, fmnist: str, source: str, preset: Preset) -> dict[str, Path
 
 
 def run_sets(target: Target, seed: int, extra: list[str]) -> list[str]:
+    """The ``--set`` items of one fine-tune: the transfer's, the seed, then the command line's."""
     return [*target.sets, f"seed={seed}", *extra]
 
 
@@ -299,6 +305,7 @@ def work(out: Path, chosen: list[Target], seeds: list[int], folders: dict[str, d
 def grid(
     out: Path, chosen: list[Target], seeds: list[int], folders: dict[str, dict[str, Path]], extra: list[str]
 ) -> None:
+    """Fine-tune and evaluate every unfinished run this worker can claim."""
     accelerator = create_accelerator()
     for target, seed, row, base, folder in work(out, chosen, seeds, folders):
         if (folder / "benchmark_eval.json").is_file() or not claim(folder):
@@ -315,6 +322,7 @@ def grid(
 
 
 def load_row(out: Path, target: Target, row: Row, seeds: list[int]) -> dict[int, tuple[dict[str, Any], Any]]:
+    """Per evaluated seed of ``row``: its ``benchmark_eval.json`` metrics and per-image arrays."""
     found = {}
     for seed in seeds:
         folder = out / target.name / f"seed{seed}" / row.name
@@ -393,6 +401,7 @@ def _change(div: dict[str, Any], key: str) -> str:
 
 
 def render(results: dict[str, Any]) -> str:
+    """The RESULTS.md section: provenance, the sweep, one table per transfer, and the targets."""
     settings = results["settings"]
     lines = ["### Fine-tuning released ensembles at a real size (issue 26)", ""]
     lines += provenance_lines(results["provenance"], results["wall_time_s"], results["training_s"])

@@ -88,8 +88,9 @@ def test_default_recipe_draws_no_mask(tmp_path: Path, tiny_dataset: Path, monkey
 def test_trained_model_predicts_without_a_random_mask(
     tmp_path: Path, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The mask lives only in training forward passes: the artifact holds the same tensors as a run
-    without it, and loading and predicting never draw one (two passes agree bitwise)."""
+    """The mask lives only in training forward passes: the artifact holds the same tensor names and shapes
+    as a run without it (nothing of the mask is stored), and loading and predicting never draw one (the
+    drawing function is replaced by one that fails; two passes agree bitwise)."""
     assert _train(tmp_path / "masked", tiny_dataset, overrides=("method=dst", "epochs=1", "random_mask_rate=0.5")) == 0
     assert _train(tmp_path / "plain", tiny_dataset, overrides=("method=dst", "epochs=1")) == 0
     masked, plain = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("masked", "plain"))
