@@ -25,6 +25,7 @@ rebuilds it without this module.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ __all__ = [
     "channel_sparsity_at",
     "choose_channels",
     "kept_counts",
+    "narrow_widths",
     "removed_positions",
     "slice_tensors",
     "umm_scores",
@@ -273,6 +275,24 @@ def _global_counts(
         if not below:
             return {**fixed, **counts}
         fixed.update(below)
+
+
+def narrow_widths(model: nn.Module, input_size: tuple[int, ...], sparsity: float, multiple: int = 16) -> Widths:
+    """The widths record of ``model`` with ``sparsity`` of every channel group's channels removed.
+
+    The layout of a narrow dense member (Packed-Ensembles with gamma=1): each group keeps
+    ``1 - sparsity`` of its channels (``uniform`` allocation, no floor below that), rounded to
+    ``multiple``. ``model`` itself is left as it is; build the member with
+    :func:`~freetickets_hub.model.widths.create_slim_model` for a fresh init at those widths.
+    """
+    reference = copy.deepcopy(model)
+    graph = ChannelGraph(reference, input_size)
+    scores = {group.root: torch.zeros(group.width) for group in graph.groups}  # which channels go is moot
+    full = module_widths(reference)
+    counts = kept_counts(
+        graph.groups, scores, sparsity, full=full, floor=1.0 - sparsity, multiple=multiple, allocation="uniform"
+    )
+    return graph.remove(choose_channels(scores, counts)).widths
 
 
 def choose_channels(scores: Mapping[str, torch.Tensor], counts: Mapping[str, int]) -> dict[str, torch.Tensor]:

@@ -143,13 +143,13 @@ class Recipe(RecipeBase):
         "prune_rate_restart": ("escape", "phase"),
         "escape_growth": (None, "gradient", "random"),
     }
-    BELOW_ONE: ClassVar[tuple[str, ...]] = ("sparsity", "random_mask_rate")
+    BELOW_ONE: ClassVar[tuple[str, ...]] = ("sparsity", "random_mask_rate", "channel_sparsity")
     UP_TO_ONE: ClassVar[tuple[str, ...]] = (*RecipeBase.UP_TO_ONE, "escape_rate", "average_fraction")
-    AT_LEAST_ONE: ClassVar[tuple[str, ...]] = (*RecipeBase.AT_LEAST_ONE, "num_members")
+    AT_LEAST_ONE: ClassVar[tuple[str, ...]] = (*RecipeBase.AT_LEAST_ONE, "num_members", "channel_multiple")
     NOT_NEGATIVE: ClassVar[tuple[str, ...]] = (*RecipeBase.NOT_NEGATIVE, "explore_epochs", "refine_epochs")
 
     # what to train
-    method: str = "edst"  # edst | dst | dense | dense_ensemble | static_sparse
+    method: str = "edst"  # edst | dst | dense | dense_ensemble | narrow_dense_ensemble | static_sparse
     architecture: str = "cifar_wrn10_2"  # any timm model name
     model_args: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
     num_members: int = 3  # M (dense: 1)
@@ -186,6 +186,12 @@ class Recipe(RecipeBase):
     # forward pass, on top of the DST mask; never at inference (training/random_mask.py); 0: off
     random_mask_rate: float = 0.0
 
+    # narrow_dense_ensemble (Packed-Ensembles with gamma=1, Laurent et al. 2023): M dense members, each
+    # built with this share of every layer's channels removed, counts rounded to `channel_multiple`
+    # (training/channel_sparsity.py: `narrow_widths`), trained at that width from the start
+    channel_sparsity: float = 0.0
+    channel_multiple: int = 16
+
     def check(self) -> None:
         super().check()
         if self.method == "dense" and self.num_members != 1:
@@ -194,6 +200,13 @@ class Recipe(RecipeBase):
             raise RecipeError("method 'edst' needs refine_epochs >= 1: each refinement phase yields one ticket")
         if self.method != "edst" and self.epochs < 1:
             raise RecipeError(f"method {self.method!r} needs epochs >= 1")
+        narrow = self.method == "narrow_dense_ensemble"
+        if narrow and not self.channel_sparsity > 0:
+            raise RecipeError("method 'narrow_dense_ensemble' needs channel_sparsity in (0, 1), e.g. 0.5: half width")
+        if self.channel_sparsity and not narrow:
+            raise RecipeError(
+                f"recipe key 'channel_sparsity' is read by method 'narrow_dense_ensemble' only (got {self.method!r})"
+            )
         if self.augment == "timm" and self.image_size is None:
             raise RecipeError("augment 'timm' needs `image_size` (e.g. 224) in the recipe")
         if self.average_fraction and self.ticket_selection != "last":

@@ -9,21 +9,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import timm
 import torch
 
 from freetickets_hub.artifact.config import EnsembleConfig, EnsembleInfo
 from freetickets_hub.data.sources import public_dataset
 from freetickets_hub.model.ensemble import EnsembleModel
+from freetickets_hub.model.widths import Widths, create_slim_model
 from freetickets_hub.uncertainty.metrics import ECE_BINS, classification_metrics
 from freetickets_hub.uncertainty.outputs import combine_member_logits
 
+from .channel_sparsity import narrow_widths
 from .checkpoint import Progress, Ticket
 from .costs import layer_flops, training_flops
 from .data import ImageData, Split
 from .recipe import Recipe
 from .sparsity import maskable_weights
 
-__all__ = ["JobStats", "accuracy", "build_ensemble", "model_args", "split_logits", "split_metrics", "summarize"]
+__all__ = [
+    "JobStats",
+    "accuracy",
+    "build_ensemble",
+    "create_member",
+    "member_widths",
+    "model_args",
+    "split_logits",
+    "split_metrics",
+    "summarize",
+]
 
 
 @dataclass
@@ -42,6 +55,22 @@ class JobStats:
 def model_args(recipe: Recipe, data: ImageData) -> dict[str, Any]:
     """``timm.create_model`` kwargs of the recipe's members for this data."""
     return {"in_chans": data.input_size[0], **recipe.model_args}
+
+
+def member_widths(recipe: Recipe, data: ImageData) -> Widths | None:
+    """The members' widths record when they are narrower than the architecture (``narrow_dense_ensemble``)."""
+    if recipe.method != "narrow_dense_ensemble":
+        return None
+    full = create_member(recipe, data, None)
+    return narrow_widths(full, data.input_size, recipe.channel_sparsity, recipe.channel_multiple)
+
+
+def create_member(recipe: Recipe, data: ImageData, widths: Widths | None) -> torch.nn.Module:
+    """A freshly initialised member: the recipe's timm architecture, at ``widths`` when given."""
+    kwargs = {"num_classes": len(data.label_names), **model_args(recipe, data)}
+    if widths is None:
+        return timm.create_model(recipe.architecture, pretrained=False, **kwargs)
+    return create_slim_model(recipe.architecture, widths, **kwargs)
 
 
 @torch.inference_mode()
@@ -76,9 +105,16 @@ def split_metrics(member_logits: torch.Tensor, labels: torch.Tensor, temperature
 
 
 def build_ensemble(
-    recipe: Recipe, data: ImageData, tickets: list[Ticket], config: EnsembleConfig | None = None
+    recipe: Recipe,
+    data: ImageData,
+    tickets: list[Ticket],
+    config: EnsembleConfig | None = None,
+    widths: Widths | None = None,
 ) -> EnsembleModel:
-    """The tickets as one :class:`EnsembleModel` with the data's preprocessing in its config (or ``config``)."""
+    """The tickets as one :class:`EnsembleModel` with the data's preprocessing in its config (or ``config``).
+
+    ``widths``: every member's widths record when they are narrower than the architecture.
+    """
     config = config or EnsembleConfig(
         architecture=recipe.architecture,
         num_classes=len(data.label_names),
@@ -97,6 +133,7 @@ def build_ensemble(
             num_members=len(tickets),
             sparsity=recipe.sparsity if recipe.is_sparse else 0.0,
             distribution=recipe.distribution if recipe.is_sparse else "dense",
+            member_widths=None if widths is None else [widths] * len(tickets),
         ),
     )
     model = EnsembleModel(config)
@@ -141,13 +178,18 @@ def summarize(
 def _costs(recipe: Recipe, model: EnsembleModel, data: ImageData, stats: JobStats) -> dict[str, float]:
     """FLOPs (RigL convention) and parameter counts, relative to the dense model of the same recipe."""
     flops = layer_flops(model.members[0], data.input_size)
-    f_dense = flops.dense
+    slim = model.config.ensemble.member_widths is not None  # the dense reference is the full-width model
+    reference = create_member(recipe, data, None) if slim else model.members[0]
+    f_dense = layer_flops(reference, data.input_size).dense if slim else flops.dense
     f_sparse = flops.sparse(stats.densities)
     images = stats.progress.images
     dense_gradient_images = stats.progress.dense_gradients * recipe.batch_size * stats.num_processes
     training = training_flops(f_sparse, f_dense, images, dense_gradient_images)
-    member_flops = [flops.sparse({n: m.float().mean().item() for n, m in masks.items()}) for masks in model.masks]
-    total_params = sum(p.numel() for p in model.members[0].parameters())
+    member_flops = [
+        layer_flops(member, data.input_size).sparse({n: m.float().mean().item() for n, m in masks.items()})
+        for member, masks in zip(model.members, model.masks, strict=True)
+    ]
+    total_params = sum(p.numel() for p in reference.parameters())
     nonzero = [sum(int(torch.count_nonzero(p)) for p in m.parameters()) for m in model.members]
     return {
         "training_flops": training,

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import timm
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
@@ -35,6 +34,7 @@ from freetickets_hub.artifact.names import SUMMARY_NAME
 from freetickets_hub.errors import FreeTicketsError
 from freetickets_hub.model import architectures as _architectures  # noqa: F401  (registers WRNs)
 from freetickets_hub.model.ensemble import EnsembleModel
+from freetickets_hub.model.widths import Widths
 
 from .averaging import CyclePosition, TicketAverage, cycle_position, in_window
 from .checkpoint import (
@@ -52,7 +52,7 @@ from .phases import Phase, Run, plan_runs
 from .random_mask import forward_with_random_mask
 from .recipe import Recipe
 from .sparsity import SparseEngine
-from .summary import JobStats, accuracy, build_ensemble, model_args, summarize
+from .summary import JobStats, accuracy, build_ensemble, create_member, member_widths, summarize
 
 __all__ = ["MemberStart", "train", "weight_decay_groups"]
 
@@ -129,7 +129,8 @@ def train(
     elif resume:  # the CLI refuses this before anything loads (checkpoint.prepare_run_dir)
         raise FreeTicketsError(f"resume: no checkpoint in {output_dir / CHECKPOINTS} to continue from")
     runs = plan_runs(recipe)
-    loop = _Loop(recipe, data, accelerator, output_dir, progress, tickets, best, max_steps, started, start)
+    widths = member_widths(recipe, data) if start is None else None  # fine-tuned members keep their own
+    loop = _Loop(recipe, data, accelerator, output_dir, progress, tickets, best, max_steps, started, start, widths)
     for index in range(progress.run, len(runs)):
         if not loop.run(runs[index], index, checkpoint if index == progress.run else None):
             accelerator.print(f"stopped after {progress.total_steps} steps; continue with --resume")
@@ -137,7 +138,7 @@ def train(
             return {}
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
-        model = build_ensemble(recipe, data, loop.tickets, start.config if start is not None else None)
+        model = build_ensemble(recipe, data, loop.tickets, start.config if start is not None else None, widths)
         summary = summarize(recipe, data, model, loop.stats(), accelerator.device)
         if start is not None:
             start.extend_summary(summary, model, data)
@@ -178,9 +179,10 @@ class _Loop:
         max_steps: int | None,
         started: float,
         start: MemberStart | None = None,
+        widths: Widths | None = None,
     ) -> None:
         self.recipe, self.data, self.accelerator, self.output_dir = recipe, data, accelerator, output_dir
-        self.start = start
+        self.start, self.widths = start, widths
         self.progress, self.tickets, self.best, self.max_steps = progress, tickets, best, max_steps
         self.started, self.seconds_before = started, progress.seconds
         self.batches_per_epoch = 0
@@ -236,9 +238,7 @@ class _Loop:
             model, initial_masks = self.start.create_member(index, run.seed)
             params: Any = self.start.param_groups(model)
         else:
-            model = timm.create_model(
-                recipe.architecture, pretrained=False, num_classes=len(data.label_names), **model_args(recipe, data)
-            )
+            model = create_member(recipe, data, self.widths)
             params = weight_decay_groups(model, recipe.weight_decay, recipe.filter_bias_and_bn)
         optimizer = torch.optim.SGD(
             params,

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 READ_FORMAT_VERSIONS = (1, 2)  # 2 adds ensemble.member_widths (slim members, issue 23)
 FORMAT_VERSION = READ_FORMAT_VERSIONS[-1]  # the newest; an artifact without slim members is still written as 1
-METHODS = ("edst", "dst", "dense", "dense_ensemble", "static_sparse", "merged")
+METHODS = ("edst", "dst", "dense", "dense_ensemble", "narrow_dense_ensemble", "static_sparse", "merged")
 DISTRIBUTIONS = ("erk", "uniform", "dense")
 SELECTIVE_SCORES = ("confidence", "entropy", "mutual_information")
 CONFORMAL_SCORES = ("lac", "aps")

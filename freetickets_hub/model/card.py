@@ -52,6 +52,7 @@ _METHOD_TITLES = {
     "dst": "DST Ensemble: M independent sparse runs",
     "static_sparse": "static sparse ensemble",
     "dense_ensemble": "dense deep ensemble",
+    "narrow_dense_ensemble": "narrow dense ensemble: M dense members at a fraction of the width",
     "dense": "single dense model",
     "merged": "members merged from separate runs",
 }
@@ -176,17 +177,19 @@ _EDST_KEYS = {
     "explore_epochs", "refine_epochs", "refine_lrs", "refine_lr_milestones", "escape_rate", "escape_growth",
     "prune_rate_restart",
 }  # fmt: skip
-_FIXED_EPOCH_KEYS = {"epochs", "lr_milestones"}  # dst, dense, dense_ensemble, static_sparse members
+_FIXED_EPOCH_KEYS = {"epochs", "lr_milestones"}  # dst, dense, (narrow_)dense_ensemble, static_sparse members
 _MASK_UPDATE_KEYS = {
     "growth", "prune_rate", "prune_rate_schedule", "prune_rate_final", "update_interval", "update_end", "regrow_pruned",
 }  # fmt: skip
 _MASK_KEYS = {"sparsity", "distribution", "random_mask_rate"}
+_WIDTH_KEYS = {"channel_sparsity", "channel_multiple"}
 _UNUSED_KEYS = {
-    "edst": _FIXED_EPOCH_KEYS,
-    "dst": _EDST_KEYS,
-    "static_sparse": _EDST_KEYS | _MASK_UPDATE_KEYS,
-    "dense_ensemble": _EDST_KEYS | _MASK_UPDATE_KEYS | _MASK_KEYS,
-    "dense": _EDST_KEYS | _MASK_UPDATE_KEYS | _MASK_KEYS,
+    "edst": _FIXED_EPOCH_KEYS | _WIDTH_KEYS,
+    "dst": _EDST_KEYS | _WIDTH_KEYS,
+    "static_sparse": _EDST_KEYS | _MASK_UPDATE_KEYS | _WIDTH_KEYS,
+    "dense_ensemble": _EDST_KEYS | _MASK_UPDATE_KEYS | _MASK_KEYS | _WIDTH_KEYS,
+    "narrow_dense_ensemble": _EDST_KEYS | _MASK_UPDATE_KEYS | _MASK_KEYS,
+    "dense": _EDST_KEYS | _MASK_UPDATE_KEYS | _MASK_KEYS | _WIDTH_KEYS,
 }
 
 
