@@ -67,6 +67,10 @@ def test_trains_slim_dense_members_that_load_at_their_widths(tmp_path: Path, tin
     card = (tmp_path / "narrow" / "README.md").read_text()
     assert "narrow dense ensemble" in card and "channel_sparsity" in card and "refine_lrs" not in card
     assert main(["export", "onnx", str(tmp_path / "narrow")]) == 0  # the export's own parity gate: 1e-5
+    args = ["finetune", str(tmp_path / "narrow"), "--dataset", str(tiny_dataset), "--output-dir", str(tmp_path / "ft")]
+    assert main([*args, "--set", "epochs=1", "--set", "val_size=0", "--set", "batch_size=16"]) == 0
+    tuned = json.loads((tmp_path / "ft" / "config.json").read_text())["ensemble"]
+    assert tuned["method"] == "narrow_dense_ensemble" and tuned["member_widths"] == ensemble["member_widths"]
 
 
 def test_resume_is_bit_exact(tmp_path: Path, tiny_dataset: Path) -> None:
