@@ -16,6 +16,7 @@ TRAIN_IMAGES, BATCH = 64, 8
 
 
 LEVERS = ("random_mask_rate=0.1", "average_fraction=0.5", "average_cycles=2")  # issue 24, all at once
+SLIM = ("structure=channel", "channel_sparsity=0.5")  # issue 23: removal and the escape's restore, on 2 ranks
 
 
 @pytest.mark.parametrize(
@@ -24,6 +25,7 @@ LEVERS = ("random_mask_rate=0.1", "average_fraction=0.5", "average_cycles=2")  #
         ("gradient", ()),
         pytest.param("random", (), marks=pytest.mark.slow),
         pytest.param("gradient", LEVERS, marks=pytest.mark.slow, id="overconfidence-levers"),
+        pytest.param("gradient", SLIM, marks=pytest.mark.slow, id="slim-channels"),
     ],
 )
 def test_two_processes_keep_masks_identical_and_split_data(
@@ -73,5 +75,8 @@ def test_two_processes_keep_masks_identical_and_split_data(
     assert summary["total_steps"] == epochs * TRAIN_IMAGES // (2 * BATCH)
     assert summary["costs"]["train_images_processed"] == epochs * TRAIN_IMAGES
     assert "mask update" in result.stdout  # the updates really happened (and were checked across ranks)
-    if levers:
+    if levers == LEVERS:
         assert "ticket averaged over" in result.stdout
+    if levers == SLIM:  # removed on both ranks alike (the hashes above), restored at the escape
+        assert "channels removed" in result.stdout and "every channel restored" in result.stdout
+        assert summary["channels"]["kept_overlap"]["0-1"] < 1.0

@@ -40,7 +40,9 @@ def test_narrow_widths_halve_every_group_in_multiples_of_16() -> None:
 def test_recipe_keys_are_checked() -> None:
     with pytest.raises(RecipeError, match="'narrow_dense_ensemble' needs channel_sparsity in"):
         load_recipe(None, ["method=narrow_dense_ensemble"])
-    with pytest.raises(RecipeError, match="'channel_sparsity' is read by method 'narrow_dense_ensemble' only"):
+    with pytest.raises(
+        RecipeError, match="'channel_sparsity' is read by method 'narrow_dense_ensemble' and structure 'channel' only"
+    ):
         load_recipe(None, ["channel_sparsity=0.5"])
     with pytest.raises(RecipeError, match=r"channel_sparsity.*\[0, 1\)"):
         load_recipe(None, ["method=narrow_dense_ensemble", "channel_sparsity=1.0"])

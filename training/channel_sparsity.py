@@ -41,6 +41,7 @@ __all__ = [
     "ChannelGroup",
     "ChannelLayer",
     "SlimMember",
+    "ablation_scores",
     "channel_sparsity_at",
     "choose_channels",
     "kept_counts",
@@ -207,6 +208,28 @@ def umm_scores(
             weight = (weight if mask is None else weight * mask.to(weight.device)).abs().float()
             per_filter = weight.reshape(weight.shape[0], -1).mean(1).cpu()
             total += per_filter[list(layer.positions)]
+        scores[group.root] = total / max(1, len(producers))
+    return scores
+
+
+def ablation_scores(
+    model: nn.Module, groups: list[ChannelGroup], masks: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Share of each channel's filter weights the DST mask keeps active (SRigL's salient-weight count).
+
+    A channel whose filters the sparse engine has mostly emptied is the first to go (SRigL ablates a
+    neuron with too few salient weights); a layer without a mask is dense, so its channels score 1.
+    """
+    modules = dict(model.named_modules())
+    scores = {}
+    for group in groups:
+        total = torch.zeros(group.width)
+        producers = [layer for layer in group.layers if layer.scored]
+        for layer in producers:
+            weight = modules[layer.name].weight
+            mask = masks.get(f"{layer.name}.weight")
+            active = torch.ones(weight.shape[0]) if mask is None else mask.reshape(mask.shape[0], -1).float().mean(1)
+            total += active.cpu()[list(layer.positions)]
         scores[group.root] = total / max(1, len(producers))
     return scores
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from freetickets_hub.artifact.files import prepare_output_dir, write_text_atomic
 from freetickets_hub.artifact.names import CONFIG_NAME
 from freetickets_hub.errors import FreeTicketsError
+from freetickets_hub.model.widths import Widths
 
 from .sparsity import SparseEngine
 
@@ -28,6 +29,7 @@ __all__ = [
     "Ticket",
     "latest_checkpoint",
     "load_average_state",
+    "load_channel_state",
     "load_checkpoint",
     "load_engine_state",
     "prepare_run_dir",
@@ -35,6 +37,7 @@ __all__ = [
 ]
 
 AVERAGE_FILE = "ticket_average.safetensors"
+CHANNELS_FILE = "channels_kept.safetensors"
 
 CHECKPOINTS = "checkpoints"
 
@@ -65,6 +68,8 @@ class Ticket:
     masks: dict[str, torch.Tensor]
     val_accuracy: float | None
     step: int
+    widths: Widths | None = None  # ``structure: channel``: the slim ticket's widths record
+    kept: dict[str, list[int]] | None = None  # and the full-width channels it kept, per channel group
 
 
 def save_checkpoint(
@@ -75,10 +80,12 @@ def save_checkpoint(
     tickets: list[Ticket],
     best: Ticket | None,
     average: dict[str, torch.Tensor] | None = None,
+    channels: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint (every process takes part) and drop the older ones.
 
-    ``average``: a ticket average in progress (``training/averaging.py``), saved as safetensors."""
+    ``average``: a ticket average in progress (``training/averaging.py``); ``channels``: the kept
+    channels of a ``structure: channel`` run (``training/channel_training.py``); both as safetensors."""
     root = output_dir / CHECKPOINTS
     final = root / f"step_{progress.total_steps:09d}_run{progress.run}"
     tmp = root / f".{final.name}.tmp"
@@ -93,6 +100,8 @@ def save_checkpoint(
             write_text_atomic(tmp / "engine.json", json.dumps(state))
         if average:
             save_file(average, str(tmp / AVERAGE_FILE))
+        if channels is not None:
+            save_file(channels, str(tmp / CHANNELS_FILE))
         for i, ticket in enumerate([*tickets, *([best] if best else [])]):
             _save_ticket(ticket, tmp / f"ticket_{i}")
         meta = {"progress": asdict(progress), "num_tickets": len(tickets), "has_best": best is not None}
@@ -162,11 +171,17 @@ def load_average_state(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(file)) if file.is_file() else {}
 
 
+def load_channel_state(path: Path) -> dict[str, torch.Tensor]:
+    """The kept channels a checkpoint holds (``structure: channel``)."""
+    return load_file(str(path / CHANNELS_FILE))
+
+
 def _save_ticket(ticket: Ticket, stem: Path) -> None:
     tensors = {f"state.{k}": v.contiguous() for k, v in ticket.state_dict.items()}
     tensors |= {f"mask.{k}": v.to(torch.uint8) for k, v in ticket.masks.items()}
     save_file(tensors, str(stem.with_suffix(".safetensors")))
     meta = {"phase": ticket.phase, "val_accuracy": ticket.val_accuracy, "step": ticket.step}
+    meta |= {"widths": ticket.widths, "kept": ticket.kept}
     write_text_atomic(stem.with_suffix(".json"), json.dumps(meta))
 
 
@@ -175,4 +190,4 @@ def _load_ticket(stem: Path) -> Ticket:
     meta = json.loads(stem.with_suffix(".json").read_text())
     state = {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}
     masks = {k.removeprefix("mask."): v.bool() for k, v in tensors.items() if k.startswith("mask.")}
-    return Ticket(meta["phase"], state, masks, meta["val_accuracy"], meta["step"])
+    return Ticket(meta["phase"], state, masks, meta["val_accuracy"], meta["step"], meta.get("widths"), meta.get("kept"))

@@ -142,9 +142,19 @@ class Recipe(RecipeBase):
         "distribution": ("erk", "uniform"),
         "prune_rate_restart": ("escape", "phase"),
         "escape_growth": (None, "gradient", "random"),
+        "structure": ("unstructured", "channel"),
+        "channel_criterion": ("umm", "ablation"),
+        "channel_allocation": ("global", "uniform"),
     }
     BELOW_ONE: ClassVar[tuple[str, ...]] = ("sparsity", "random_mask_rate", "channel_sparsity")
-    UP_TO_ONE: ClassVar[tuple[str, ...]] = (*RecipeBase.UP_TO_ONE, "escape_rate", "average_fraction")
+    UP_TO_ONE: ClassVar[tuple[str, ...]] = (
+        *RecipeBase.UP_TO_ONE,
+        "escape_rate",
+        "average_fraction",
+        "channel_start",
+        "channel_end",
+        "channel_floor",
+    )
     AT_LEAST_ONE: ClassVar[tuple[str, ...]] = (*RecipeBase.AT_LEAST_ONE, "num_members", "channel_multiple")
     NOT_NEGATIVE: ClassVar[tuple[str, ...]] = (*RecipeBase.NOT_NEGATIVE, "explore_epochs", "refine_epochs")
 
@@ -186,11 +196,23 @@ class Recipe(RecipeBase):
     # forward pass, on top of the DST mask; never at inference (training/random_mask.py); 0: off
     random_mask_rate: float = 0.0
 
-    # narrow_dense_ensemble (Packed-Ensembles with gamma=1, Laurent et al. 2023): M dense members, each
-    # built with this share of every layer's channels removed, counts rounded to `channel_multiple`
-    # (training/channel_sparsity.py: `narrow_widths`), trained at that width from the start
+    # channel_sparsity: the share of the full model's channels each member ends without, counts rounded
+    # to `channel_multiple`. narrow_dense_ensemble (Packed-Ensembles with gamma=1, Laurent et al. 2023):
+    # M dense members built at that width from the start (training/channel_sparsity.py: `narrow_widths`).
+    # structure: channel (Chase, Yin et al. 2023; dst and edst): every ticket phase removes channels on a
+    # cubic schedule from `channel_start` to `channel_end` (fractions of the phase), lowest `channel_criterion`
+    # first (umm: mean |w| of the filters, zeros included; ablation: share of the filters' weights the DST
+    # mask keeps, SRigL's salient count), each layer keeping at least `channel_floor` of its channels;
+    # `channel_allocation` global (one threshold, Chase) or uniform; the ticket is stored physically slim
+    # (training/channel_training.py)
+    structure: str = "unstructured"
     channel_sparsity: float = 0.0
     channel_multiple: int = 16
+    channel_start: float = 0.0
+    channel_end: float = 0.75
+    channel_floor: float = 0.25
+    channel_criterion: str = "umm"
+    channel_allocation: str = "global"
 
     def check(self) -> None:
         super().check()
@@ -203,9 +225,26 @@ class Recipe(RecipeBase):
         narrow = self.method == "narrow_dense_ensemble"
         if narrow and not self.channel_sparsity > 0:
             raise RecipeError("method 'narrow_dense_ensemble' needs channel_sparsity in (0, 1), e.g. 0.5: half width")
-        if self.channel_sparsity and not narrow:
+        channel = self.structure == "channel"
+        if channel and self.method not in ("dst", "edst"):
+            raise RecipeError(f"structure 'channel' needs method 'dst' or 'edst' (got {self.method!r})")
+        if channel and not self.channel_sparsity > 0:
+            raise RecipeError("structure 'channel' needs channel_sparsity in (0, 1), e.g. 0.5: half the channels")
+        if self.channel_sparsity and not (narrow or channel):
             raise RecipeError(
-                f"recipe key 'channel_sparsity' is read by method 'narrow_dense_ensemble' only (got {self.method!r})"
+                "recipe key 'channel_sparsity' is read by method 'narrow_dense_ensemble' and structure 'channel' "
+                f"only (got method {self.method!r}, structure {self.structure!r})"
+            )
+        if channel and not self.channel_start < self.channel_end:
+            raise RecipeError(
+                f"recipe key 'channel_end' ({self.channel_end}) must come after 'channel_start' ({self.channel_start})"
+            )
+        if channel and not self.channel_floor > 0:
+            raise RecipeError(f"recipe key 'channel_floor' must be in (0, 1], got {self.channel_floor}")
+        if channel and self.average_fraction and self.channel_end > 1.0 - self.average_fraction:
+            raise RecipeError(
+                f"recipe key 'channel_end' ({self.channel_end}) must end before the averaging window "
+                f"(the last {self.average_fraction} of the phase): its masks are frozen there"
             )
         if self.augment == "timm" and self.image_size is None:
             raise RecipeError("augment 'timm' needs `image_size` (e.g. 224) in the recipe")

@@ -199,6 +199,8 @@ class SparseEngine:
                 raise ValueError(f"masks {wrong} name no maskable weight of this model or have another shape")
             self.masks = {name: mask.bool() for name, mask in masks.items()}
             self.counts = {n: int(self.masks[n].sum()) if n in self.masks else math.prod(s) for n, s in shapes.items()}
+        self.forbidden: dict[str, torch.Tensor] = {}  # positions never active again (removed channels)
+        self._unmasked = set(shapes) - set(self.masks)  # layers dense until a forbid masks them
         self._count_active()
         self.num_updates = 0
         self.phase_start = 0
@@ -288,12 +290,13 @@ class SparseEngine:
             weight = weights[name]
             active = self._active[name]
             count = int(rate * active)
+            allowed = ~self.forbidden[name] if name in self.forbidden else torch.ones_like(mask)
             if not self.config.regrow_pruned:
-                count = min(count, mask.numel() - active)
+                count = min(count, int((~mask & allowed).sum()))
             if count == 0:
                 continue
             kept = magnitude_prune(weight, mask, count)
-            candidates = ~kept if self.config.regrow_pruned else ~mask
+            candidates = (~kept if self.config.regrow_pruned else ~mask) & allowed
             if growth == "gradient":
                 if weight.grad is None:
                     raise RuntimeError(f"gradient growth needs {name}.grad; update masks before zero_grad()")
@@ -307,6 +310,50 @@ class SparseEngine:
             regrown_total += count
         self.num_updates += 1
         return {"regrown": regrown_total, "density": self.density()}
+
+    @torch.no_grad()
+    def forbid(self, forbidden: Mapping[str, torch.Tensor]) -> int:
+        """Deactivate ``forbidden`` positions (``name.weight`` -> bool) for good: zeroed, never regrown.
+
+        Removed channels (``channel_training.py``) go this way; a dense layer gets a mask to hold them.
+        The layer's active count falls by what was active there. Returns the weights deactivated.
+        """
+        weights = self.weights
+        dropped = 0
+        for name, positions in forbidden.items():
+            weight = weights[name]
+            positions = positions.to(weight.device, torch.bool)
+            mask = self.masks.get(name, torch.ones_like(positions))
+            self.forbidden[name] = self.forbidden.get(name, torch.zeros_like(positions)) | positions
+            dropped += int((mask & positions).sum())
+            self.masks[name] = mask & ~self.forbidden[name]
+            weight.mul_(self.masks[name])
+            self._zero_optimizer_state(weight, ~positions)
+        self._count_active()
+        return dropped
+
+    @torch.no_grad()
+    def restore(self, values: Mapping[str, torch.Tensor], generator: torch.Generator) -> int:
+        """Lift every :meth:`forbid`: each layer regrows back to its own count, drawn at random among
+        the positions it had lost, and the regrown weights take ``values`` there (a fresh init).
+
+        Returns the weights regrown.
+        """
+        weights = self.weights
+        grown_total = 0
+        for name, forbidden in self.forbidden.items():
+            weight, mask = weights[name], self.masks[name]
+            count = min(self.counts[name] - int(mask.sum()), int(forbidden.sum()))
+            grown = random_grow(forbidden, count, generator) if count > 0 else torch.zeros_like(mask)
+            weight[grown] = values[name].to(weight)[grown]
+            self._zero_optimizer_state(weight, ~grown)
+            self.masks[name] = mask | grown
+            if name in self._unmasked and bool(self.masks[name].all()):
+                del self.masks[name]  # dense again, as it started
+            grown_total += count
+        self.forbidden = {}
+        self._count_active()
+        return grown_total
 
     def _masks_on(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The masks, each moved to its weight's device if it is not there yet."""
@@ -346,9 +393,10 @@ class SparseEngine:
         """Restore masks and counters (saved on any device: the masks move to the weights' device)."""
         masks = state["masks"]
         assert isinstance(masks, Mapping)
-        if set(masks) != set(self.masks):
+        # a checkpoint may also mask layers that start dense: a forbid (removed channels) masked them
+        if not set(self.masks) <= set(masks) <= set(self.weights):
             raise ValueError(f"mask names differ: checkpoint {sorted(masks)} vs model {sorted(self.masks)}")
-        self.masks = {name: masks[name].to(torch.bool) for name in self.masks}
+        self.masks = {name: mask.to(torch.bool) for name, mask in masks.items()}
         self.num_updates = int(state["num_updates"])  # type: ignore[arg-type]
         self.phase_start = int(state["phase_start"])  # type: ignore[arg-type]
         self.phase_steps = int(state["phase_steps"])  # type: ignore[arg-type]

@@ -30,6 +30,7 @@ __all__ = [
     "JobStats",
     "accuracy",
     "build_ensemble",
+    "channel_summary",
     "create_member",
     "member_widths",
     "model_args",
@@ -113,8 +114,13 @@ def build_ensemble(
 ) -> EnsembleModel:
     """The tickets as one :class:`EnsembleModel` with the data's preprocessing in its config (or ``config``).
 
-    ``widths``: every member's widths record when they are narrower than the architecture.
+    ``widths``: every member's widths record when they are narrower than the architecture
+    (``narrow_dense_ensemble``); slim tickets (``structure: channel``) bring their own.
     """
+    if widths is not None:
+        member_widths: list[Widths] | None = [widths] * len(tickets)
+    else:
+        member_widths = [t.widths for t in tickets] if any(t.widths for t in tickets) else None
     config = config or EnsembleConfig(
         architecture=recipe.architecture,
         num_classes=len(data.label_names),
@@ -133,7 +139,7 @@ def build_ensemble(
             num_members=len(tickets),
             sparsity=recipe.sparsity if recipe.is_sparse else 0.0,
             distribution=recipe.distribution if recipe.is_sparse else "dense",
-            member_widths=None if widths is None else [widths] * len(tickets),
+            member_widths=member_widths,
         ),
     )
     model = EnsembleModel(config)
@@ -164,6 +170,7 @@ def summarize(
             "realised": [_realised_sparsity(model, i) for i in range(model.num_members)],
         },
         "costs": _costs(recipe, model, data, stats),
+        **({"channels": channel_summary(stats.tickets)} if any(t.kept for t in stats.tickets) else {}),
         "distributed": {
             "num_processes": stats.num_processes,
             "batches_per_epoch_per_process": stats.batches_per_epoch,
@@ -181,7 +188,10 @@ def _costs(recipe: Recipe, model: EnsembleModel, data: ImageData, stats: JobStat
     slim = model.config.ensemble.member_widths is not None  # the dense reference is the full-width model
     reference = create_member(recipe, data, None) if slim else model.members[0]
     f_dense = layer_flops(reference, data.input_size).dense if slim else flops.dense
-    f_sparse = flops.sparse(stats.densities)
+    # structure: channel trains at full width, removed channels masked: its steps cost the full model's
+    f_sparse = (layer_flops(reference, data.input_size) if recipe.structure == "channel" else flops).sparse(
+        stats.densities
+    )
     images = stats.progress.images
     dense_gradient_images = stats.progress.dense_gradients * recipe.batch_size * stats.num_processes
     training = training_flops(f_sparse, f_dense, images, dense_gradient_images)
@@ -204,6 +214,19 @@ def _costs(recipe: Recipe, model: EnsembleModel, data: ImageData, stats: JobStat
         "params_nonzero_per_member": nonzero,
         "params_nonzero_ensemble_vs_dense_member": sum(nonzero) / total_params,
     }
+
+
+def channel_summary(tickets: list[Ticket]) -> dict[str, Any]:
+    """``structure: channel``: the channels each ticket kept (over all groups), and how much the
+    tickets' channel sets overlap (Jaccard index of the kept ``(group, channel)`` pairs, per pair of
+    tickets: 1 means they kept the same channels, so the slimming added no diversity)."""
+    sets = [{(root, c) for root, kept in (t.kept or {}).items() for c in kept} for t in tickets]
+    overlap = {
+        f"{i}-{j}": len(sets[i] & sets[j]) / len(sets[i] | sets[j])
+        for i in range(len(sets))
+        for j in range(i + 1, len(sets))
+    }
+    return {"kept_channels": [len(s) for s in sets], "kept_overlap": overlap}
 
 
 def _realised_sparsity(model: EnsembleModel, index: int) -> float:

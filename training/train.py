@@ -37,12 +37,14 @@ from freetickets_hub.model.ensemble import EnsembleModel
 from freetickets_hub.model.widths import Widths
 
 from .averaging import CyclePosition, TicketAverage, cycle_position, in_window
+from .channel_training import ChannelPruner
 from .checkpoint import (
     CHECKPOINTS,
     Progress,
     Ticket,
     latest_checkpoint,
     load_average_state,
+    load_channel_state,
     load_checkpoint,
     load_engine_state,
     save_checkpoint,
@@ -162,6 +164,7 @@ class _Member:
     steps_per_epoch: int  # optimizer steps (not batches) per epoch and process
     bar: tqdm
     average: TicketAverage  # the ticket phase's weight average (``average_fraction``)
+    channels: ChannelPruner | None  # ``structure: channel``: the channels this run keeps
 
 
 class _Loop:
@@ -254,6 +257,9 @@ class _Loop:
                 config.update_end = 0  # masks never change
             engine = SparseEngine(model, optimizer, config, seed=run.seed, masks=initial_masks)
             self.densities = {n: engine.counts[n] / w.numel() for n, w in engine.weights.items()}
+        channels = None
+        if engine is not None and self.start is None and recipe.structure == "channel":
+            channels = ChannelPruner(model, engine, recipe, data.input_size)
         loader = DataLoader(
             data.training_set(),
             batch_size=recipe.batch_size,
@@ -266,6 +272,8 @@ class _Loop:
             accelerator.load_state(str(checkpoint))
             if engine is not None:
                 load_engine_state(checkpoint, engine)
+            if channels is not None:
+                channels.load_state_dict(accelerator.unwrap_model(model), load_channel_state(checkpoint))
         average = TicketAverage()
         if checkpoint is not None:
             average.load_state_dict(load_average_state(checkpoint), accelerator.unwrap_model(model))
@@ -278,7 +286,7 @@ class _Loop:
             disable=not accelerator.is_local_main_process,
             dynamic_ncols=True,
         )
-        return _Member(run.seed, model, optimizer, loader, engine, steps_per_epoch, bar, average)
+        return _Member(run.seed, model, optimizer, loader, engine, steps_per_epoch, bar, average, channels)
 
     def _begin_phase(self, member: _Member, phase: Phase) -> None:
         """Before a phase's first batch: EDST's forced escape, and the prune-rate schedule's restart."""
@@ -378,11 +386,25 @@ class _Loop:
                 member.bar.write(
                     f"[{phase.name}] step {progress.step}: mask update, {update['regrown']} weights pruned and regrown"
                 )
+        if member.channels is not None and phase.ticket:
+            self._remove_channels(member, phase)
         if averaging and (not recipe.average_cycles or self._cycle_position(member, phase).last):
             member.average.update(self.accelerator.unwrap_model(member.model))
         self.accelerator.log({"train/loss": loss, "train/lr": lr, "train/density": density}, step=progress.total_steps)
         if progress.step % 10 == 0:
             member.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", phase=phase.name, density=f"{density:.3f}")
+
+    def _remove_channels(self, member: _Member, phase: Phase) -> None:
+        """``structure: channel``: the ticket phase's channel schedule at this step (Chase)."""
+        assert member.channels is not None and member.engine is not None
+        model = self.accelerator.unwrap_model(member.model)
+        removed = member.channels.step(model, self._step_in_phase(member), phase.epochs * member.steps_per_epoch)
+        if removed:
+            self._check_masks_agree(member.engine)
+            member.bar.write(
+                f"[{phase.name}] step {self.progress.step}: {removed} channels removed "
+                f"({member.channels.removed()} of {sum(g.width for g in member.channels.groups)})"
+            )
 
     def _cycle_position(self, member: _Member, phase: Phase) -> CyclePosition:
         """``average_cycles``: where the current step falls in its LR cycle of the averaging window."""
@@ -403,7 +425,7 @@ class _Loop:
         model = self.accelerator.unwrap_model(member.model)
         val_acc = accuracy(model, self.data.val, self.data, self.recipe.eval_batch_size)
         if self.best is None or val_acc > (self.best.val_accuracy or 0.0):
-            self.best = _ticket(phase, model, member.engine, val_acc, self.progress.step)
+            self.best = _ticket(phase, model, member, val_acc, self.progress.step)
 
     def _end_phase(self, member: _Member, phase: Phase, phase_index: int) -> None:
         """Save the phase's ticket (if it yields one) and checkpoint at the phase boundary."""
@@ -435,6 +457,8 @@ class _Loop:
         """EDST's forced escape, with a fresh dense gradient (one batch, no optimizer step) for gradient growth."""
         engine = member.engine
         assert engine is not None
+        if member.channels is not None:  # the next ticket chooses its own channels (channel_training.py)
+            self._restore_channels(member, phase)
         growth = engine.config.escape_growth or engine.config.growth
         if growth == "gradient":
             device, count = self.accelerator.device, self.recipe.batch_size
@@ -449,12 +473,26 @@ class _Loop:
         self.progress.escaped = True
         member.bar.write(f"[{phase.name}] forced escape: {stats['regrown']} weights pruned and regrown, LR reset")
 
+    def _restore_channels(self, member: _Member, phase: Phase) -> None:
+        """Every removed channel back before EDST's escape, freshly initialised (seeded by run and phase)."""
+        assert member.channels is not None
+        seed = member.seed * 1_000_003 + 7919 * (self.progress.phase + 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            grown = member.channels.restore(
+                self.accelerator.unwrap_model(member.model),
+                lambda: create_member(self.recipe, self.data, None),
+                torch.Generator().manual_seed(seed),
+            )
+        if grown:
+            member.bar.write(f"[{phase.name}] every channel restored, {grown} weights regrown at a fresh init")
+
     def _take_ticket(self, phase: Phase, model: torch.nn.Module, member: _Member) -> None:
         ticket = self.best
         if ticket is None:
             val = self.data.val
             val_acc = accuracy(model, val, self.data, self.recipe.eval_batch_size) if val is not None else None
-            ticket = _ticket(phase, model, member.engine, val_acc, self.progress.step)
+            ticket = _ticket(phase, model, member, val_acc, self.progress.step)
         self.tickets.append(ticket)
         self.best = None
         note = f", val accuracy {ticket.val_accuracy:.4f}" if ticket.val_accuracy is not None else ""
@@ -470,6 +508,7 @@ class _Loop:
             self.tickets,
             self.best,
             member.average.state_dict(),
+            member.channels.state_dict() if member.channels is not None else None,
         )
 
     def _should_stop(self) -> bool:
@@ -504,11 +543,15 @@ def _mask_hash(engine: SparseEngine) -> str:
     return digest.hexdigest()
 
 
-def _ticket(
-    phase: Phase, model: torch.nn.Module, engine: SparseEngine | None, val_acc: float | None, step: int
-) -> Ticket:
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+def _ticket(phase: Phase, model: torch.nn.Module, member: _Member, val_acc: float | None, step: int) -> Ticket:
+    """The model as one ensemble member; ``structure: channel``: sliced to its physical widths."""
+    engine = member.engine
     masks = {k: v.cpu().clone() for k, v in engine.masks.items()} if engine is not None else {}
+    if member.channels is not None:
+        state, masks, widths = member.channels.slim(model, masks)
+        kept = {root: channels.tolist() for root, channels in member.channels.state_dict().items()}
+        return Ticket(phase.name, state, masks, val_acc, step, widths, kept)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return Ticket(phase.name, state, masks, val_acc, step)
 
 

@@ -182,7 +182,15 @@ _MASK_UPDATE_KEYS = {
     "growth", "prune_rate", "prune_rate_schedule", "prune_rate_final", "update_interval", "update_end", "regrow_pruned",
 }  # fmt: skip
 _MASK_KEYS = {"sparsity", "distribution", "random_mask_rate"}
-_WIDTH_KEYS = {"channel_sparsity", "channel_multiple"}
+_WIDTH_KEYS = {"channel_sparsity", "channel_multiple"}  # narrow_dense_ensemble, and dst/edst at structure: channel
+_CHANNEL_KEYS = {
+    "structure",
+    "channel_start",
+    "channel_end",
+    "channel_floor",
+    "channel_criterion",
+    "channel_allocation",
+}
 _UNUSED_KEYS = {
     "edst": _FIXED_EPOCH_KEYS | _WIDTH_KEYS,
     "dst": _EDST_KEYS | _WIDTH_KEYS,
@@ -198,6 +206,7 @@ def _applicable_keys(recipe: Any) -> dict[str, Any] | None:
     if not isinstance(recipe, dict):
         return None
     unused = _UNUSED_KEYS.get(recipe.get("method"), set())
+    unused = unused - _WIDTH_KEYS if recipe.get("structure") == "channel" else unused | _CHANNEL_KEYS
     return {key: value for key, value in recipe.items() if key not in unused}
 
 
