@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -197,19 +197,13 @@ def umm_scores(
     Weights are read through ``masks`` when given (entries outside a mask count as zero).
     """
     masks = masks or {}
-    modules = dict(model.named_modules())
-    scores = {}
-    for group in groups:
-        total = torch.zeros(group.width)
-        producers = [layer for layer in group.layers if layer.scored]
-        for layer in producers:
-            weight = modules[layer.name].weight.detach()
-            mask = masks.get(f"{layer.name}.weight")
-            weight = (weight if mask is None else weight * mask.to(weight.device)).abs().float()
-            per_filter = weight.reshape(weight.shape[0], -1).mean(1).cpu()
-            total += per_filter[list(layer.positions)]
-        scores[group.root] = total / max(1, len(producers))
-    return scores
+
+    def magnitude(name: str, weight: torch.Tensor) -> torch.Tensor:
+        mask = masks.get(f"{name}.weight")
+        weight = weight.detach() if mask is None else weight.detach() * mask.to(weight.device)
+        return weight.abs().float().reshape(weight.shape[0], -1).mean(1)
+
+    return _per_channel(model, groups, magnitude)
 
 
 def ablation_scores(
@@ -220,16 +214,25 @@ def ablation_scores(
     A channel whose filters the sparse engine has mostly emptied is the first to go (SRigL ablates a
     neuron with too few salient weights); a layer without a mask is dense, so its channels score 1.
     """
+
+    def active(name: str, weight: torch.Tensor) -> torch.Tensor:
+        mask = masks.get(f"{name}.weight")
+        return torch.ones(weight.shape[0]) if mask is None else mask.reshape(mask.shape[0], -1).float().mean(1)
+
+    return _per_channel(model, groups, active)
+
+
+def _per_channel(
+    model: nn.Module, groups: list[ChannelGroup], per_filter: Callable[[str, torch.Tensor], torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Per group, ``per_filter(layer name, weight)`` of every producing layer, averaged over them."""
     modules = dict(model.named_modules())
     scores = {}
     for group in groups:
         total = torch.zeros(group.width)
         producers = [layer for layer in group.layers if layer.scored]
         for layer in producers:
-            weight = modules[layer.name].weight
-            mask = masks.get(f"{layer.name}.weight")
-            active = torch.ones(weight.shape[0]) if mask is None else mask.reshape(mask.shape[0], -1).float().mean(1)
-            total += active.cpu()[list(layer.positions)]
+            total += per_filter(layer.name, modules[layer.name].weight).cpu()[list(layer.positions)]
         scores[group.root] = total / max(1, len(producers))
     return scores
 
