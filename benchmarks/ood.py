@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -106,8 +106,17 @@ def build_specs(preset: Preset, dataset: str, levers: list[str]) -> list[RunSpec
     return [*first, *(lever_spec(preset, dataset, name, 0) for name in levers), *rest]
 
 
-def build_specs_methods(preset: Preset, dataset: str) -> list[RunSpec]:
-    """Every method at every seed (ensemble member i trains with the recipe seed + i)."""
+def build_specs_methods(
+    preset: Preset,
+    dataset: str,
+    methods: Mapping[str, tuple[str, str, list[str]]] = METHODS,
+    extra: Sequence[str] = (),
+) -> list[RunSpec]:
+    """Every method at every seed (ensemble member i trains with the recipe seed + i).
+
+    ``extra`` overrides go to every run (e.g. another architecture); runs of the EDST recipe get the
+    EDST schedule (1.8·E epochs), the rest E epochs.
+    """
     t_ex, t_re = epoch_budget(preset.epochs)
     held_out = ", ".join(HELD_OUT)
     common = [
@@ -128,14 +137,13 @@ def build_specs_methods(preset: Preset, dataset: str) -> list[RunSpec]:
     }
     specs = []
     for seed in SEEDS:
-        for name, (label, recipe, own) in METHODS.items():
+        for name, (label, recipe, own) in methods.items():
             members = [] if name == "single_dense" else [f"num_members={NUM_MEMBERS}"]
             # the carve is seeded by the recipe seed too
             seeding = [f"seed={10 * seed}"]
-            plan = schedule["edst" if name.startswith("edst") else "dense_like"]
-            specs.append(
-                RunSpec(f"{name}_s{seed}", f"{label} (seed {seed})", recipe, [*common, *seeding, *plan, *members, *own])
-            )
+            plan = schedule["edst" if recipe == EDST_RECIPE else "dense_like"]
+            overrides = [*common, *extra, *seeding, *plan, *members, *own]
+            specs.append(RunSpec(f"{name}_s{seed}", f"{label} (seed {seed})", recipe, overrides))
     return specs
 
 

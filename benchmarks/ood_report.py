@@ -68,7 +68,7 @@ def report(
     levers, seeds = grid.levers, grid.seeds
     started = time.time()
     any_group = next(iter(groups.values()))
-    draws = _test_draws(any_group)
+    draws = shared_draws(any_group)
     runs = {}
     for spec in specs:
         group = groups[spec.load().seed]
@@ -86,7 +86,7 @@ def report(
         labels["selected_lever"] = f"EDST, {levers[selected]}"
         methods["selected_lever"] = [runs[selected], *(runs[f"{selected}_s{s}"] for s in seeds[1:])]
     summary = {m: _seed_summary(rows) for m, rows in methods.items()}
-    differences = {m: _differences(rows, methods[BASELINE]) for m, rows in methods.items() if m != BASELINE}
+    differences = {m: paired_differences(rows, methods[BASELINE]) for m, rows in methods.items() if m != BASELINE}
     stems = {name: _stem_density(out / name) for name in ("edst_ensemble_s0", "edst_uniform") if (out / name).is_dir()}
     results = {
         "provenance": provenance(started),
@@ -107,7 +107,7 @@ def report(
         print("wrote", line)
 
 
-def _test_draws(group: SeedGroup) -> dict[str, Draws]:
+def shared_draws(group: SeedGroup) -> dict[str, Draws]:
     """One set of in-distribution draws shared by every OOD set, one set of OOD draws per set."""
     first = None
     out = {}
@@ -266,12 +266,12 @@ def _stem_density(folder: Path) -> dict[str, float]:
     }
 
 
-def _kind_point(run: dict[str, Any], kind: str, score: str, which: str = "calibrated", metric: str = "auroc") -> float:
+def kind_point(run: dict[str, Any], kind: str, score: str, which: str = "calibrated", metric: str = "auroc") -> float:
     values = [e[which][score][metric] for e in run["sets"].values() if e["kind"] == kind and score in e[which]]
     return float(np.mean(values)) if values else float("nan")
 
 
-def _kind_draws(run: dict[str, Any], kind: str, score: str, metric: str = "auroc") -> np.ndarray | None:
+def kind_draws(run: dict[str, Any], kind: str, score: str, metric: str = "auroc") -> np.ndarray | None:
     parts = [
         run["draws"][n][score][metric] for n, e in run["sets"].items() if e["kind"] == kind and score in run["draws"][n]
     ]
@@ -291,16 +291,16 @@ def _seed_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if score not in rows[0]["draws"][next(iter(rows[0]["draws"]))]:
             continue
         for kind in KINDS:
-            points = [_kind_point(r, kind, score) for r in rows]
-            draws = np.mean([_kind_draws(r, kind, score) for r in rows], axis=0)
+            points = [kind_point(r, kind, score) for r in rows]
+            draws = np.mean([kind_draws(r, kind, score) for r in rows], axis=0)
             out["kinds"].setdefault(kind, {})[score] = {
                 "auroc": float(np.mean(points)),
                 "auroc_seeds": points,
                 "auroc_seed_std": float(np.std(points, ddof=1)),
                 "auroc_interval": interval(draws),
-                "auroc_uncalibrated": float(np.mean([_kind_point(r, kind, score, "uncalibrated") for r in rows])),
-                "aupr": float(np.mean([_kind_point(r, kind, score, metric="aupr") for r in rows])),
-                "fpr_at_95_tpr": float(np.mean([_kind_point(r, kind, score, metric="fpr_at_95_tpr") for r in rows])),
+                "auroc_uncalibrated": float(np.mean([kind_point(r, kind, score, "uncalibrated") for r in rows])),
+                "aupr": float(np.mean([kind_point(r, kind, score, metric="aupr") for r in rows])),
+                "fpr_at_95_tpr": float(np.mean([kind_point(r, kind, score, metric="fpr_at_95_tpr") for r in rows])),
             }
         for name in rows[0]["sets"]:
             points = [r["sets"][name]["calibrated"][score]["auroc"] for r in rows]
@@ -328,7 +328,7 @@ def _diagnostics(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for kind in KINDS:
         entries = [[e for e in r["sets"].values() if e["kind"] == kind] for r in rows]
         block: dict[str, Any] = {
-            "ensemble_entropy_auroc": float(np.mean([_kind_point(r, kind, "entropy") for r in rows])),
+            "ensemble_entropy_auroc": float(np.mean([kind_point(r, kind, "entropy") for r in rows])),
             "member_entropy_auroc": float(
                 np.mean([np.mean([m["entropy"] for e in es for m in e["member_auroc"]]) for es in entries])
             ),
@@ -351,16 +351,16 @@ def _diagnostics(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _differences(rows: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, Any]:
+def paired_differences(rows: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, Any]:
     """Seed-mean AUROC minus the single dense model's, per kind and score, on paired draws; and whether it separates."""
     out: dict[str, Any] = {}
     for score in ("entropy", "msp"):
         for kind in KINDS:
             per_seed = [
-                _kind_point(r, kind, score) - _kind_point(b, kind, score) for r, b in zip(rows, base, strict=True)
+                kind_point(r, kind, score) - kind_point(b, kind, score) for r, b in zip(rows, base, strict=True)
             ]
             draws = np.mean(
-                [_kind_draws(r, kind, score) - _kind_draws(b, kind, score) for r, b in zip(rows, base, strict=True)],
+                [kind_draws(r, kind, score) - kind_draws(b, kind, score) for r, b in zip(rows, base, strict=True)],
                 axis=0,
             )
             out.setdefault(kind, {})[score] = {
@@ -424,7 +424,7 @@ def render(results: dict[str, Any], label: dict[str, str], levers: dict[str, str
         if m in ("dense_ensemble",):
             continue
         flops = summary[m]["training_flops_vs_single_dense"]
-        verdicts = [_verdict(block[k]["entropy"]) for k in KINDS]
+        verdicts = [verdict(block[k]["entropy"]) for k in KINDS]
         met = flops <= FLOPS_GOAL and not any(v.startswith(("worse", "below")) for v in verdicts)
         rows.append([label[m], f"{flops:.3f}", *verdicts, "PASS" if met else "**MISS**"])
     lines += [markdown_table(["method", "train FLOPs x dense", "near", "shifted", "far", "goal"], rows), ""]
@@ -514,8 +514,8 @@ def render(results: dict[str, Any], label: dict[str, str], levers: dict[str, str
         run = runs[name]
         cells = []
         for k in KINDS:
-            point = _kind_point(run, k, "entropy")
-            low, high = interval(_kind_draws(run, k, "entropy"))
+            point = kind_point(run, k, "entropy")
+            low, high = interval(kind_draws(run, k, "entropy"))
             cells.append(f"{point:.3f} [{low:.3f}, {high:.3f}]")
         what = (
             "single dense (reference)"
@@ -539,7 +539,7 @@ def render(results: dict[str, Any], label: dict[str, str], levers: dict[str, str
     return "\n".join(lines)
 
 
-def _verdict(difference: dict[str, Any]) -> str:
+def verdict(difference: dict[str, Any]) -> str:
     """better / worse (separated), below / above (the interval excludes 0, a seed disagrees), or tie."""
     low, high = difference["interval"]
     if difference["separated"]:

@@ -14,7 +14,7 @@ All graphs run in one process, interleaved in blocks of repeats over several pas
 (median and 25th percentile of the repeats). Cases: WRN-16-4 on 1x28x28 and ResNet-50 on 3x224x224.
 Results are appended to ``--output`` (JSON lines); a case already there is skipped (resumable).
 
-    .venv/bin/python benchmarks/slim_latency.py [--cases wrn16_4 resnet50] [--threads 1]
+    .venv/bin/python benchmarks/slim_latency.py [--cases wrn16_4 resnet50] [--sparsity 0.5] [--threads 1]
 """
 
 from __future__ import annotations

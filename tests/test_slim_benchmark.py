@@ -1,0 +1,134 @@
+"""benchmarks/slim.py: the run grid, the seed budget rule, the targets' verdicts and the report's tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+KINDS = ("near", "shifted", "far")
+
+
+@pytest.fixture
+def slim(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import slim
+
+    return slim
+
+
+def fake_run(accuracy: float, nll: float, ece: float, auroc: dict[str, float], seed: int) -> dict:
+    """What ``ood_report.analyse`` returns, reduced to what the slim report reads: one OOD set per kind."""
+    rng = np.random.default_rng(seed)
+    sets, draws = {}, {}
+    for kind, value in auroc.items():
+        points = {"entropy": {"auroc": value}, "msp": {"auroc": value}}
+        sets[kind] = {"kind": kind, "calibrated": points, "diversity": {"disagreement": 0.2}}
+        noise = rng.normal(0, 0.002, 1000)
+        draws[kind] = {"entropy": {"auroc": value + noise}, "msp": {"auroc": value + noise}}
+    return {
+        "test": {"accuracy": accuracy, "nll": nll, "ece": ece},
+        "test_diversity": {"disagreement": 0.05},
+        "sets": sets,
+        "draws": draws,
+        "training_flops_vs_single_dense": 1.0,
+    }
+
+
+def seeds(accuracy: float, nll: float, ece: float, auroc: dict[str, float], count: int = 3) -> list[dict]:
+    return [fake_run(accuracy, nll, ece, auroc, seed) for seed in range(count)]
+
+
+DENSE = {"near": 0.90, "shifted": 0.80, "far": 0.95}
+
+
+def test_the_grid_is_the_ood_benchmark_on_wrn16_4_with_the_slim_methods(slim: ModuleType) -> None:
+    specs = {s.name: s for s in slim.build_specs("../shared/datasets/fashion_mnist")}
+    assert set(specs) == {f"{m}_s{s}" for m in slim.METHODS for s in (0, 1, 2)}
+    recipes = {name: spec.load() for name, spec in specs.items()}  # strict: an unknown key or bad value raises
+    assert {r.architecture for r in recipes.values()} == {"cifar_wrn16_4"}
+    assert all(r.exclude_classes == ["Shirt", "Sneaker"] for r in recipes.values())
+    dense, edst = recipes["single_dense_s0"], recipes["slim_edst_s0"]
+    assert (edst.explore_epochs + 3 * edst.refine_epochs) / dense.epochs == pytest.approx(1.8)  # equal epochs rule
+    assert recipes["slim_dst_s0"].epochs == dense.epochs
+    for name in ("slim_dst_s0", "slim_edst_s0"):
+        assert (recipes[name].structure, recipes[name].channel_sparsity, recipes[name].sparsity) == (
+            "channel",
+            0.6,
+            0.5,
+        )
+    narrow = recipes["narrow_dense_ensemble_s0"]
+    assert (narrow.method, narrow.channel_sparsity, narrow.num_members) == ("narrow_dense_ensemble", 0.6, 3)
+    assert (recipes["edst_ensemble_s0"].structure, recipes["edst_ensemble_s0"].sparsity) == ("unstructured", 0.8)
+    assert {recipes[f"slim_dst_s{s}"].seed for s in (0, 1, 2)} == {0, 10, 20}
+
+
+def test_the_cpu_budget_trains_three_seeds_of_the_dense_model_and_the_best_slim_method(slim: ModuleType) -> None:
+    plan = slim.seeds_to_train("slim_edst", all_seeds=False)
+    assert plan["single_dense"] == plan["slim_edst"] == (0, 1, 2)
+    assert all(plan[m] == (0,) for m in slim.METHODS if m not in ("single_dense", "slim_edst"))
+    assert set(slim.seeds_to_train("slim_dst", all_seeds=True).values()) == {(0, 1, 2)}
+
+
+def test_a_claim_needs_three_seeds_and_every_check(slim: ModuleType) -> None:
+    base = seeds(0.90, 0.30, 0.02, DENSE)
+    better = seeds(0.91, 0.28, 0.015, {k: v + 0.02 for k, v in DENSE.items()})
+    claim = slim.claims(better, base)
+    assert claim["pass"] and set(claim["kinds"].values()) == {"better"}
+    assert slim.claims(better[:1], base) is None  # seed 0 alone makes no claim
+    far_worse = seeds(0.91, 0.28, 0.015, {**DENSE, "far": 0.90})
+    claim = slim.claims(far_worse, base)
+    assert claim["kinds"]["far"] == "worse" and not claim["pass"]
+    less_accurate = seeds(0.89, 0.28, 0.015, DENSE)
+    claim = slim.claims(less_accurate, base)
+    assert not claim["checks"]["accuracy >="] and not claim["pass"]
+    assert set(claim["kinds"].values()) == {"tie"}
+
+
+def test_slim_against_narrow_compares_at_the_seeds_both_have(slim: ModuleType) -> None:
+    narrow = seeds(0.90, 0.30, 0.02, DENSE, count=1)
+    block = slim.versus_narrow(seeds(0.92, 0.27, 0.02, DENSE), narrow)
+    assert block["seeds"] == 1 and block["at_least_as_good"]
+    assert block["delta"]["accuracy"] == pytest.approx(0.02)
+    block = slim.versus_narrow(seeds(0.92, 0.31, 0.02, DENSE), narrow)
+    assert not block["at_least_as_good"]  # worse NLL
+
+
+def latency(ratios: dict[str, dict[str, float]]) -> dict:
+    return {
+        "runs": {
+            name: {p: {str(b): {"ratio": r} for b in (1, 64)} for p, r in by_precision.items()}
+            for name, by_precision in ratios.items()
+        }
+    }
+
+
+def test_latency_targets_are_at_most_0_8x_fp32_and_0_5x_int8_at_every_batch(slim: ModuleType) -> None:
+    timings = latency({"slim_dst_s0": {"fp32": 0.8, "int8": 0.49}, "slim_edst_s0": {"fp32": 0.81, "int8": 0.51}})
+    assert all(slim.latency_checks(timings, "slim_dst_s0").values())
+    assert not any(slim.latency_checks(timings, "slim_edst_s0").values())
+
+
+def test_the_report_shows_every_method_and_says_which_make_no_claim(slim: ModuleType) -> None:
+    methods = {
+        m: seeds(0.9, 0.3, 0.02, DENSE, count=3 if m in ("single_dense", "slim_dst") else 1) for m in slim.METHODS
+    }
+    timings = latency({f"{m}_s0": {"fp32": 0.7, "int8": 0.45} for m in slim.METHODS})
+    results = {
+        "methods": {m: slim.summarise(rows) for m, rows in methods.items()},
+        "claims_vs_single_dense": {
+            m: slim.claims(r, methods["single_dense"]) for m, r in methods.items() if m != "single_dense"
+        },
+        "versus_narrow": {m: slim.versus_narrow(methods[m], methods["narrow_dense_ensemble"]) for m in slim.SLIM},
+        "latency": timings,
+        "latency_targets": {m: slim.latency_checks(timings, f"{m}_s0") for m in slim.SLIM},
+        "best_slim_on_validation": "slim_dst",
+    }
+    text = slim.render(results)
+    assert all(label in text for label, _, _ in slim.METHODS.values())
+    assert text.count("fewer than 3 seeds: no claim") == 4  # all but the dense model and slim DST
+    assert "| slim DST | tie | tie | tie |" in text
+    assert "latency targets, slim DST: fp32 <= 0.8x at batch 1: met" in text
