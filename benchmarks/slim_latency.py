@@ -1,6 +1,6 @@
 """ORT CPU latency of an M=3 ensemble of slim (physically narrow) members against ONE dense model.
 
-Each member is its architecture with a random half of every channel group removed by
+Each member is its architecture with a random share (``--sparsity``, default half) of every channel group removed by
 ``training/channel_sparsity.py`` (``allocation="uniform"``, kept counts multiples of 16; random
 scores, so the structure is random: timing only). The M members are the separate branches of ONE
 ONNX graph written by the package's exporter (``export/graph.py``: probabilities averaged, every
@@ -12,9 +12,11 @@ All graphs run in one process, interleaved in blocks of repeats over several pas
 (``benchmarks/inference.time_engines``), with ``OMP_WAIT_POLICY=PASSIVE`` and ORT
 ``session.intra_op.allow_spinning=0``; ratios are to ONE dense fp32 model at the same batch size
 (median and 25th percentile of the repeats). Cases: WRN-16-4 on 1x28x28 and ResNet-50 on 3x224x224.
-Results are appended to ``--output`` (JSON lines); a case already there is skipped (resumable).
+With ``--packed``, the same members also run as one network of grouped convolutions
+(``export/packed.py``, Packed-Ensembles' layout). Results are appended to ``--output`` (JSON lines); a
+case already there is skipped (resumable).
 
-    .venv/bin/python benchmarks/slim_latency.py [--cases wrn16_4 resnet50] [--sparsity 0.5] [--threads 1]
+    .venv/bin/python benchmarks/slim_latency.py [--cases wrn16_4 resnet50] [--sparsity 0.5] [--packed] [--threads 1]
 """
 
 from __future__ import annotations
@@ -118,9 +120,12 @@ def build_graphs(case: Case, args: argparse.Namespace, work: Path) -> dict[str, 
     graphs = {"dense fp32": work / "dense.onnx", "slim M=3 fp32": work / "slim.onnx"}
     export_graph(ensemble_of(case, [dense.eval()]), graphs["dense fp32"])
     export_graph(ensemble_of(case, slim), graphs["slim M=3 fp32"])
+    if args.packed:  # uniform allocation: every member has the same widths, so they pack
+        graphs["packed M=3 fp32"] = work / "packed.onnx"
+        export_graph(ensemble_of(case, slim), graphs["packed M=3 fp32"], packed=True)
     rng = np.random.default_rng(0)
     calibration = rng.standard_normal((args.calibration_images, *case.input_size)).astype(np.float32)
-    for name in ("dense", "slim M=3"):
+    for name in [label.removesuffix(" fp32") for label in graphs]:
         graphs[f"{name} int8"] = work / f"{name.split()[0]}.int8.onnx"
         write_int8_graph(graphs[f"{name} fp32"], graphs[f"{name} int8"], calibration)
     return graphs
@@ -152,13 +157,13 @@ def run_case(name: str, case: Case, args: argparse.Namespace, work: Path) -> lis
 
 
 def print_table(rows: list[dict]) -> None:
-    """Markdown table; int8 slim rows also show their ratio to the dense int8 model (median)."""
+    """Markdown table; int8 ensemble rows also show their ratio to the dense int8 model (median)."""
     median = {(r["case"], r["batch"], r["graph"]): r["ms_median"] for r in rows}
     print("\n| case | graph | batch | ms (median) | vs ONE dense fp32 (median) | (p25) | vs dense int8 | repeats |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         int8 = median.get((r["case"], r["batch"], "dense int8"))
-        versus = f"{r['ms_median'] / int8:.2f}x" if r["graph"] == "slim M=3 int8" and int8 else ""
+        versus = f"{r['ms_median'] / int8:.2f}x" if r["graph"].endswith("M=3 int8") and int8 else ""
         print(f"| {r['case']} | {r['graph']} | {r['batch']} | {r['ms_median']:.2f} | {r['ratio_median']:.2f}x | "
               f"{r['ratio_p25']:.2f}x | {versus} | {r['repeats']} |")  # fmt: skip
 
@@ -172,6 +177,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--calibration-images", type=int, default=8)
+    parser.add_argument("--packed", action="store_true", help="also the members packed as grouped convolutions")
     parser.add_argument("--output", type=Path, default=Path("runs/bench/slim_latency.jsonl"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

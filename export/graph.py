@@ -21,6 +21,8 @@ from freetickets_hub.errors import ExportError
 from freetickets_hub.model.ensemble import EnsembleModel
 from freetickets_hub.uncertainty.outputs import OUTPUT_NAMES, combine_member_logits
 
+from .packed import PackedMembers
+
 if TYPE_CHECKING:
     import onnx_ir
 
@@ -41,17 +43,25 @@ class EnsembleGraph(nn.Module):
     Args:
         model: the ensemble (left unchanged).
         fp16: run the members in float16; ``pixel_values`` and every output stay float32.
+        packed: run the members as one network of grouped layers (``export.packed``; equal widths only).
+
+    Raises:
+        ExportError: ``packed`` for members it cannot group.
     """
 
-    def __init__(self, model: EnsembleModel, *, fp16: bool = False) -> None:
+    def __init__(self, model: EnsembleModel, *, fp16: bool = False, packed: bool = False) -> None:
         super().__init__()
-        self.ensemble = copy.deepcopy(model).half() if fp16 else model
+        members: nn.Module = model
+        if packed:
+            members = PackedMembers(model.members, model.config.pretrained_cfg["input_size"])
+        self.members = copy.deepcopy(members).half() if fp16 else members
         self.compute_dtype = torch.float16 if fp16 else torch.float32
         self.temperature = model.temperature
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        member_logits = self.ensemble.member_logits(pixel_values.to(self.compute_dtype))  # (M, B, K)
-        return combine_member_logits(member_logits, self.temperature).to_tuple()
+        x = pixel_values.to(self.compute_dtype)
+        member_logits = self.members(x) if isinstance(self.members, PackedMembers) else self.members.member_logits(x)
+        return combine_member_logits(member_logits, self.temperature).to_tuple()  # member logits (M, B, K)
 
 
 def check_opset(opset: int) -> None:
@@ -68,6 +78,7 @@ def export_graph(
     opset: int = DEFAULT_OPSET,
     fp16: bool = False,
     external_data: bool = False,
+    packed: bool = False,
 ) -> None:
     """Write ``model`` as one ONNX graph with input ``pixel_values`` (dynamic batch) and ``OUTPUT_NAMES``.
 
@@ -78,10 +89,11 @@ def export_graph(
         fp16: members in float16 (input and outputs stay float32).
         external_data: always write the weights to ``<name>.data``; torch does so anyway above 1.5 GiB
             (below protobuf's 2 GiB limit).
+        packed: the members as one network of grouped layers (``export.packed``), not M branches.
 
     Raises:
         ValueError: an unsupported opset or a config without ``input_size``.
-        ExportError: the exporter failed.
+        ExportError: the exporter failed, or ``packed`` for members it cannot group.
     """
     check_opset(opset)
     input_size = model.config.pretrained_cfg.get("input_size")
@@ -93,7 +105,7 @@ def export_graph(
     model.eval()  # an inference graph: BatchNorm uses running statistics, dropout is off
     try:
         program = torch.onnx.export(
-            EnsembleGraph(model, fp16=fp16).eval(),
+            EnsembleGraph(model, fp16=fp16, packed=packed).eval(),
             (example,),
             input_names=["pixel_values"],
             output_names=list(OUTPUT_NAMES),

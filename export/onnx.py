@@ -68,6 +68,7 @@ class ExportReport:
     max_abs_diff: dict[str, float]  # per output, over all batch sizes
     versions: dict[str, str]
     int8: dict[str, Any] | None = None  # the int8 graph's quality gate (``QuantizeReport``), when written
+    packed: bool = False  # the members as one network of grouped layers (``export.packed``), not M branches
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, indent=2) + "\n"
@@ -84,6 +85,7 @@ def export_onnx(
     images: Sequence[ImageInput] | None = None,
     batch_sizes: Sequence[int] = BATCH_SIZES,
     int8: Int8Calibration | None = None,
+    packed: bool = False,
 ) -> ExportReport:
     """Export ``model`` to ``<output_dir>/onnx/model.onnx``, verify it, and write its report.
 
@@ -101,12 +103,15 @@ def export_onnx(
         int8: also write ``onnx/model.int8.onnx``, statically quantized with these calibration images
             and kept only if it passes the quality gate on the held-out images (``export.quantize``);
             when it fails, nothing is written at all. Without it, a previous ``model.int8.onnx`` is removed.
+        packed: run the members as one network of grouped layers (``export.packed``: members at equal
+            widths, e.g. ``narrow_dense_ensemble``) instead of M branches; the same inputs, outputs and check.
 
     Raises:
         ValueError: no ``output_dir`` for an in-memory model or a Hub repo, a bad opset, or int8 with fp16.
         MissingDependencyError: onnxruntime (or onnxruntime-gpu) is not installed.
         ExportError: export failed, the graph is malformed, ONNX Runtime disagrees with PyTorch, the
-            int8 graph fails its quality gate, or ``output_dir`` holds another ensemble's ``config.json``.
+            int8 graph fails its quality gate, ``output_dir`` holds another ensemble's ``config.json``, or
+            ``packed`` for members it cannot group.
 
     Example:
         >>> report = export_onnx("runs/tiny")  # doctest: +SKIP
@@ -136,7 +141,7 @@ def export_onnx(
     try:
         graph = staging / destination.name
         dense = staging / "dense.onnx" if compact else graph
-        export_graph(model, dense, opset=opset, fp16=fp16, external_data=external_data)
+        export_graph(model, dense, opset=opset, fp16=fp16, external_data=external_data, packed=packed)
         if compact:
             compact_graph_file(dense, graph, external_data=external_data)
         check_interface(graph)
@@ -184,6 +189,7 @@ def export_onnx(
         max_abs_diff=diffs,
         versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         int8=None if int8_report is None else asdict(int8_report),
+        packed=packed,
     )
     write_text_atomic(output_dir / EXPORT_REPORT_NAME, report.to_json())
     if (output_dir / README_NAME).is_file():  # a saved model's folder: its card lists the graphs

@@ -34,6 +34,10 @@ def register(verbs: argparse._SubParsersAction) -> None:
         "--dense-graph", action="store_true", help="store masked weights densely (default: bit mask + values)"
     )
     p.add_argument(
+        "--packed", action="store_true",
+        help="members as one network of grouped convolutions (members at equal widths; default: M branches)",
+    )  # fmt: skip
+    p.add_argument(
         "--quantize", choices=("int8",), default=None,
         help="also write onnx/model.int8.onnx (static QDQ), kept only if it passes its quality gate",
     )  # fmt: skip
@@ -77,6 +81,7 @@ def run_onnx(args: argparse.Namespace) -> int:
         images=args.images,
         compact=not args.dense_graph,
         int8=int8,
+        packed=args.packed,
     )
     print(report.to_json(), end="")
     print(f"wrote {args.output or args.model}/{report.graph}")

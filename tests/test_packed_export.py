@@ -1,0 +1,111 @@
+"""``export onnx --packed`` (issue 23): members at equal widths as one network of grouped layers.
+
+The packed graph has the same input and outputs as the branch graph, and ONNX Runtime reproduces the
+PyTorch ensemble to 1e-5 (the export's own gate); members at different widths, or an architecture
+whose weights packing cannot group, are refused by name and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+from torch import nn
+
+from freetickets_hub import EnsembleConfig, EnsembleModel
+from freetickets_hub.cli import main
+from freetickets_hub.engines.onnxruntime import OnnxEnsemble
+from freetickets_hub.errors import ExportError
+from freetickets_hub.export.packed import PackedMembers
+from freetickets_hub.model.widths import create_slim_model
+from freetickets_hub.training.channel_sparsity import narrow_widths
+
+from .test_slim_artifact import SHAPE, slim_ensemble
+
+INPUT = (1, 16, 16)
+
+
+def narrow_ensemble(members: int = 3) -> EnsembleModel:
+    """``narrow_dense_ensemble``'s layout: every member at half of each group's channels, own init."""
+    reference = timm.create_model("cifar_wrn10_2", num_classes=10, in_chans=1)
+    widths = narrow_widths(reference, INPUT, 0.5)
+    info = {"method": "narrow_dense_ensemble", "num_members": members, "channel_sparsity": 0.5}
+    info["member_widths"] = [json.loads(json.dumps(widths))] * members
+    model = EnsembleModel(EnsembleConfig("cifar_wrn10_2", 10, **SHAPE, ensemble=info))
+    for index in range(members):
+        torch.manual_seed(index)
+        member = create_slim_model("cifar_wrn10_2", widths, num_classes=10, in_chans=1)
+        for module in member.modules():  # non-trivial statistics, so a swapped channel would show
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 1.5)
+                nn.init.uniform_(module.weight, 0.5, 1.5)
+        model.load_member(index, member.state_dict(), {})
+    return model.eval()
+
+
+def test_packed_members_equal_the_members_and_group_every_convolution() -> None:
+    model = narrow_ensemble()
+    packed = PackedMembers(model.members, INPUT).eval()
+    x = torch.randn(5, *INPUT)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), model.member_logits(x), rtol=0, atol=1e-5)
+    convs = [m for m in packed.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(conv.groups == 3 for conv in convs)  # the stem too: the input is repeated per member
+
+
+def test_export_packed_writes_one_grouped_graph_with_the_same_outputs(tmp_path: Path) -> None:
+    model = narrow_ensemble()
+    model.save_pretrained(tmp_path / "narrow")
+    assert main(["export", "onnx", str(tmp_path / "narrow"), "--packed"]) == 0  # gate: probs to 1e-5
+    report = json.loads((tmp_path / "narrow" / "onnx" / "export_report.json").read_text())
+    assert report["packed"] is True and report["max_abs_diff"]["probs"] <= 1e-5
+    graph = onnx.load(tmp_path / "narrow" / "onnx" / "model.onnx")
+    groups = [a.i for n in graph.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group"]
+    assert groups and set(groups) == {3}  # no separate branches: every convolution is grouped by member
+    engine = OnnxEnsemble(tmp_path / "narrow" / "onnx" / "model.onnx", model.config)
+    x = np.random.default_rng(0).normal(size=(4, *INPUT)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x))
+    got = engine(x)
+    np.testing.assert_allclose(got["member_probs"], expected.member_probs.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got["entropy"], expected.entropy.numpy(), atol=1e-5, rtol=0)
+
+
+def test_members_at_different_widths_are_refused_by_layer_and_nothing_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    slim_ensemble().save_pretrained(tmp_path / "slim")  # UMM kept different channels per member
+    assert main(["export", "onnx", str(tmp_path / "slim"), "--packed"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"--packed needs every member at the same widths: member 1 has \S+ at \[", err), err
+    assert "Traceback" not in err and not (tmp_path / "slim" / "onnx").exists()
+
+
+def test_a_layer_packing_cannot_group_is_refused_by_name() -> None:
+    members = [nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Flatten()) for _ in range(2)]
+    with pytest.raises(ExportError, match=r"cannot group layer '1' \(GroupNorm\)"):
+        PackedMembers(members, INPUT)
+
+
+class _MixesMembers(nn.Module):
+    """Weights packing can group, but a forward that reads channels across members' blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y[:, :2].mean((2, 3))  # the first 2 channels: all of member 0's once packed
+
+
+def test_a_forward_that_mixes_members_is_caught_by_the_check() -> None:
+    with pytest.raises(ExportError, match="does not reproduce the members"):
+        PackedMembers([_MixesMembers(), _MixesMembers()], INPUT)
