@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+import httpx
 import numpy as np
 import onnx
 import pytest
@@ -22,10 +23,13 @@ from freetickets_hub import EnsembleConfig, EnsembleModel
 from freetickets_hub.cli import main
 from freetickets_hub.engines.onnxruntime import OnnxEnsemble
 from freetickets_hub.errors import ExportError
+from freetickets_hub.export.graph import export_graph
 from freetickets_hub.export.packed import PackedMembers
+from freetickets_hub.export.quantize import write_int8_graph
 from freetickets_hub.model.widths import create_slim_model
 from freetickets_hub.training.channel_sparsity import narrow_widths
 
+from .serve_support import running
 from .test_slim_artifact import SHAPE, slim_ensemble
 
 INPUT = (1, 16, 16)
@@ -76,6 +80,30 @@ def test_export_packed_writes_one_grouped_graph_with_the_same_outputs(tmp_path: 
     got = engine(x)
     np.testing.assert_allclose(got["member_probs"], expected.member_probs.numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(got["entropy"], expected.entropy.numpy(), atol=1e-5, rtol=0)
+    with running(tmp_path / "narrow", "--name", "narrow", log=tmp_path / "server.log") as server:  # served unchanged
+        body = {
+            "inputs": [{"name": "pixel_values", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]
+        }
+        reply = httpx.post(f"{server.url}/v2/models/narrow/infer", json=body, timeout=30)
+    assert reply.status_code == 200, reply.text
+    probs = next(o for o in reply.json()["outputs"] if o["name"] == "probs")
+    np.testing.assert_allclose(np.array(probs["data"]).reshape(4, 10), expected.probs.numpy(), atol=1e-5, rtol=0)
+
+
+def test_the_packed_graph_quantizes_to_int8_qdq_unchanged(tmp_path: Path) -> None:
+    model = narrow_ensemble()
+    export_graph(model, tmp_path / "packed.onnx", packed=True)
+    pixels = np.random.default_rng(1).normal(size=(16, *INPUT)).astype(np.float32)
+    write_int8_graph(tmp_path / "packed.onnx", tmp_path / "packed.int8.onnx", pixels[:8])
+    graph = onnx.load(tmp_path / "packed.int8.onnx")
+    dequantized = {n.output[0] for n in graph.graph.node if n.op_type == "DequantizeLinear"}
+    grouped = [n for n in graph.graph.node if n.op_type == "Conv" and any(a.name == "group" for a in n.attribute)]
+    int8_convs = [n for n in grouped if n.input[1] in dequantized]  # int8 weights, dequantized into the conv
+    assert len(grouped) >= 5 and len(int8_convs) >= len(grouped) - 1  # all but the stem (it reads the pixels)
+    int8 = OnnxEnsemble(tmp_path / "packed.int8.onnx", model.config)(pixels[8:])
+    with torch.no_grad():
+        fp32 = model(torch.from_numpy(pixels[8:])).probs.numpy()
+    assert int8["probs"].shape == fp32.shape and np.abs(int8["probs"] - fp32).max() < 0.1
 
 
 def test_members_at_different_widths_are_refused_by_layer_and_nothing_is_written(
