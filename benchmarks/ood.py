@@ -138,7 +138,7 @@ def build_specs_methods(
     specs = []
     for seed in SEEDS:
         for name, (label, recipe, own) in methods.items():
-            members = [] if name == "single_dense" else [f"num_members={NUM_MEMBERS}"]
+            members = [] if "num_members=1" in own else [f"num_members={NUM_MEMBERS}"]
             # the carve is seeded by the recipe seed too
             seeding = [f"seed={10 * seed}"]
             plan = schedule["edst" if recipe == EDST_RECIPE else "dense_like"]

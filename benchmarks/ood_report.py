@@ -32,7 +32,21 @@ if TYPE_CHECKING:
     from ood_sets import SeedGroup
     from quality_runs import RunSpec
 
-__all__ = ["Grid", "rank_levers", "report"]
+__all__ = [
+    "KINDS",
+    "Grid",
+    "analyse",
+    "kind_draws",
+    "kind_point",
+    "paired_differences",
+    "rank_levers",
+    "report",
+    "shared_draws",
+    "training_flops",
+    "validation_score",
+    "validation_sets",
+    "verdict",
+]
 
 SCORES = ("entropy", "mutual_information", "msp")
 SCORE_LABELS = {"entropy": "entropy", "mutual_information": "mutual information", "msp": "max probability"}
@@ -74,7 +88,7 @@ def report(
         group = groups[spec.load().seed]
         runs[spec.name] = analyse(logits[spec.name], group, draws)
         runs[spec.name]["label"] = spec.label
-        runs[spec.name]["training_flops"] = _training_flops(out / spec.name)
+        runs[spec.name]["training_flops"] = training_flops(out / spec.name)
     base_flops = np.mean([runs[f"{BASELINE}_s{s}"]["training_flops"] for s in seeds])
     for run in runs.values():
         run["training_flops_vs_single_dense"] = run["training_flops"] / base_flops
@@ -210,7 +224,7 @@ def validation_score(val_sets: dict[str, Any]) -> float:
 
 def within_budget(folder: Path, single_dense_folder: Path) -> bool:
     """Whether a run's training FLOPs are at most ``FLOPS_GOAL`` x the single dense model's."""
-    return _training_flops(folder) <= FLOPS_GOAL * _training_flops(single_dense_folder)
+    return training_flops(folder) <= FLOPS_GOAL * training_flops(single_dense_folder)
 
 
 def rank_levers(
@@ -248,7 +262,8 @@ def _logit_stats(member_logits: torch.Tensor) -> dict[str, float]:
     }
 
 
-def _training_flops(folder: Path) -> float:
+def training_flops(folder: Path) -> float:
+    """The run's training FLOPs, from its ``train_summary.json``."""
     return float(json.loads((folder / "train_summary.json").read_text())["costs"]["training_flops"])
 
 
@@ -267,11 +282,13 @@ def _stem_density(folder: Path) -> dict[str, float]:
 
 
 def kind_point(run: dict[str, Any], kind: str, score: str, which: str = "calibrated", metric: str = "auroc") -> float:
+    """Mean ``metric`` of ``score`` over one run's sets of one OOD kind (NaN when it has none)."""
     values = [e[which][score][metric] for e in run["sets"].values() if e["kind"] == kind and score in e[which]]
     return float(np.mean(values)) if values else float("nan")
 
 
 def kind_draws(run: dict[str, Any], kind: str, score: str, metric: str = "auroc") -> np.ndarray | None:
+    """Bootstrap draws of :func:`kind_point` (the mean over the kind's sets, draw by draw), or None."""
     parts = [
         run["draws"][n][score][metric] for n, e in run["sets"].items() if e["kind"] == kind and score in run["draws"][n]
     ]

@@ -13,8 +13,8 @@ All graphs run in one process, interleaved in blocks of repeats over several pas
 ``session.intra_op.allow_spinning=0``; ratios are to ONE dense fp32 model at the same batch size
 (median and 25th percentile of the repeats). Cases: WRN-16-4 on 1x28x28 and ResNet-50 on 3x224x224.
 With ``--packed``, the same members also run as one network of grouped convolutions
-(``export/packed.py``, Packed-Ensembles' layout). Results are appended to ``--output`` (JSON lines); a
-case already there is skipped (resumable).
+(``export/packed.py``, Packed-Ensembles' layout). Results are appended to ``--output`` (JSON lines, each
+row with its settings); a case already there at the same settings is skipped (resumable).
 
     .venv/bin/python benchmarks/slim_latency.py [--cases wrn16_4 resnet50] [--sparsity 0.5] [--packed] [--threads 1]
 """
@@ -151,9 +151,19 @@ def run_case(name: str, case: Case, args: argparse.Namespace, work: Path) -> lis
             rows.append({
                 "case": name, "architecture": case.architecture, "batch": batch, "graph": label,
                 "ms_median": median * 1e3, "ms_p25": p25 * 1e3, "ratio_median": median / base_median,
-                "ratio_p25": p25 / base_p25, "repeats": len(values), "threads": args.threads,
+                "ratio_p25": p25 / base_p25, "repeats": len(values), **settings(args),
             })  # fmt: skip
     return rows
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """What a row was measured at, besides its case: a rerun skips a case only at the same settings."""
+    keys = ("members", "sparsity", "multiple", "threads", "packed", "batch_sizes", "calibration_images")
+    return {key: getattr(args, key) for key in keys}
+
+
+def _same_settings(row: dict, args: argparse.Namespace) -> bool:
+    return all(row.get(key) == value for key, value in settings(args).items())
 
 
 def print_table(rows: list[dict]) -> None:
@@ -189,8 +199,8 @@ def main() -> int:
         done = [json.loads(line) for line in args.output.read_text().splitlines() if line.strip()]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     for name in args.cases:
-        if any(r["case"] == name for r in done):
-            print(f"{name}: already in {args.output}, skipped")
+        if any(r["case"] == name and _same_settings(r, args) for r in done):
+            print(f"{name} at these settings: already in {args.output}, skipped")
             continue
         with tempfile.TemporaryDirectory(prefix="freetickets-slim-") as work:
             rows = run_case(name, CASES[name], args, Path(work))
@@ -198,7 +208,7 @@ def main() -> int:
             out.writelines(json.dumps(r) + "\n" for r in rows)
         done += rows
         print("load average: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
-    print_table([r for r in done if r["case"] in args.cases])
+    print_table([r for r in done if r["case"] in args.cases and _same_settings(r, args)])
     return 0
 
 

@@ -51,10 +51,11 @@ class EnsembleGraph(nn.Module):
 
     def __init__(self, model: EnsembleModel, *, fp16: bool = False, packed: bool = False) -> None:
         super().__init__()
-        members: nn.Module = model
-        if packed:
-            members = PackedMembers(model.members, model.config.pretrained_cfg["input_size"])
-        self.members = copy.deepcopy(members).half() if fp16 else members
+        if packed:  # a new network already: halving it leaves ``model`` as it is
+            members: nn.Module = PackedMembers(model.members, model.config.pretrained_cfg["input_size"])
+            self.members = members.half() if fp16 else members
+        else:
+            self.members = copy.deepcopy(model).half() if fp16 else model
         self.compute_dtype = torch.float16 if fp16 else torch.float32
         self.temperature = model.temperature
 

@@ -6,9 +6,9 @@ statistics side by side, and each linear layer is a batched matrix product. The 
 times along its channels. This is how Packed-Ensembles (Laurent et al., ICLR 2023) run their members:
 a few wide grouped kernels instead of M narrow branches. Masked weights stay zero where they were.
 
-Only what it can group holds weights (convolutions, BatchNorm, linear layers), and the packed network
-is checked against the members before it is used: an architecture whose forward mixes channels some
-other way is refused by name, never exported wrong.
+Only what it can group may hold tensors (convolutions, BatchNorm and linear layers, with their usual
+weights and statistics), and the packed network is checked against the members before it is used:
+an architecture whose forward mixes channels some other way is refused, never exported wrong.
 """
 
 from __future__ import annotations
@@ -84,12 +84,33 @@ def _cat(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
     return None if tensors[0] is None else torch.cat([t.detach() for t in tensors])
 
 
+_GROUPED = {  # what packing knows how to group: the tensors each kind of layer may hold, no other
+    nn.Conv2d: {"weight", "bias"},
+    nn.modules.batchnorm._BatchNorm: {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"},
+    nn.Linear: {"weight", "bias"},
+}
+
+
+def _check_groupable(name: str, module: nn.Module) -> None:
+    """Refuse a layer holding a tensor packing would not group (a scaled conv's gain, a frozen norm's stats)."""
+    held = {key for key, _ in module.named_parameters(recurse=False)} | {
+        k for k, _ in module.named_buffers(recurse=False)
+    }
+    allowed = next((keys for kind, keys in _GROUPED.items() if isinstance(module, kind)), set())
+    if held - allowed:
+        raise ExportError(
+            f"--packed cannot group layer {name!r} ({type(module).__name__}, holding {sorted(held - allowed)}): only "
+            "convolutions, BatchNorm and linear layers may hold weights (export without --packed: separate branches)"
+        )
+
+
 @torch.no_grad()
 def _pack(members: Sequence[nn.Module]) -> nn.Module:
     count = len(members)
     packed = copy.deepcopy(members[0])
     by_name = [dict(member.named_modules()) for member in members]
     for name, module in list(packed.named_modules()):
+        _check_groupable(name, module)
         group = [modules[name] for modules in by_name]
         if isinstance(module, nn.Conv2d):
             module.weight = nn.Parameter(_cat([m.weight for m in group]))
@@ -107,11 +128,6 @@ def _pack(members: Sequence[nn.Module]) -> nn.Module:
             module.num_features *= count
         elif isinstance(module, nn.Linear):
             packed.set_submodule(name, PackedLinear(group))
-        elif next(module.parameters(recurse=False), None) is not None:
-            raise ExportError(
-                f"--packed cannot group layer {name!r} ({type(module).__name__}): only convolutions, "
-                "BatchNorm and linear layers may hold weights (export without --packed: separate branches)"
-            )
     return packed
 
 
@@ -121,12 +137,18 @@ def _check_against(packed: PackedMembers, members: Sequence[nn.Module], input_si
     for member in members:
         member.eval()
     packed.eval()
-    try:
-        x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
-        x = x.to(next(packed.parameters()).device)
-        want = torch.stack([member(x) for member in members]).float()
-        got = packed(x).float()
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:  # in full float32 on a GPU too: TF32 kernels differ between grouped and plain convolutions
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
+            x = x.to(next(packed.parameters()).device)
+            want = torch.stack([member(x) for member in members]).float()
+            got = packed(x).float()
+    except RuntimeError as err:  # a forward that reads channel counts the packed layers no longer have
+        raise ExportError(f"--packed cannot run this architecture as one grouped network: {err}") from err
     finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
         for member, mode in zip(members, training, strict=True):
             member.train(mode)
     if got.shape != want.shape or not torch.allclose(got, want, rtol=0, atol=_CHECK_TOLERANCE * (1 + want.abs().max())):

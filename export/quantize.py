@@ -171,9 +171,27 @@ class _Batches(CalibrationDataReader):
 
 
 def stem_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the convolutions that read the graph's input pixels: each member's first layer."""
-    inputs = {value.name for value in model.graph.input}
-    return [node.name for node in model.graph.node if node.op_type in _WEIGHT_OPS and node.input[0] in inputs]
+    """Names of the first Conv/Gemm/MatMul on the input pixels' path: each member's first layer.
+
+    The path follows each node's data input (its first) through the ops before a layer, such as a
+    packed graph's Tile that repeats the pixels per member (``export.packed``), and ends at the layer.
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        if node.input:
+            consumers.setdefault(node.input[0], []).append(node)
+    stems, seen = set(), set()
+    stack = [value.name for value in model.graph.input]
+    while stack:
+        for node in consumers.get(stack.pop(), []):
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            if node.op_type in _WEIGHT_OPS:
+                stems.add(node.name)
+            else:
+                stack.extend(node.output)
+    return [node.name for node in model.graph.node if node.name in stems]
 
 
 def tail_nodes(model: onnx.ModelProto) -> list[str]:

@@ -7,6 +7,7 @@ whose weights packing cannot group, are refused by name and nothing is written.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -17,7 +18,9 @@ import onnx
 import pytest
 import timm
 import torch
+from timm.layers import ScaledStdConv2d
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from freetickets_hub import EnsembleConfig, EnsembleModel
 from freetickets_hub.cli import main
@@ -25,7 +28,7 @@ from freetickets_hub.engines.onnxruntime import OnnxEnsemble
 from freetickets_hub.errors import ExportError
 from freetickets_hub.export.graph import export_graph
 from freetickets_hub.export.packed import PackedMembers
-from freetickets_hub.export.quantize import write_int8_graph
+from freetickets_hub.export.quantize import stem_nodes, write_int8_graph
 from freetickets_hub.model.widths import create_slim_model
 from freetickets_hub.training.channel_sparsity import narrow_widths
 
@@ -39,7 +42,7 @@ def narrow_ensemble(members: int = 3) -> EnsembleModel:
     """``narrow_dense_ensemble``'s layout: every member at half of each group's channels, own init."""
     reference = timm.create_model("cifar_wrn10_2", num_classes=10, in_chans=1)
     widths = narrow_widths(reference, INPUT, 0.5)
-    info = {"method": "narrow_dense_ensemble", "num_members": members, "channel_sparsity": 0.5}
+    info = {"method": "narrow_dense_ensemble", "num_members": members}
     info["member_widths"] = [json.loads(json.dumps(widths))] * members
     model = EnsembleModel(EnsembleConfig("cifar_wrn10_2", 10, **SHAPE, ensemble=info))
     for index in range(members):
@@ -50,6 +53,7 @@ def narrow_ensemble(members: int = 3) -> EnsembleModel:
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 1.5)
                 nn.init.uniform_(module.weight, 0.5, 1.5)
+                nn.init.uniform_(module.bias, -0.5, 0.5)
         model.load_member(index, member.state_dict(), {})
     return model.eval()
 
@@ -62,6 +66,22 @@ def test_packed_members_equal_the_members_and_group_every_convolution() -> None:
         torch.testing.assert_close(packed(x), model.member_logits(x), rtol=0, atol=1e-5)
     convs = [m for m in packed.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(conv.groups == 3 for conv in convs)  # the stem too: the input is repeated per member
+
+
+def test_depthwise_convs_conv_biases_and_timm_norm_act_layers_pack_exactly() -> None:
+    members = []
+    for seed in range(3):  # mobilenetv3: depthwise convs, squeeze-excite convs with biases, BatchNormAct2d
+        torch.manual_seed(seed)
+        member = timm.create_model("mobilenetv3_small_050", num_classes=5).eval()
+        for module in member.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                nn.init.uniform_(module.bias, -0.5, 0.5)
+        members.append(member)
+    packed = PackedMembers(members, (3, 32, 32)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), torch.stack([m(x) for m in members]), rtol=0, atol=1e-5)
 
 
 def test_export_packed_writes_one_grouped_graph_with_the_same_outputs(tmp_path: Path) -> None:
@@ -96,10 +116,11 @@ def test_the_packed_graph_quantizes_to_int8_qdq_unchanged(tmp_path: Path) -> Non
     pixels = np.random.default_rng(1).normal(size=(16, *INPUT)).astype(np.float32)
     write_int8_graph(tmp_path / "packed.onnx", tmp_path / "packed.int8.onnx", pixels[:8])
     graph = onnx.load(tmp_path / "packed.int8.onnx")
-    dequantized = {n.output[0] for n in graph.graph.node if n.op_type == "DequantizeLinear"}
-    grouped = [n for n in graph.graph.node if n.op_type == "Conv" and any(a.name == "group" for a in n.attribute)]
-    int8_convs = [n for n in grouped if n.input[1] in dequantized]  # int8 weights, dequantized into the conv
-    assert len(grouped) >= 5 and len(int8_convs) >= len(grouped) - 1  # all but the stem (it reads the pixels)
+    inits = {t.name for t in graph.graph.initializer}
+    convs = [n for n in graph.graph.node if n.op_type == "Conv"]
+    float_convs = [n.name for n in convs if n.input[1] in inits]  # the rest take int8 weights, dequantized
+    assert len(convs) >= 5 and float_convs == stem_nodes(graph)  # the stem reads the pixels (through a Tile)
+    assert len(float_convs) == 1
     int8 = OnnxEnsemble(tmp_path / "packed.int8.onnx", model.config)(pixels[8:])
     with torch.no_grad():
         fp32 = model(torch.from_numpy(pixels[8:])).probs.numpy()
@@ -116,9 +137,17 @@ def test_members_at_different_widths_are_refused_by_layer_and_nothing_is_written
     assert "Traceback" not in err and not (tmp_path / "slim" / "onnx").exists()
 
 
-def test_a_layer_packing_cannot_group_is_refused_by_name() -> None:
-    members = [nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Flatten()) for _ in range(2)]
-    with pytest.raises(ExportError, match=r"cannot group layer '1' \(GroupNorm\)"):
+@pytest.mark.parametrize(
+    ("layer", "name"),
+    [
+        (nn.GroupNorm(2, 4), "GroupNorm"),
+        (FrozenBatchNorm2d(4), "FrozenBatchNorm2d"),
+        (ScaledStdConv2d(4, 4, 1), "ScaledStdConv2d"),
+    ],
+)
+def test_a_layer_packing_cannot_group_is_refused_by_name(layer: nn.Module, name: str) -> None:
+    members = [nn.Sequential(nn.Conv2d(1, 4, 3), copy.deepcopy(layer), nn.Flatten()) for _ in range(2)]
+    with pytest.raises(ExportError, match=rf"cannot group layer '1' \({name}, holding"):
         PackedMembers(members, INPUT)
 
 
@@ -130,8 +159,7 @@ class _MixesMembers(nn.Module):
         self.conv = nn.Conv2d(1, 4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x)
-        return y[:, :2].mean((2, 3))  # the first 2 channels: all of member 0's once packed
+        return self.conv(x).flip(1).mean((2, 3))  # packed, member 0's outputs read member 1's channels
 
 
 def test_a_forward_that_mixes_members_is_caught_by_the_check() -> None:

@@ -82,19 +82,28 @@ def test_a_claim_needs_three_seeds_and_every_check(slim: ModuleType) -> None:
     far_worse = seeds(0.91, 0.28, 0.015, {**DENSE, "far": 0.90})
     claim = slim.claims(far_worse, base)
     assert claim["kinds"]["far"] == "worse" and not claim["pass"]
+    two_of_three_lower = [  # the mean is below and its interval excludes 0, but seed 2 is above
+        fake_run(0.91, 0.28, 0.015, {**DENSE, "shifted": 0.80 + shift}, seed)
+        for seed, shift in enumerate((-0.01, -0.01, 0.005))
+    ]
+    claim = slim.claims(two_of_three_lower, base)
+    assert claim["kinds"]["shifted"] == "below (seeds disagree)" and not claim["pass"]
     less_accurate = seeds(0.89, 0.28, 0.015, DENSE)
     claim = slim.claims(less_accurate, base)
     assert not claim["checks"]["accuracy >="] and not claim["pass"]
     assert set(claim["kinds"].values()) == {"tie"}
 
 
-def test_slim_against_narrow_compares_at_the_seeds_both_have(slim: ModuleType) -> None:
-    narrow = seeds(0.90, 0.30, 0.02, DENSE, count=1)
-    block = slim.versus_narrow(seeds(0.92, 0.27, 0.02, DENSE), narrow)
-    assert block["seeds"] == 1 and block["at_least_as_good"]
-    assert block["delta"]["accuracy"] == pytest.approx(0.02)
-    block = slim.versus_narrow(seeds(0.92, 0.31, 0.02, DENSE), narrow)
-    assert not block["at_least_as_good"]  # worse NLL
+def test_slim_against_narrow_compares_at_the_seeds_both_have_and_judges_only_at_three(slim: ModuleType) -> None:
+    narrow = seeds(0.90, 0.30, 0.02, DENSE)
+    block = slim.versus_narrow(seeds(0.92, 0.27, 0.02, DENSE), narrow[:1])
+    assert block["seeds"] == 1 and block["at_least_as_good"] is None and block["kinds"] is None
+    assert block["delta"]["accuracy"] == pytest.approx(0.02)  # the difference is still reported
+    assert slim.versus_narrow(seeds(0.92, 0.27, 0.02, DENSE), narrow)["at_least_as_good"] is True
+    assert slim.versus_narrow(seeds(0.92, 0.31, 0.02, DENSE), narrow)["at_least_as_good"] is False  # worse NLL
+    assert slim.versus_narrow(seeds(0.92, 0.27, 0.03, DENSE), narrow)["at_least_as_good"] is False  # worse ECE
+    far_worse = slim.versus_narrow(seeds(0.92, 0.27, 0.02, {**DENSE, "far": 0.9}), narrow)
+    assert far_worse["kinds"]["far"] == "worse" and far_worse["at_least_as_good"] is False
 
 
 def latency(ratios: dict[str, dict[str, float]]) -> dict:
@@ -129,6 +138,6 @@ def test_the_report_shows_every_method_and_says_which_make_no_claim(slim: Module
     }
     text = slim.render(results)
     assert all(label in text for label, _, _ in slim.METHODS.values())
-    assert text.count("fewer than 3 seeds: no claim") == 4  # all but the dense model and slim DST
+    assert text.count("fewer than 3 seeds: no claim") == 4 + 2  # all but dense and slim DST; narrow has 1 seed
     assert "| slim DST | tie | tie | tie |" in text
     assert "latency targets, slim DST: fp32 <= 0.8x at batch 1: met" in text
