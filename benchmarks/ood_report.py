@@ -36,6 +36,7 @@ __all__ = [
     "KINDS",
     "Grid",
     "analyse",
+    "goal",
     "kind_draws",
     "kind_point",
     "paired_differences",
@@ -300,6 +301,7 @@ def _seed_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "accuracy": [r["test"]["accuracy"] for r in rows],
         "nll": [r["test"]["nll"] for r in rows],
+        "ece": [r["test"]["ece"] for r in rows],
         "training_flops_vs_single_dense": float(np.mean([r["training_flops_vs_single_dense"] for r in rows])),
         "kinds": {},
         "sets": {},
@@ -433,18 +435,18 @@ def render(results: dict[str, Any], label: dict[str, str], levers: dict[str, str
         "inputs at least as well as the single dense model, by entropy): per kind, *worse* / *better* = the "
         "difference separates below / above 0; *below* / *above (seeds disagree)* = its interval over test "
         "images excludes 0 but a seed has the other sign; *tie* = the interval holds 0. PASS needs no kind "
-        "worse or below",
+        "worse or below, and the calibrated test NLL and ECE (seed means) at most the single dense model's",
         "",
     ]
     rows = []
     for m, block in diffs.items():
         if m in ("dense_ensemble",):
             continue
-        flops = summary[m]["training_flops_vs_single_dense"]
-        verdicts = [verdict(block[k]["entropy"]) for k in KINDS]
-        met = flops <= FLOPS_GOAL and not any(v.startswith(("worse", "below")) for v in verdicts)
-        rows.append([label[m], f"{flops:.3f}", *verdicts, "PASS" if met else "**MISS**"])
-    lines += [markdown_table(["method", "train FLOPs x dense", "near", "shifted", "far", "goal"], rows), ""]
+        g = goal(summary[m], summary[BASELINE], block)
+        cells = [f"{value:.4f} (dense {dense:.4f})" for value, dense in g["calibration"].values()]
+        rows.append([label[m], f"{g['flops']:.3f}", *g["kinds"].values(), *cells, "PASS" if g["met"] else "**MISS**"])
+    header = ["method", "train FLOPs x dense", "near", "shifted", "far", "NLL (T)", "ECE (T)", "goal"]
+    lines += [markdown_table(header, rows), ""]
     lines += ["**Per set** (entropy, calibrated: AUROC mean of 3 seeds [interval] / FPR@95)", ""]
     rows = []
     for name, info in results["sets"].items():
@@ -554,6 +556,20 @@ def render(results: dict[str, Any], label: dict[str, str], levers: dict[str, str
     header = ["run", "change", "val score", "Δ val", "near", "shifted", "far", "acc %", "train FLOPs x dense"]
     lines += [markdown_table(header, rows), "", f"![OOD max-probability histograms]({PLOT.name})", ""]
     return "\n".join(lines)
+
+
+def goal(method: dict[str, Any], single_dense: dict[str, Any], differences: dict[str, Any]) -> dict[str, Any]:
+    """Issue 24's target for one method's seed summary: FLOPs, the verdict per kind, calibrated NLL and ECE.
+
+    Met at most ``FLOPS_GOAL`` x the single dense model's training FLOPs, with no kind worse or below
+    by entropy and the seed-mean NLL and ECE at most the single dense model's.
+    """
+    flops = method["training_flops_vs_single_dense"]
+    kinds = {k: verdict(differences[k]["entropy"]) for k in KINDS}
+    calibration = {k: (float(np.mean(method[k])), float(np.mean(single_dense[k]))) for k in ("nll", "ece")}
+    met = flops <= FLOPS_GOAL and not any(v.startswith(("worse", "below")) for v in kinds.values())
+    met = met and all(value <= dense for value, dense in calibration.values())
+    return {"flops": flops, "kinds": kinds, "calibration": calibration, "met": met}
 
 
 def verdict(difference: dict[str, Any]) -> str:

@@ -113,3 +113,25 @@ def test_the_best_two_levers_are_combined_unless_a_lever_already_is_their_union(
     spec = ood.lever_spec(ood.PRESET, "../shared/datasets/fashion_mnist", name, 0, levers)
     recipe = spec.load()
     assert (recipe.average_cycles, recipe.random_mask_rate, recipe.method) == (3, 0.01, "edst")
+
+
+def _difference(value: float, low: float, high: float, separated: bool) -> dict:
+    return {"entropy": {"difference": value, "interval": [low, high], "separated": separated}}
+
+
+def test_the_goal_needs_the_flops_budget_every_kind_and_calibration_at_most_the_dense_models(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import ood_report
+
+    dense = {"nll": [0.30, 0.31, 0.29], "ece": [0.02, 0.02, 0.02], "training_flops_vs_single_dense": 1.0}
+    edst = {"nll": [0.29, 0.30, 0.28], "ece": [0.01, 0.02, 0.01], "training_flops_vs_single_dense": 0.6}
+    ties = {k: _difference(0.0, -0.01, 0.01, False) for k in ("near", "shifted", "far")}
+    assert ood_report.goal(edst, dense, ties)["met"]
+    below = {**ties, "far": _difference(-0.004, -0.006, -0.002, False)}  # interval below 0, a seed above
+    assert ood_report.goal(edst, dense, below)["kinds"]["far"] == "below (seeds disagree)"
+    assert not ood_report.goal(edst, dense, below)["met"]
+    assert not ood_report.goal({**edst, "ece": [0.03, 0.03, 0.03]}, dense, ties)["met"]  # worse calibrated ECE
+    assert not ood_report.goal({**edst, "nll": [0.32, 0.32, 0.32]}, dense, ties)["met"]  # worse calibrated NLL
+    assert not ood_report.goal({**edst, "training_flops_vs_single_dense": 0.7}, dense, ties)["met"]  # over budget
