@@ -24,7 +24,7 @@ Stages (every run is its own cached folder; a rerun skips finished runs and resu
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/finetune.py --stage sweep
     for worker in 1 2; do OMP_NUM_THREADS=1 python benchmarks/finetune.py --stage grid & done; wait
-    python benchmarks/finetune.py --stage report   # ~3 h of CPU in all on 2 cores (measured: see RESULTS.md)
+    python benchmarks/finetune.py --stage report   # ~4.8 h of training processes, ~3 h wall on 2 cores (RESULTS.md)
 """
 
 from __future__ import annotations
