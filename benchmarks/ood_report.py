@@ -39,6 +39,7 @@ __all__ = [
     "goal",
     "kind_draws",
     "kind_point",
+    "none_worse_or_below",
     "paired_differences",
     "rank_levers",
     "report",
@@ -567,9 +568,14 @@ def goal(method: dict[str, Any], single_dense: dict[str, Any], differences: dict
     flops = method["training_flops_vs_single_dense"]
     kinds = {k: verdict(differences[k]["entropy"]) for k in KINDS}
     calibration = {k: (float(np.mean(method[k])), float(np.mean(single_dense[k]))) for k in ("nll", "ece")}
-    met = flops <= FLOPS_GOAL and not any(v.startswith(("worse", "below")) for v in kinds.values())
+    met = flops <= FLOPS_GOAL and none_worse_or_below(kinds)
     met = met and all(value <= dense for value, dense in calibration.values())
     return {"flops": flops, "kinds": kinds, "calibration": calibration, "met": met}
+
+
+def none_worse_or_below(kinds: dict[str, str]) -> bool:
+    """Whether no OOD kind's :func:`verdict` is *worse* or *below*: the claim rule's pass."""
+    return not any(v.startswith(("worse", "below")) for v in kinds.values())
 
 
 def verdict(difference: dict[str, Any]) -> str:

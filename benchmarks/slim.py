@@ -51,6 +51,7 @@ from ood_report import (
     analyse,
     kind_draws,
     kind_point,
+    none_worse_or_below,
     paired_differences,
     shared_draws,
     training_flops,
@@ -212,7 +213,7 @@ def claims(rows: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, 
         "accuracy >=": mean["accuracy"][0] >= mean["accuracy"][1],
         "calibrated NLL <=": mean["nll"][0] <= mean["nll"][1],
         "calibrated ECE <=": mean["ece"][0] <= mean["ece"][1],
-        "no OOD kind worse or below": not any(v == "worse" or v.startswith("below") for v in kinds.values()),
+        "no OOD kind worse or below": none_worse_or_below(kinds),
     }
     return {"kinds": kinds, "differences": differences, "checks": checks, "pass": all(checks.values())}
 
@@ -246,10 +247,7 @@ def versus_narrow(rows: list[dict[str, Any]], narrow: list[dict[str, Any]]) -> d
         kinds = {k: verdict(differences[k]["entropy"]) for k in KINDS}
         block["kinds"] = kinds
         block["at_least_as_good"] = (
-            delta["accuracy"] >= 0
-            and delta["nll"] <= 0
-            and delta["ece"] <= 0
-            and not any(v == "worse" or v.startswith("below") for v in kinds.values())
+            delta["accuracy"] >= 0 and delta["nll"] <= 0 and delta["ece"] <= 0 and none_worse_or_below(kinds)
         )
     return block
 
