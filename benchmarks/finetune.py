@@ -49,7 +49,7 @@ from finetune_data import write_class_subset, write_corrupted, write_digits
 from ood_stats import Draws, bootstrap_detection, interval, separated
 from quality import Preset, build_specs
 from quality_report import markdown_table, provenance, provenance_lines, write_results
-from quality_runs import REPO, train_run
+from quality_runs import REPO, claimed, train_run
 
 from freetickets_hub.artifact.files import write_text_atomic
 from freetickets_hub.data import load_eval_split, run_validation_rows
@@ -206,24 +206,6 @@ def sweep_table(sweeps: dict[str, dict[str, Any]]) -> tuple[str, tuple[float, fl
 # -- the grid -------------------------------------------------------------------------------------------
 
 
-def claim(folder: Path) -> bool:
-    """Take ``folder`` for this process unless a live process holds it (``.claim`` holds the pid)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / ".claim"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            os.kill(int(lock.read_text() or 0), 0)
-            return False
-        except (ProcessLookupError, ValueError):
-            lock.unlink(missing_ok=True)  # its process is gone: take it over
-            return claim(folder)
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    return True
-
-
 def finetune_run(base: Path, target: Target, folder: Path, row: Row, sets: list[str]) -> None:
     """Fine-tune ``row`` into ``folder`` in a subprocess (resuming a checkpointed attempt)."""
     spec_path = folder / "benchmark_spec.json"
@@ -308,14 +290,14 @@ def grid(
     """Fine-tune and evaluate every unfinished run this worker can claim."""
     accelerator = create_accelerator()
     for target, seed, row, base, folder in work(out, chosen, seeds, folders):
-        if (folder / "benchmark_eval.json").is_file() or not claim(folder):
+        if (folder / "benchmark_eval.json").is_file():
             continue
-        try:
+        with claimed(folder) as mine:
+            if not mine:
+                continue
             if not (folder / "train_summary.json").is_file():
                 finetune_run(base, target, folder, row, run_sets(target, seed, extra))
             evaluate(folder, target, accelerator)
-        finally:
-            (folder / ".claim").unlink(missing_ok=True)
 
 
 # -- the report -----------------------------------------------------------------------------------------

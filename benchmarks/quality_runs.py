@@ -11,9 +11,12 @@ own pieces (``run_inference``, ``fit_temperature``, ``classification_metrics``, 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,9 +42,19 @@ from freetickets_hub.uncertainty.calibration import fit_temperature
 from freetickets_hub.uncertainty.metrics import classification_metrics, detection_metrics
 from freetickets_hub.uncertainty.outputs import combine_member_logits
 
-__all__ = ["REPO", "EvalSettings", "RunSpec", "epoch_budget", "evaluate_run", "load_shared_data", "train_run"]
+__all__ = [
+    "REPO",
+    "EvalSettings",
+    "RunSpec",
+    "claimed",
+    "epoch_budget",
+    "evaluate_run",
+    "load_shared_data",
+    "train_run",
+]
 
 REPO = Path(__file__).resolve().parents[1]
+CLAIM_NAME = ".claim"  # the pid of the worker process that holds a run folder
 SPEC_NAME = "benchmark_spec.json"  # what the folder was asked to train, and the wall time of each attempt
 EVAL_NAME = "benchmark_eval.json"  # cached evaluation, keyed by the settings that produced it
 OOD_SOURCE = "sklearn:digits"
@@ -84,6 +97,35 @@ def epoch_budget(epochs: int) -> tuple[int, int]:
     if epochs < 5 or epochs % 5:
         raise ValueError(f"epochs must be a positive multiple of 5 (so t_ex = 0.6E, t_re = 0.4E), got {epochs}")
     return epochs * 3 // 5, epochs * 2 // 5
+
+
+@contextmanager
+def claimed(folder: Path) -> Iterator[bool]:
+    """Hold ``folder`` for this process while the block runs; yields False if another live process holds it.
+
+    Workers started side by side share a grid this way: each run folder is taken by at most one of them,
+    and a claim whose process is gone is taken over.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / CLAIM_NAME
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text() or 0), 0)
+            except (ProcessLookupError, ValueError):
+                lock.unlink(missing_ok=True)  # its process is gone: take it over
+                continue
+            yield False
+            return
+    with os.fdopen(fd, "w") as handle:
+        handle.write(str(os.getpid()))
+    try:
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def train_run(spec: RunSpec, folder: Path, *, log: Any = print) -> dict[str, Any]:

@@ -9,10 +9,12 @@ Fashion-MNIST), each method at the same epochs (E for dense-like runs, 1.8·E fo
   counts multiples of 16), unstructured S=0.5 inside them;
 - ``narrow_dense_ensemble`` at the same channel sparsity (Packed-Ensembles with gamma=1).
 
-Seeds (issue 23's CPU budget): seed 0 of every method, then seeds 1 and 2 of the single dense model and
-of the slim method with the better validation OOD score (``ood_report.validation_score``, never the
+Seeds (issue 23's CPU budget): seed 0 of every method; seeds 1 and 2 of the single dense model, of
+``narrow_dense_ensemble`` (the slim-vs-narrow verdict needs three seeds of both; it is the cheapest run)
+and of the slim method with the better validation OOD score (``ood_report.validation_score``, never the
 test-time sets); ``--all-seeds`` adds seeds 1 and 2 of the rest. A claim against the single dense model
-needs all three seeds; a seed-0-only row is shown without one.
+needs all three seeds; a seed-0-only row is shown without one. Runs checkpoint every
+``CHECKPOINT_STEPS`` steps, so an interrupted one resumes where it stopped.
 
 Latency: every method's seed-0 artifact, exported by the package (``export/graph.py``; int8 is static
 QDQ calibrated on validation images, ``export/quantize.write_int8_graph``), ORT CPU, one process,
@@ -20,9 +22,12 @@ interleaved (``inference.time_engines``), ``OMP_WAIT_POLICY=PASSIVE``, no spinni
 dense fp32 model (the single dense run) at batch 1 and 64.
 
     OMP_NUM_THREADS=1 python benchmarks/slim.py                 # train what is missing, evaluate, report
-    OMP_NUM_THREADS=1 python benchmarks/slim.py --stage train   # only train (resumable per run)
+    for w in 1 2; do OMP_NUM_THREADS=1 python benchmarks/slim.py --stage train & done; wait   # two cores
+    OMP_NUM_THREADS=1 python benchmarks/slim.py                 # then the latency and the report
 
-Runs go to ``runs/slim-cpu/<name>``; member logits are cached per run (``ood.run_logits``), timings in
+A worker trains and evaluates each run it claims (``quality_runs.claimed``), in the order of
+:func:`work_order`, and waits while the rest is held by other workers or by seed 0's ranking. Runs go to
+``runs/slim-cpu/<name>``; member logits are cached per run (``ood.run_logits``), timings in
 ``latency.json``; ``results.json``, ``results.md`` and the ``slim-cpu`` section of RESULTS.md.
 """
 
@@ -44,7 +49,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from inference import session_options, time_engines
-from ood import DST_RECIPE, EDST_RECIPE, PRESET, SEEDS, build_specs_methods, run_logits, seed_groups
+from ood import DST_RECIPE, EDST_RECIPE, LOGITS_NAME, PRESET, SEEDS, build_specs_methods, run_logits, seed_groups
 from ood import METHODS as OOD_METHODS
 from ood_report import (
     KINDS,
@@ -62,7 +67,7 @@ from ood_report import (
 from ood_sets import SeedGroup
 from ood_stats import interval
 from quality_report import markdown_table, provenance, write_results
-from quality_runs import REPO, RunSpec, train_run
+from quality_runs import REPO, RunSpec, claimed, train_run
 
 from freetickets_hub.artifact.config import EnsembleConfig
 from freetickets_hub.artifact.files import write_text_atomic
@@ -88,6 +93,9 @@ METHODS = {  # name -> (label, recipe, overrides), as ood.METHODS
 }
 SLIM = ("slim_dst", "slim_edst")
 BASELINE = "single_dense"
+NARROW = "narrow_dense_ensemble"
+CHECKPOINT_STEPS = 100  # about 1.6 epochs of 8,000 images at batch 128
+POLL_S = 60.0  # how long a worker waits before it looks again for a run it can claim
 BATCH_SIZES = (1, 64)
 LATENCY_NAME = "latency.json"
 CALIBRATION_IMAGES = 64
@@ -98,13 +106,24 @@ TARGETS = {"fp32": 0.8, "int8": 0.5}  # M=3 slim ensemble vs ONE dense fp32 mode
 
 def build_specs(dataset: str) -> list[RunSpec]:
     """Every method at every seed on WRN-16-4 (train order is chosen by :func:`seeds_to_train`)."""
-    return build_specs_methods(PRESET, dataset, METHODS, [f"architecture={ARCHITECTURE}"])
+    extra = [f"architecture={ARCHITECTURE}", f"checkpoint_every={CHECKPOINT_STEPS}"]
+    return build_specs_methods(PRESET, dataset, METHODS, extra)
 
 
-def seeds_to_train(best_slim: str, all_seeds: bool) -> dict[str, tuple[int, ...]]:
-    """The seeds each method trains at once seed 0 ranked the slim methods (the CPU-budget rule above)."""
-    three = (BASELINE, best_slim)
-    return {m: SEEDS if all_seeds or m in three else SEEDS[:1] for m in METHODS}
+def work_order(best_slim: str | None, all_seeds: bool) -> list[str]:
+    """The runs to train, most needed first (the CPU-budget rule above).
+
+    ``best_slim`` is None until both slim methods' seed-0 runs are evaluated: the ranked runs are then
+    left out, and the rest of the order does not depend on them.
+    """
+    three = (BASELINE, NARROW)
+    order = [f"{m}_s0" for m in (*SLIM, *three)] + [f"{m}_s{s}" for m in three for s in SEEDS[1:]]
+    if best_slim is not None:
+        order += [f"{best_slim}_s{s}" for s in SEEDS[1:]]
+    order += [f"{m}_s0" for m in METHODS if m not in (*SLIM, *three)]
+    if all_seeds and best_slim is not None:
+        order += [f"{m}_s{s}" for m in METHODS if m not in (*three, best_slim) for s in SEEDS[1:]]
+    return order
 
 
 def rank_slim(logits: dict[str, dict[str, torch.Tensor]], group: SeedGroup) -> list[str]:
@@ -358,32 +377,70 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+class Worker:
+    """Trains and evaluates the runs of :func:`work_order` it can claim; other workers may share the folder."""
+
+    def __init__(self, specs: dict[str, RunSpec], out: Path, all_seeds: bool) -> None:
+        self.specs, self.out, self.all_seeds = specs, out, all_seeds
+        self.accelerator = create_accelerator()
+        self.groups: dict[int, SeedGroup] = {}
+
+    def group(self, name: str) -> SeedGroup:
+        """The data and OOD suite of run ``name``'s seed (built once per worker, after the run trained)."""
+        seed = self.specs[name].load().seed
+        if seed not in self.groups:
+            self.groups[seed] = seed_groups([self.specs[name]], self.out)[seed]
+        return self.groups[seed]
+
+    def logits(self, name: str) -> dict[str, torch.Tensor]:
+        return run_logits(self.out / name, self.group(name), self.accelerator, bn=False)
+
+    def best_slim(self) -> str | None:
+        """The slim method ranked first at seed 0, or None while either seed-0 run is not evaluated."""
+        first = [f"{m}_s0" for m in SLIM]
+        if not all((self.out / name / LOGITS_NAME).is_file() for name in first):
+            return None
+        return rank_slim({name: self.logits(name) for name in first}, self.group(first[0]))[0]
+
+    def run(self, poll_s: float = POLL_S) -> tuple[str, list[str]]:
+        """Work until every run of the order is evaluated; return the best slim method and the order."""
+        while True:
+            best = self.best_slim()
+            order = work_order(best, self.all_seeds)
+            pending = [name for name in order if not (self.out / name / LOGITS_NAME).is_file()]
+            if best is not None and not pending:
+                return best, order
+            if not any(self.take(name) for name in pending):
+                time.sleep(poll_s)  # the rest is held by other workers, or waits for seed 0's ranking
+
+    def take(self, name: str) -> bool:
+        """Train and evaluate run ``name`` unless another worker holds it; True if this worker did."""
+        with claimed(self.out / name) as mine:
+            if mine:
+                train_run(self.specs[name], self.out / name)
+                self.logits(name)
+            return mine
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default=str(REPO / "runs" / "slim-cpu"))
     parser.add_argument("--dataset", default=str(REPO.parent / "shared" / "datasets" / "fashion_mnist"))
-    parser.add_argument("--stage", choices=("train", "all"), default="all")
-    parser.add_argument("--all-seeds", action="store_true", help="seeds 1 and 2 of every method, not only two")
+    parser.add_argument("--stage", choices=("train", "all"), default="all", help="train: a worker, no report")
+    parser.add_argument("--all-seeds", action="store_true", help="seeds 1 and 2 of every method, not only three")
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads of the latency runs")
     parser.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"), help="'' to leave it alone")
     args = parser.parse_args()
     out = Path(args.output_dir)
     specs = {spec.name: spec for spec in build_specs(args.dataset)}
-    first = [specs[f"{m}_s0"] for m in METHODS]
-    for spec in first:
-        train_run(spec, out / spec.name)
-    accelerator = create_accelerator()
-    group0 = seed_groups(first, out)[0]
-    logits = {f"{m}_s0": run_logits(out / f"{m}_s0", group0, accelerator, bn=False) for m in SLIM}
-    best_slim = rank_slim(logits, group0)[0]
+    worker = Worker(specs, out, args.all_seeds)
+    best_slim, order = worker.run()
     print(f"slim method ranked first on the validation OOD suite: {best_slim}", flush=True)
-    chosen = [specs[f"{m}_s{s}"] for m, seeds in seeds_to_train(best_slim, args.all_seeds).items() for s in seeds]
-    for spec in chosen:
-        train_run(spec, out / spec.name)
     if args.stage == "train":
         return
+    chosen = [specs[name] for name in order]
     groups = seed_groups(chosen, out)
-    logits = {s.name: run_logits(out / s.name, groups[s.load().seed], accelerator, bn=False) for s in chosen}
+    logits = {s.name: run_logits(out / s.name, groups[s.load().seed], worker.accelerator, bn=False) for s in chosen}
     latency = measure_latency(out, [f"{m}_s0" for m in METHODS], groups[0], args.threads)
     report(chosen, groups, logits, latency, out, best_slim, args.results_md)
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
@@ -66,11 +70,61 @@ def test_the_grid_is_the_ood_benchmark_on_wrn16_4_with_the_slim_methods(slim: Mo
     assert {recipes[f"slim_dst_s{s}"].seed for s in (0, 1, 2)} == {0, 10, 20}
 
 
-def test_the_cpu_budget_trains_three_seeds_of_the_dense_model_and_the_best_slim_method(slim: ModuleType) -> None:
-    plan = slim.seeds_to_train("slim_edst", all_seeds=False)
-    assert plan["single_dense"] == plan["slim_edst"] == (0, 1, 2)
-    assert all(plan[m] == (0,) for m in slim.METHODS if m not in ("single_dense", "slim_edst"))
-    assert set(slim.seeds_to_train("slim_dst", all_seeds=True).values()) == {(0, 1, 2)}
+def method_seeds(order: list[str]) -> dict[str, int]:
+    return dict(Counter(name.rsplit("_s", 1)[0] for name in order))
+
+
+def test_the_cpu_budget_trains_three_seeds_of_dense_narrow_and_the_best_slim_method(slim: ModuleType) -> None:
+    unranked = slim.work_order(None, all_seeds=False)
+    assert unranked[:2] == ["slim_dst_s0", "slim_edst_s0"]  # seed 0 of both slim methods decides the ranking
+    assert not any(name.startswith("slim") and not name.endswith("_s0") for name in unranked)
+    ranked = slim.work_order("slim_edst", all_seeds=False)
+    assert [name for name in ranked if name in unranked] == unranked  # the ranking only adds runs
+    assert ranked.index("slim_edst_s2") < ranked.index("edst_ensemble_s0")  # the claims' runs come first
+    assert method_seeds(ranked) == {
+        "slim_dst": 1,
+        "slim_edst": 3,
+        "single_dense": 3,
+        "narrow_dense_ensemble": 3,
+        "edst_ensemble": 1,
+        "dense_ensemble": 1,
+    }
+    everything = slim.work_order("slim_dst", all_seeds=True)
+    assert len(everything) == len(set(everything)) == 3 * len(slim.METHODS)
+
+
+def test_workers_share_the_grid_and_train_each_run_once(
+    slim: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trained: list[str] = []
+
+    def train_run(spec, folder: Path) -> None:
+        assert (folder / ".claim").read_text() == str(os.getpid())  # held while it trains
+        trained.append(spec.name)
+
+    def run_logits(folder: Path, group, accelerator, bn: bool) -> dict:
+        (folder / slim.LOGITS_NAME).write_text("cached")
+        return {}
+
+    monkeypatch.setattr(slim, "train_run", train_run)
+    monkeypatch.setattr(slim, "run_logits", run_logits)
+    monkeypatch.setattr(slim, "seed_groups", lambda specs, out: {specs[0].load().seed: None})
+    monkeypatch.setattr(slim, "rank_slim", lambda logits, group: ["slim_edst", "slim_dst"])
+    monkeypatch.setattr(slim, "create_accelerator", lambda: None)
+    specs = {s.name: s for s in slim.build_specs("../shared/datasets/fashion_mnist")}
+    worker = slim.Worker(specs, tmp_path, all_seeds=False)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "slim_dst_s0").mkdir()
+        (tmp_path / "slim_dst_s0" / ".claim").write_text(str(other.pid))
+        assert not worker.take("slim_dst_s0") and trained == []  # a live worker holds it
+    finally:
+        other.kill()
+        other.wait()
+    best, order = worker.run(poll_s=0)  # the claim of a process that is gone is taken over
+    assert best == "slim_edst" and trained == order == slim.work_order("slim_edst", all_seeds=False)
+    assert not list(tmp_path.glob("*/.claim"))
+    assert slim.Worker(specs, tmp_path, all_seeds=False).run(poll_s=0) == (best, order) and len(trained) == 12
 
 
 def test_a_claim_needs_three_seeds_and_every_check(slim: ModuleType) -> None:
@@ -122,9 +176,8 @@ def test_latency_targets_are_at_most_0_8x_fp32_and_0_5x_int8_at_every_batch(slim
 
 
 def test_the_report_shows_every_method_and_says_which_make_no_claim(slim: ModuleType) -> None:
-    methods = {
-        m: seeds(0.9, 0.3, 0.02, DENSE, count=3 if m in ("single_dense", "slim_dst") else 1) for m in slim.METHODS
-    }
+    three = ("single_dense", "slim_dst", "narrow_dense_ensemble")
+    methods = {m: seeds(0.9, 0.3, 0.02, DENSE, count=3 if m in three else 1) for m in slim.METHODS}
     timings = latency({f"{m}_s0": {"fp32": 0.7, "int8": 0.45} for m in slim.METHODS})
     results = {
         "methods": {m: slim.summarise(rows) for m, rows in methods.items()},
@@ -138,6 +191,6 @@ def test_the_report_shows_every_method_and_says_which_make_no_claim(slim: Module
     }
     text = slim.render(results)
     assert all(label in text for label, _, _ in slim.METHODS.values())
-    assert text.count("fewer than 3 seeds: no claim") == 4 + 2  # all but dense and slim DST; narrow has 1 seed
+    assert text.count("fewer than 3 seeds: no claim") == 3 + 1  # unranked slim EDST, both ensembles; EDST vs narrow
     assert "| slim DST | tie | tie | tie |" in text
     assert "latency targets, slim DST: fp32 <= 0.8x at batch 1: met" in text
