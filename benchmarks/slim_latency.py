@@ -1,4 +1,4 @@
-"""ORT CPU latency of an M=3 ensemble of slim (physically narrow) members against ONE dense model.
+"""ORT CPU latency of an M=3 (``--members``) ensemble of slim (physically narrow) members against ONE dense model.
 
 Each member is its architecture with a random share (``--sparsity``, default half) of every channel group removed by
 ``training/channel_sparsity.py`` (``allocation="uniform"``, kept counts multiples of 16; random
@@ -117,12 +117,13 @@ def build_graphs(case: Case, args: argparse.Namespace, work: Path) -> dict[str, 
         "slim": [sum(p.numel() for p in m.parameters()) for m in slim],
     }
     print(f"  parameters: one dense {params['dense']:,}; slim members {params['slim']}")
-    graphs = {"dense fp32": work / "dense.onnx", "slim M=3 fp32": work / "slim.onnx"}
+    ensemble = f"M={args.members} fp32"
+    graphs = {"dense fp32": work / "dense.onnx", f"slim {ensemble}": work / "slim.onnx"}
     export_graph(ensemble_of(case, [dense.eval()]), graphs["dense fp32"])
-    export_graph(ensemble_of(case, slim), graphs["slim M=3 fp32"])
+    export_graph(ensemble_of(case, slim), graphs[f"slim {ensemble}"])
     if args.packed:  # uniform allocation: every member has the same widths, so they pack
-        graphs["packed M=3 fp32"] = work / "packed.onnx"
-        export_graph(ensemble_of(case, slim), graphs["packed M=3 fp32"], packed=True)
+        graphs[f"packed {ensemble}"] = work / "packed.onnx"
+        export_graph(ensemble_of(case, slim), graphs[f"packed {ensemble}"], packed=True)
     rng = np.random.default_rng(0)
     calibration = rng.standard_normal((args.calibration_images, *case.input_size)).astype(np.float32)
     for name in [label.removesuffix(" fp32") for label in graphs]:
@@ -173,7 +174,8 @@ def print_table(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         int8 = median.get((r["case"], r["batch"], "dense int8"))
-        versus = f"{r['ms_median'] / int8:.2f}x" if r["graph"].endswith("M=3 int8") and int8 else ""
+        ensemble = r["graph"].endswith(" int8") and r["graph"] != "dense int8"
+        versus = f"{r['ms_median'] / int8:.2f}x" if ensemble and int8 else ""
         print(f"| {r['case']} | {r['graph']} | {r['batch']} | {r['ms_median']:.2f} | {r['ratio_median']:.2f}x | "
               f"{r['ratio_p25']:.2f}x | {versus} | {r['repeats']} |")  # fmt: skip
 
