@@ -24,6 +24,7 @@ dense fp32 model (the single dense run) at batch 1 and 64.
     OMP_NUM_THREADS=1 python benchmarks/slim.py                 # train what is missing, evaluate, report
     for w in 1 2; do OMP_NUM_THREADS=1 python benchmarks/slim.py --stage train & done; wait   # two cores
     OMP_NUM_THREADS=1 python benchmarks/slim.py                 # then the latency and the report
+    OMP_NUM_THREADS=1 python benchmarks/slim.py --stage report  # meanwhile: what is evaluated so far
 
 A worker trains and evaluates each run it claims (``quality_runs.claimed``), in the order of
 :func:`work_order`, and waits while the rest is held by other workers or by seed 0's ranking. Runs go to
@@ -101,6 +102,7 @@ LATENCY_NAME = "latency.json"
 CALIBRATION_IMAGES = 64
 TIMING = {"seconds": 4.0, "passes": 5}  # per graph and batch size: as slim_latency.py's WRN-16-4 case
 NO_CLAIM = f"fewer than {len(SEEDS)} seeds: no claim"
+NOT_RUN = "not run yet"
 TARGETS = {"fp32": 0.8, "int8": 0.5}  # M=3 slim ensemble vs ONE dense fp32 model, at every batch size
 
 
@@ -275,12 +277,17 @@ def report(
     specs: list[RunSpec],
     groups: dict[int, SeedGroup],
     logits: dict[str, dict[str, torch.Tensor]],
-    latency: dict[str, Any],
+    latency: dict[str, Any] | None,
     out: Path,
-    best_slim: str,
+    best_slim: str | None,
     results_md: str,
+    pending: list[str],
 ) -> None:
-    """Analyse every run, aggregate per method, check the targets, write the tables."""
+    """Analyse every run, aggregate per method, check the targets, write the tables.
+
+    ``pending`` names the runs of the plan not evaluated yet (``--stage report`` while workers run): their
+    methods show what is there, and latency (None) waits for every seed-0 run.
+    """
     started = time.time()
     draws = shared_draws(next(iter(groups.values())))
     runs = {}
@@ -290,23 +297,27 @@ def report(
     base_flops = np.mean([runs[f"{BASELINE}_s{s}"]["training_flops"] for s in SEEDS if f"{BASELINE}_s{s}" in runs])
     for run in runs.values():
         run["training_flops_vs_single_dense"] = run["training_flops"] / base_flops
-    methods = {m: [runs[f"{m}_s{s}"] for s in SEEDS if f"{m}_s{s}" in runs] for m in METHODS}
+    found = {m: [runs[f"{m}_s{s}"] for s in SEEDS if f"{m}_s{s}" in runs] for m in METHODS}
+    methods = {m: rows for m, rows in found.items() if rows}
     results = {
         "provenance": provenance(started),
         "conventions": __doc__,
+        "pending": pending,
         "best_slim_on_validation": best_slim,
         "methods": {m: summarise(rows) for m, rows in methods.items()},
         "claims_vs_single_dense": {m: claims(rows, methods[BASELINE]) for m, rows in methods.items() if m != BASELINE},
-        "versus_narrow": {m: versus_narrow(methods[m], methods["narrow_dense_ensemble"]) for m in SLIM},
+        "versus_narrow": {
+            m: versus_narrow(methods[m], methods[NARROW]) for m in SLIM if m in methods and NARROW in methods
+        },
         "latency": latency,
-        "latency_targets": {m: latency_checks(latency, f"{m}_s0") for m in SLIM},
+        "latency_targets": {m: latency_checks(latency, f"{m}_s0") for m in SLIM} if latency else {},
     }
     for line in write_results(out, results, render(results), results_md, "slim-cpu"):
         print("wrote", line)
 
 
-def _ratio(latency: dict[str, Any], name: str, precision: str, batch: int) -> str:
-    return f"{latency['runs'][name][precision][str(batch)]['ratio']:.2f}x"
+def _ratio(latency: dict[str, Any] | None, name: str, precision: str, batch: int) -> str:
+    return f"{latency['runs'][name][precision][str(batch)]['ratio']:.2f}x" if latency else "-"
 
 
 def _auroc_cell(block: dict[str, Any]) -> str:
@@ -320,7 +331,11 @@ def render(results: dict[str, Any]) -> str:
     header = ["method", "seeds", "acc", "NLL (cal)", "ECE (cal)", *KINDS, "disagreement test → far", "train FLOPs x"]
     header += [f"{p} b{b}" for p in TARGETS for b in BATCH_SIZES]
     rows = []
-    for method, s in summary.items():
+    for method, (label, _, _) in METHODS.items():
+        if method not in summary:
+            rows.append([label, 0, *[NOT_RUN] * (len(header) - 2)])
+            continue
+        s = summary[method]
         auroc = [_auroc_cell(s["kinds"][k]) for k in KINDS]
         diversity = f"{s['disagreement']['test']:.3f} → {s['disagreement']['far']:.3f}" if "disagreement" in s else "-"
         timing = [_ratio(latency, f"{method}_s0", p, b) for p in TARGETS for b in BATCH_SIZES]
@@ -337,7 +352,9 @@ def render(results: dict[str, Any]) -> str:
                 *timing,
             ]
         )
-    lines = [
+    pending = results["pending"]
+    lines = [f"**In progress**: {len(pending)} runs of the plan not evaluated yet: {', '.join(pending)}.", ""]
+    lines = (lines if pending else []) + [
         f"WRN-16-4 ({ARCHITECTURE}); OOD cells: entropy AUROC of the calibrated ensemble, mean over the seeds "
         "[95 % bootstrap interval over test images]; latency: seed 0's ONNX graph, ORT CPU, median ratio to ONE "
         "dense fp32 model at batch b.",
@@ -348,9 +365,12 @@ def render(results: dict[str, Any]) -> str:
         "",
     ]
     rows = []
-    for method, claim in results["claims_vs_single_dense"].items():
+    for method, (label, _, _) in METHODS.items():
+        if method == BASELINE:
+            continue
+        claim = results["claims_vs_single_dense"].get(method)
         if claim is None:
-            rows.append([METHODS[method][0], "-", "-", "-", NO_CLAIM, "-"])
+            rows.append([label, "-", "-", "-", NO_CLAIM if method in summary else NOT_RUN, "-"])
             continue
         checks = ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in claim["checks"].items())
         rows.append(
@@ -372,7 +392,10 @@ def render(results: dict[str, Any]) -> str:
     for method, checks in results["latency_targets"].items():
         met = ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in checks.items())
         lines.append(f"- latency targets, {METHODS[method][0]}: {met}")
-    best = METHODS[results["best_slim_on_validation"]][0]
+    if not results["latency_targets"]:
+        lines.append("- latency: measured once every method's seed-0 run is evaluated")
+    best = results["best_slim_on_validation"]
+    best = METHODS[best][0] if best else "not ranked yet (both slim seed-0 runs needed)"
     lines.append(f"- slim method ranked first on the validation OOD suite (trained at every seed): {best}")
     return "\n".join(lines) + "\n"
 
@@ -426,7 +449,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default=str(REPO / "runs" / "slim-cpu"))
     parser.add_argument("--dataset", default=str(REPO.parent / "shared" / "datasets" / "fashion_mnist"))
-    parser.add_argument("--stage", choices=("train", "all"), default="all", help="train: a worker, no report")
+    parser.add_argument(
+        "--stage",
+        choices=("train", "report", "all"),
+        default="all",
+        help="train: a worker, no report; report: what is evaluated so far, training nothing",
+    )
     parser.add_argument("--all-seeds", action="store_true", help="seeds 1 and 2 of every method, not only three")
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads of the latency runs")
     parser.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"), help="'' to leave it alone")
@@ -434,15 +462,23 @@ def main() -> None:
     out = Path(args.output_dir)
     specs = {spec.name: spec for spec in build_specs(args.dataset)}
     worker = Worker(specs, out, args.all_seeds)
-    best_slim, order = worker.run()
-    print(f"slim method ranked first on the validation OOD suite: {best_slim}", flush=True)
-    if args.stage == "train":
-        return
-    chosen = [specs[name] for name in order]
+    if args.stage == "report":
+        best_slim = worker.best_slim()
+        order = work_order(best_slim, args.all_seeds)
+    else:
+        best_slim, order = worker.run()
+        print(f"slim method ranked first on the validation OOD suite: {best_slim}", flush=True)
+        if args.stage == "train":
+            return
+    pending = [name for name in order if not (out / name / LOGITS_NAME).is_file()]
+    if f"{BASELINE}_s0" in pending:
+        raise SystemExit(f"nothing to report yet: {BASELINE}_s0 (the baseline of every ratio) is not evaluated")
+    chosen = [specs[name] for name in order if name not in pending]
     groups = seed_groups(chosen, out)
     logits = {s.name: run_logits(out / s.name, groups[s.load().seed], worker.accelerator, bn=False) for s in chosen}
-    latency = measure_latency(out, [f"{m}_s0" for m in METHODS], groups[0], args.threads)
-    report(chosen, groups, logits, latency, out, best_slim, args.results_md)
+    first = [f"{m}_s0" for m in METHODS]
+    latency = None if set(first) & set(pending) else measure_latency(out, first, groups[0], args.threads)
+    report(chosen, groups, logits, latency, out, best_slim, args.results_md, pending)
 
 
 if __name__ == "__main__":

@@ -188,9 +188,30 @@ def test_the_report_shows_every_method_and_says_which_make_no_claim(slim: Module
         "latency": timings,
         "latency_targets": {m: slim.latency_checks(timings, f"{m}_s0") for m in slim.SLIM},
         "best_slim_on_validation": "slim_dst",
+        "pending": [],
     }
     text = slim.render(results)
     assert all(label in text for label, _, _ in slim.METHODS.values())
     assert text.count("fewer than 3 seeds: no claim") == 3 + 1  # unranked slim EDST, both ensembles; EDST vs narrow
     assert "| slim DST | tie | tie | tie |" in text
     assert "latency targets, slim DST: fp32 <= 0.8x at batch 1: met" in text
+
+
+def test_a_report_in_progress_shows_what_is_missing_and_claims_nothing(slim: ModuleType) -> None:
+    methods = {"single_dense": seeds(0.9, 0.3, 0.02, DENSE, count=1), "slim_dst": seeds(0.91, 0.3, 0.02, DENSE, 1)}
+    results = {
+        "methods": {m: slim.summarise(rows) for m, rows in methods.items()},
+        "claims_vs_single_dense": {"slim_dst": slim.claims(methods["slim_dst"], methods["single_dense"])},
+        "versus_narrow": {},
+        "latency": None,
+        "latency_targets": {},
+        "best_slim_on_validation": None,
+        "pending": ["slim_edst_s0", "single_dense_s1"],
+    }
+    text = slim.render(results)
+    assert "**In progress**: 2 runs of the plan not evaluated yet: slim_edst_s0, single_dense_s1." in text
+    for label in ("dense ensemble", "unstructured EDST", "slim EDST", "narrow dense ensemble"):
+        assert f"| {label} | 0 | not run yet |" in text and f"| {label} | - | - | - | not run yet | - |" in text
+    assert "| slim DST | - | - | - | fewer than 3 seeds: no claim | - |" in text
+    assert "latency: measured once every method's seed-0 run is evaluated" in text
+    assert "not ranked yet" in text and "PASS" not in text
