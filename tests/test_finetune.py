@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from datasets import ClassLabel, load_dataset
+from datasets import load_dataset
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
@@ -40,16 +41,11 @@ FAST = ["epochs=1", "warmup_epochs=0", "batch_size=32", "eval_batch_size=128", "
 
 
 def write_class_subset(classes: list[int], dest: Path, counts: dict[str, int]) -> Path:
-    """Fashion-MNIST images of ``classes`` (relabelled 0..n-1, names kept) as a parquet dataset folder."""
-    splits = load_dataset(str(SHARED_FMNIST))
-    for split, count in counts.items():
-        ds = splits[split].filter(lambda y: y in classes, input_columns="label").select(range(count))
-        names = ds.features["label"].names
-        ds = ds.map(lambda y: {"label": classes.index(y)}, input_columns="label")
-        ds = ds.cast_column("label", ClassLabel(names=[names[c] for c in classes]))
-        (dest / "data").mkdir(parents=True, exist_ok=True)
-        ds.to_parquet(str(dest / "data" / f"{split}-00000-of-00001.parquet"))
-    return dest
+    """Fashion-MNIST images of ``classes`` (relabelled 0..n-1) as parquet: the fine-tuning benchmark's writer."""
+    spec = importlib.util.spec_from_file_location("finetune_data", ROOT / "benchmarks" / "finetune_data.py")
+    finetune_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune_data)
+    return finetune_data.write_class_subset(str(SHARED_FMNIST), classes, dest, counts)
 
 
 @pytest.fixture(scope="session")
