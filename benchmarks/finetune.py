@@ -206,8 +206,11 @@ def sweep_table(sweeps: dict[str, dict[str, Any]]) -> tuple[str, tuple[float, fl
 # -- the grid -------------------------------------------------------------------------------------------
 
 
-def finetune_run(base: Path, target: Target, folder: Path, row: Row, sets: list[str]) -> None:
-    """Fine-tune ``row`` into ``folder`` in a subprocess (resuming a checkpointed attempt)."""
+def finetune_run(base: Path, target: Target, folder: Path, row: Row, sets: list[str], hold: int) -> None:
+    """Fine-tune ``row`` into ``folder`` in a subprocess (resuming a checkpointed attempt).
+
+    ``hold`` is the folder's claim (``quality_runs.claimed``), inherited by the subprocess.
+    """
     spec_path = folder / "benchmark_spec.json"
     recipe_text = (REPO / RECIPE).read_text()
     spec = {"base": str(base), "dataset": str(target.dataset), "mode": row.mode, "scratch": row.scratch}
@@ -223,7 +226,7 @@ def finetune_run(base: Path, target: Target, folder: Path, row: Row, sets: list[
     print(f"fine-tune {folder.relative_to(folder.parents[2])}: log in {folder / 'finetune.log'}", flush=True)
     started = time.perf_counter()
     with open(folder / "finetune.log", "a", encoding="utf-8") as log:
-        result = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
+        result = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False, pass_fds=(hold,))
     stored["attempts_s"].append(round(time.perf_counter() - started, 2))
     write_text_atomic(spec_path, json.dumps(stored, indent=2, sort_keys=True) + "\n")
     if result.returncode:
@@ -292,11 +295,11 @@ def grid(
     for target, seed, row, base, folder in work(out, chosen, seeds, folders):
         if (folder / "benchmark_eval.json").is_file():
             continue
-        with claimed(folder) as mine:
-            if not mine:
+        with claimed(folder) as hold:
+            if hold is None:
                 continue
             if not (folder / "train_summary.json").is_file():
-                finetune_run(base, target, folder, row, run_sets(target, seed, extra))
+                finetune_run(base, target, folder, row, run_sets(target, seed, extra), hold)
             evaluate(folder, target, accelerator)
 
 

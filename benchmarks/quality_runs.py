@@ -10,6 +10,7 @@ own pieces (``run_inference``, ``fit_temperature``, ``classification_metrics``, 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -100,38 +101,34 @@ def epoch_budget(epochs: int) -> tuple[int, int]:
 
 
 @contextmanager
-def claimed(folder: Path) -> Iterator[bool]:
-    """Hold ``folder`` for this process while the block runs; yields False if another live process holds it.
+def claimed(folder: Path) -> Iterator[int | None]:
+    """Hold ``folder`` while the block runs: yields the lock's file descriptor, or None if another process holds it.
 
-    Workers started side by side share a grid this way: each run folder is taken by at most one of them,
-    and a claim whose process is gone is taken over.
+    Workers started side by side share a grid this way. The lock is ``flock`` on ``folder/.claim`` (which
+    also shows the holder's pid): the kernel drops it once every process holding the descriptor is gone,
+    so a training subprocess given it (``train_run(hold=...)``) keeps the run claimed even if its worker is
+    killed, and a crash or reboot leaves no stale claim behind.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / CLAIM_NAME
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            try:
-                os.kill(int(lock.read_text() or 0), 0)
-            except (ProcessLookupError, ValueError):
-                lock.unlink(missing_ok=True)  # its process is gone: take it over
-                continue
-            yield False
-            return
-    with os.fdopen(fd, "w") as handle:
-        handle.write(str(os.getpid()))
+    fd = os.open(folder / CLAIM_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        yield True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield None
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield fd
     finally:
-        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
-def train_run(spec: RunSpec, folder: Path, *, log: Any = print) -> dict[str, Any]:
+def train_run(spec: RunSpec, folder: Path, *, log: Any = print, hold: int | None = None) -> dict[str, Any]:
     """Train ``spec`` into ``folder`` in a subprocess, unless it is already there; return its summary.
 
     The summary gains ``benchmark_wall_time_s``: the seconds of every training process this folder saw.
+    ``hold`` is a file descriptor the subprocess inherits (the folder's :func:`claimed` lock).
 
     Raises:
         FreeTicketsError: ``folder`` holds a run of a different recipe, or training failed.
@@ -163,7 +160,9 @@ def train_run(spec: RunSpec, folder: Path, *, log: Any = print) -> dict[str, Any
     start = time.perf_counter()
     try:
         with open(folder / "train.log", "a", encoding="utf-8") as out:
-            result = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, check=False)
+            result = subprocess.run(
+                command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, check=False, pass_fds=_fds(hold)
+            )
     finally:
         stored["attempts_s"].append(round(time.perf_counter() - start, 2))
         write_text_atomic(spec_path, json.dumps(stored, indent=2, sort_keys=True) + "\n")
@@ -171,6 +170,10 @@ def train_run(spec: RunSpec, folder: Path, *, log: Any = print) -> dict[str, Any
         tail = (folder / "train.log").read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
         raise FreeTicketsError(f"training {spec.name} failed (exit {result.returncode}):\n" + "\n".join(tail))
     return _summary(folder, stored)
+
+
+def _fds(hold: int | None) -> tuple[int, ...]:
+    return () if hold is None else (hold,)
 
 
 def _summary(folder: Path, stored: dict[str, Any] | None) -> dict[str, Any]:

@@ -107,7 +107,7 @@ TARGETS = {"fp32": 0.8, "int8": 0.5}  # M=3 slim ensemble vs ONE dense fp32 mode
 
 
 def build_specs(dataset: str) -> list[RunSpec]:
-    """Every method at every seed on WRN-16-4 (train order is chosen by :func:`seeds_to_train`)."""
+    """Every method at every seed on WRN-16-4 (which of them train, in what order: :func:`work_order`)."""
     extra = [f"architecture={ARCHITECTURE}", f"checkpoint_every={CHECKPOINT_STEPS}"]
     return build_specs_methods(PRESET, dataset, METHODS, extra)
 
@@ -123,8 +123,10 @@ def work_order(best_slim: str | None, all_seeds: bool) -> list[str]:
     if best_slim is not None:
         order += [f"{best_slim}_s{s}" for s in SEEDS[1:]]
     order += [f"{m}_s0" for m in METHODS if m not in (*SLIM, *three)]
-    if all_seeds and best_slim is not None:
-        order += [f"{m}_s{s}" for m in METHODS if m not in (*three, best_slim) for s in SEEDS[1:]]
+    if all_seeds:
+        order += [f"{m}_s{s}" for m in METHODS if m not in (*SLIM, *three) for s in SEEDS[1:]]
+        if best_slim is not None:
+            order += [f"{m}_s{s}" for m in SLIM if m != best_slim for s in SEEDS[1:]]
     return order
 
 
@@ -139,10 +141,13 @@ def rank_slim(logits: dict[str, dict[str, torch.Tensor]], group: SeedGroup) -> l
     return sorted(SLIM, key=score, reverse=True)
 
 
-def measure_latency(out: Path, names: list[str], group: SeedGroup, threads: int = 1) -> dict[str, Any]:
+def measure_latency(
+    out: Path, names: list[str], group: SeedGroup, threads: int = 1, *, cached_only: bool = False
+) -> dict[str, Any] | None:
     """Median ms per call of each run's fp32 and int8 graph, and ratios to the single dense fp32 graph (cached).
 
-    The cache is keyed by the runs, their weights' modification times and the thread count.
+    The cache is keyed by the runs, their weights' modification times and the thread count. With
+    ``cached_only`` (a report while workers load the cores) nothing is timed: the cache or None.
     """
     cache = out / LATENCY_NAME
     settings = {
@@ -156,6 +161,8 @@ def measure_latency(out: Path, names: list[str], group: SeedGroup, threads: int 
         stored = json.loads(cache.read_text())
         if stored.get("settings") == settings:
             return stored
+    if cached_only:
+        return None
     config = EnsembleConfig.from_json_file(str(out / names[0] / CONFIG_NAME)).pretrained_cfg
     mean = np.asarray(config["mean"], np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(config["std"], np.float32).reshape(1, -1, 1, 1)
@@ -249,7 +256,7 @@ def latency_checks(latency: dict[str, Any], name: str) -> dict[str, bool]:
 
 
 def versus_narrow(rows: list[dict[str, Any]], narrow: list[dict[str, Any]]) -> dict[str, Any]:
-    """A slim method against ``narrow_dense_ensemble`` at the seeds both trained (the issue's last target).
+    """A slim method against ``narrow_dense_ensemble``, runs paired by seed (the issue's last target).
 
     The differences are always given; the verdicts (``kinds``, ``at_least_as_good``: accuracy >=, NLL
     and ECE <=, no OOD kind worse or below) only at all three seeds, else None.
@@ -307,13 +314,19 @@ def report(
         "methods": {m: summarise(rows) for m, rows in methods.items()},
         "claims_vs_single_dense": {m: claims(rows, methods[BASELINE]) for m, rows in methods.items() if m != BASELINE},
         "versus_narrow": {
-            m: versus_narrow(methods[m], methods[NARROW]) for m in SLIM if m in methods and NARROW in methods
+            m: versus_narrow(*paired(runs, m, NARROW)) for m in SLIM if m in methods and NARROW in methods
         },
         "latency": latency,
         "latency_targets": {m: latency_checks(latency, f"{m}_s0") for m in SLIM} if latency else {},
     }
     for line in write_results(out, results, render(results), results_md, "slim-cpu"):
         print("wrote", line)
+
+
+def paired(runs: dict[str, dict[str, Any]], method: str, other: str) -> tuple[list[dict], list[dict]]:
+    """The runs of ``method`` and of ``other`` at the seeds both have, seed by seed."""
+    both = [s for s in SEEDS if f"{method}_s{s}" in runs and f"{other}_s{s}" in runs]
+    return [runs[f"{method}_s{s}"] for s in both], [runs[f"{other}_s{s}"] for s in both]
 
 
 def _ratio(latency: dict[str, Any] | None, name: str, precision: str, batch: int) -> str:
@@ -393,7 +406,7 @@ def render(results: dict[str, Any]) -> str:
         met = ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in checks.items())
         lines.append(f"- latency targets, {METHODS[method][0]}: {met}")
     if not results["latency_targets"]:
-        lines.append("- latency: measured once every method's seed-0 run is evaluated")
+        lines.append("- latency: not measured yet (`slim.py` times it once seed 0 is in and no worker trains)")
     best = results["best_slim_on_validation"]
     best = METHODS[best][0] if best else "not ranked yet (both slim seed-0 runs needed)"
     lines.append(f"- slim method ranked first on the validation OOD suite (trained at every seed): {best}")
@@ -416,6 +429,7 @@ class Worker:
         return self.groups[seed]
 
     def logits(self, name: str) -> dict[str, torch.Tensor]:
+        """Run ``name``'s member logits on every set (evaluated once, then read from its cache)."""
         return run_logits(self.out / name, self.group(name), self.accelerator, bn=False)
 
     def best_slim(self) -> str | None:
@@ -438,11 +452,11 @@ class Worker:
 
     def take(self, name: str) -> bool:
         """Train and evaluate run ``name`` unless another worker holds it; True if this worker did."""
-        with claimed(self.out / name) as mine:
-            if mine:
-                train_run(self.specs[name], self.out / name)
+        with claimed(self.out / name) as hold:
+            if hold is not None:
+                train_run(self.specs[name], self.out / name, hold=hold)
                 self.logits(name)
-            return mine
+            return hold is not None
 
 
 def main() -> None:
@@ -470,14 +484,18 @@ def main() -> None:
         print(f"slim method ranked first on the validation OOD suite: {best_slim}", flush=True)
         if args.stage == "train":
             return
-    pending = [name for name in order if not (out / name / LOGITS_NAME).is_file()]
+    evaluated = [name for name in specs if (out / name / LOGITS_NAME).is_file()]  # the plan's, and any other seeds
+    pending = [name for name in order if name not in evaluated]
     if f"{BASELINE}_s0" in pending:
         raise SystemExit(f"nothing to report yet: {BASELINE}_s0 (the baseline of every ratio) is not evaluated")
-    chosen = [specs[name] for name in order if name not in pending]
+    chosen = [specs[name] for name in evaluated]
     groups = seed_groups(chosen, out)
     logits = {s.name: run_logits(out / s.name, groups[s.load().seed], worker.accelerator, bn=False) for s in chosen}
     first = [f"{m}_s0" for m in METHODS]
-    latency = None if set(first) & set(pending) else measure_latency(out, first, groups[0], args.threads)
+    busy = args.stage == "report"  # workers may be training: time nothing, use a finished run's cache
+    latency = (
+        None if set(first) - set(evaluated) else measure_latency(out, first, groups[0], args.threads, cached_only=busy)
+    )
     report(chosen, groups, logits, latency, out, best_slim, args.results_md, pending)
 
 

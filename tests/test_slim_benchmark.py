@@ -93,13 +93,54 @@ def test_the_cpu_budget_trains_three_seeds_of_dense_narrow_and_the_best_slim_met
     assert len(everything) == len(set(everything)) == 3 * len(slim.METHODS)
 
 
-def test_workers_share_the_grid_and_train_each_run_once(
-    slim: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+HOLD = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def hold_lock(path: Path) -> subprocess.Popen:
+    """Another process holding ``path``'s claim lock until killed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_claim_is_held_by_its_process_and_by_every_child_given_it(tmp_path: Path) -> None:
+    from quality_runs import claimed  # on sys.path through the fixture
+
+    folder = tmp_path / "run"
+    holder = hold_lock(folder / ".claim")
+    try:
+        with claimed(folder) as hold:
+            assert hold is None  # a live process holds it
+    finally:
+        holder.kill()
+        holder.wait()
+    with claimed(folder) as hold:  # its process is gone: no stale claim
+        assert hold is not None and (folder / ".claim").read_text() == str(os.getpid())
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], pass_fds=(hold,))
+    try:
+        with claimed(folder) as again:
+            assert again is None  # the worker let go, but the trainer it started still holds the run
+    finally:
+        child.kill()
+        child.wait()
+    with claimed(folder) as again:
+        assert again is not None
+
+
+@pytest.fixture
+def fake_grid(slim: ModuleType, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Training and evaluation replaced by a record of the runs trained (evaluating writes the logits file)."""
     trained: list[str] = []
 
-    def train_run(spec, folder: Path) -> None:
-        assert (folder / ".claim").read_text() == str(os.getpid())  # held while it trains
+    def train_run(spec, folder: Path, hold: int) -> None:
+        os.fstat(hold)  # the claim's descriptor is open while it trains
         trained.append(spec.name)
 
     def run_logits(folder: Path, group, accelerator, bn: bool) -> dict:
@@ -111,20 +152,40 @@ def test_workers_share_the_grid_and_train_each_run_once(
     monkeypatch.setattr(slim, "seed_groups", lambda specs, out: {specs[0].load().seed: None})
     monkeypatch.setattr(slim, "rank_slim", lambda logits, group: ["slim_edst", "slim_dst"])
     monkeypatch.setattr(slim, "create_accelerator", lambda: None)
+    return trained
+
+
+def test_workers_share_the_grid_and_train_each_run_once(
+    slim: ModuleType, fake_grid: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     specs = {s.name: s for s in slim.build_specs("../shared/datasets/fashion_mnist")}
     worker = slim.Worker(specs, tmp_path, all_seeds=False)
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    holder = hold_lock(tmp_path / "slim_dst_s0" / ".claim")  # another worker trains slim DST's seed 0
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the other worker finishes while this one waits
+        waits.append(seconds)
+        (tmp_path / "slim_dst_s0" / slim.LOGITS_NAME).write_text("cached")
+        holder.kill()
+        holder.wait()
+
+    monkeypatch.setattr(slim.time, "sleep", sleep)
     try:
-        (tmp_path / "slim_dst_s0").mkdir()
-        (tmp_path / "slim_dst_s0" / ".claim").write_text(str(other.pid))
-        assert not worker.take("slim_dst_s0") and trained == []  # a live worker holds it
+        best, order = worker.run(poll_s=7.0)
     finally:
-        other.kill()
-        other.wait()
-    best, order = worker.run(poll_s=0)  # the claim of a process that is gone is taken over
-    assert best == "slim_edst" and trained == order == slim.work_order("slim_edst", all_seeds=False)
-    assert not list(tmp_path.glob("*/.claim"))
-    assert slim.Worker(specs, tmp_path, all_seeds=False).run(poll_s=0) == (best, order) and len(trained) == 12
+        holder.kill()
+        holder.wait()
+    assert waits == [7.0]  # it waited once: for the other worker's run and for the ranking it decides
+    assert best == "slim_edst" and order == slim.work_order("slim_edst", all_seeds=False)
+    unranked = [name for name in slim.work_order(None, all_seeds=False) if name != "slim_dst_s0"]
+    assert fake_grid == [*unranked, "slim_edst_s1", "slim_edst_s2"]  # all it could take first, then the ranked runs
+    assert slim.Worker(specs, tmp_path, all_seeds=False).run(poll_s=0) == (best, order) and len(fake_grid) == 11
+
+
+def test_slim_is_paired_with_narrow_seed_by_seed(slim: ModuleType) -> None:
+    runs = {"slim_dst_s0": "a0", "slim_dst_s2": "a2", "narrow_dense_ensemble_s0": "n0"}
+    runs |= {"narrow_dense_ensemble_s1": "n1", "narrow_dense_ensemble_s2": "n2"}
+    assert slim.paired(runs, "slim_dst", "narrow_dense_ensemble") == (["a0", "a2"], ["n0", "n2"])
 
 
 def test_a_claim_needs_three_seeds_and_every_check(slim: ModuleType) -> None:
@@ -213,5 +274,21 @@ def test_a_report_in_progress_shows_what_is_missing_and_claims_nothing(slim: Mod
     for label in ("dense ensemble", "unstructured EDST", "slim EDST", "narrow dense ensemble"):
         assert f"| {label} | 0 | not run yet |" in text and f"| {label} | - | - | - | not run yet | - |" in text
     assert "| slim DST | - | - | - | fewer than 3 seeds: no claim | - |" in text
-    assert "latency: measured once every method's seed-0 run is evaluated" in text
+    assert "latency: not measured yet" in text
     assert "not ranked yet" in text and "PASS" not in text
+
+
+def test_the_report_runs_on_a_partial_grid(slim: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    present = {"single_dense_s0": 0.90, "slim_dst_s0": 0.92, "slim_dst_s2": 0.93}
+    specs = [spec for spec in slim.build_specs("../shared/datasets/fashion_mnist") if spec.name in present]
+    monkeypatch.setattr(slim, "shared_draws", lambda group: None)
+    monkeypatch.setattr(slim, "analyse", lambda logits, group, draws: fake_run(logits["acc"], 0.3, 0.02, DENSE, 0))
+    monkeypatch.setattr(slim, "training_flops", lambda folder: 1.0)
+    groups = {0: None, 20: None}
+    logits = {name: {"acc": acc} for name, acc in present.items()}
+    results_md = tmp_path / "RESULTS.md"
+    slim.report(specs, groups, logits, None, tmp_path, None, str(results_md), ["slim_edst_s0"])
+    text = results_md.read_text()
+    assert "**In progress**: 1 runs of the plan not evaluated yet: slim_edst_s0." in text
+    assert "| slim DST | 2 | 0.9250 |" in text  # both of its seeds, averaged
+    assert "| narrow dense ensemble | 0 | not run yet |" in text and "latency: not measured yet" in text
