@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-CLAIM_NAME = ".claim"  # the pid of the worker process that holds a run folder
+CLAIM_NAME = ".claim"  # a run folder's flock lock file (it shows the last holder's pid)
 SPEC_NAME = "benchmark_spec.json"  # what the folder was asked to train, and the wall time of each attempt
 EVAL_NAME = "benchmark_eval.json"  # cached evaluation, keyed by the settings that produced it
 OOD_SOURCE = "sklearn:digits"
@@ -160,8 +160,9 @@ def train_run(spec: RunSpec, folder: Path, *, log: Any = print, hold: int | None
     start = time.perf_counter()
     try:
         with open(folder / "train.log", "a", encoding="utf-8") as out:
+            inherit = () if hold is None else (hold,)
             result = subprocess.run(
-                command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, check=False, pass_fds=_fds(hold)
+                command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, check=False, pass_fds=inherit
             )
     finally:
         stored["attempts_s"].append(round(time.perf_counter() - start, 2))
@@ -170,10 +171,6 @@ def train_run(spec: RunSpec, folder: Path, *, log: Any = print, hold: int | None
         tail = (folder / "train.log").read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
         raise FreeTicketsError(f"training {spec.name} failed (exit {result.returncode}):\n" + "\n".join(tail))
     return _summary(folder, stored)
-
-
-def _fds(hold: int | None) -> tuple[int, ...]:
-    return () if hold is None else (hold,)
 
 
 def _summary(folder: Path, stored: dict[str, Any] | None) -> dict[str, Any]:

@@ -304,8 +304,7 @@ def report(
     base_flops = np.mean([runs[f"{BASELINE}_s{s}"]["training_flops"] for s in SEEDS if f"{BASELINE}_s{s}" in runs])
     for run in runs.values():
         run["training_flops_vs_single_dense"] = run["training_flops"] / base_flops
-    found = {m: [runs[f"{m}_s{s}"] for s in SEEDS if f"{m}_s{s}" in runs] for m in METHODS}
-    methods = {m: rows for m, rows in found.items() if rows}
+    methods = {m: rows for m in METHODS if (rows := [runs[f"{m}_s{s}"] for s in SEEDS if f"{m}_s{s}" in runs])}
     results = {
         "provenance": provenance(started),
         "conventions": __doc__,
@@ -367,7 +366,8 @@ def render(results: dict[str, Any]) -> str:
         )
     pending = results["pending"]
     lines = [f"**In progress**: {len(pending)} runs of the plan not evaluated yet: {', '.join(pending)}.", ""]
-    lines = (lines if pending else []) + [
+    lines = lines if pending else []
+    lines += [
         f"WRN-16-4 ({ARCHITECTURE}); OOD cells: entropy AUROC of the calibrated ensemble, mean over the seeds "
         "[95 % bootstrap interval over test images]; latency: seed 0's ONNX graph, ORT CPU, median ratio to ONE "
         "dense fp32 model at batch b.",
@@ -420,6 +420,11 @@ class Worker:
         self.specs, self.out, self.all_seeds = specs, out, all_seeds
         self.accelerator = create_accelerator()
         self.groups: dict[int, SeedGroup] = {}
+        self.ranked: str | None = None  # the seed-0 ranking, once both slim runs are evaluated (it cannot change)
+
+    def evaluated(self, name: str) -> bool:
+        """Whether run ``name``'s logits are cached (written last, atomically, by whichever worker trained it)."""
+        return (self.out / name / LOGITS_NAME).is_file()
 
     def group(self, name: str) -> SeedGroup:
         """The data and OOD suite of run ``name``'s seed (built once per worker, after the run trained)."""
@@ -435,16 +440,16 @@ class Worker:
     def best_slim(self) -> str | None:
         """The slim method ranked first at seed 0, or None while either seed-0 run is not evaluated."""
         first = [f"{m}_s0" for m in SLIM]
-        if not all((self.out / name / LOGITS_NAME).is_file() for name in first):
-            return None
-        return rank_slim({name: self.logits(name) for name in first}, self.group(first[0]))[0]
+        if self.ranked is None and all(self.evaluated(name) for name in first):
+            self.ranked = rank_slim({name: self.logits(name) for name in first}, self.group(first[0]))[0]
+        return self.ranked
 
     def run(self, poll_s: float = POLL_S) -> tuple[str, list[str]]:
         """Work until every run of the order is evaluated; return the best slim method and the order."""
         while True:
             best = self.best_slim()
             order = work_order(best, self.all_seeds)
-            pending = [name for name in order if not (self.out / name / LOGITS_NAME).is_file()]
+            pending = [name for name in order if not self.evaluated(name)]
             if best is not None and not pending:
                 return best, order
             if not any(self.take(name) for name in pending):
@@ -484,13 +489,13 @@ def main() -> None:
         print(f"slim method ranked first on the validation OOD suite: {best_slim}", flush=True)
         if args.stage == "train":
             return
-    evaluated = [name for name in specs if (out / name / LOGITS_NAME).is_file()]  # the plan's, and any other seeds
+    evaluated = [name for name in specs if worker.evaluated(name)]  # the plan's, and any other seeds
     pending = [name for name in order if name not in evaluated]
     if f"{BASELINE}_s0" in pending:
         raise SystemExit(f"nothing to report yet: {BASELINE}_s0 (the baseline of every ratio) is not evaluated")
     chosen = [specs[name] for name in evaluated]
-    groups = seed_groups(chosen, out)
-    logits = {s.name: run_logits(out / s.name, groups[s.load().seed], worker.accelerator, bn=False) for s in chosen}
+    groups = {spec.load().seed: worker.group(spec.name) for spec in chosen}
+    logits = {spec.name: worker.logits(spec.name) for spec in chosen}
     first = [f"{m}_s0" for m in METHODS]
     busy = args.stage == "report"  # workers may be training: time nothing, use a finished run's cache
     latency = (
