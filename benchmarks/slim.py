@@ -5,8 +5,12 @@ validation carve, bootstrap draws and claim rule) on WRN-16-4 (2.7 M parameters,
 Fashion-MNIST), each method at the same epochs (E for dense-like runs, 1.8·E for EDST):
 
 - single dense; dense ensemble (M=3); unstructured EDST (M=3, S=0.8);
-- slim DST and slim EDST: ``structure: channel`` at ``channel_sparsity`` 0.6 (40 % of the channels kept,
-  counts multiples of 16), unstructured S=0.5 inside them;
+- slim DST and slim EDST: ``structure: channel`` at ``channel_sparsity`` 0.6, ``channel_allocation``
+  uniform with ``channel_floor`` 0.4 (every layer keeps 40 % of its channels, rounded up to a multiple of
+  16: the widths of the narrow members, 32/64/112 a stage), unstructured S=0.5 inside them;
+- the same two at Chase's global allocation (one UMM threshold, floor 0.25), seed 0 only: on WRN-16-4 it
+  keeps the 28x28 stage whole and costs more than one dense model (RESULTS.md), so it is not the
+  ranked candidate;
 - ``narrow_dense_ensemble`` at the same channel sparsity (Packed-Ensembles with gamma=1).
 
 Seeds (issue 23's CPU budget): seed 0 of every method; seeds 1 and 2 of the single dense model, of
@@ -25,6 +29,7 @@ dense fp32 model (the single dense run) at batch 1 and 64.
     for w in 1 2; do OMP_NUM_THREADS=1 python benchmarks/slim.py --stage train & done; wait   # two cores
     OMP_NUM_THREADS=1 python benchmarks/slim.py                 # then the latency and the report
     OMP_NUM_THREADS=1 python benchmarks/slim.py --stage report  # meanwhile: what is evaluated so far
+    kill -STOP <workers>; python benchmarks/slim.py --stage report --time; kill -CONT <workers>  # + latency
 
 A worker trains and evaluates each run it claims (``quality_runs.claimed``), in the order of
 :func:`work_order`, and waits while the rest is held by other workers or by seed 0's ranking. Runs go to
@@ -84,15 +89,22 @@ ARCHITECTURE = "cifar_wrn16_4"
 # weights that 40 % of its channels keep, S=0.8 would leave 3 %: the slim tickets train at S=0.5
 CHANNELS = ["channel_sparsity=0.6", "channel_multiple=16"]
 SLIM_SPARSITY = "sparsity=0.5"
+# every layer at 1 - channel_sparsity, rounded up as narrow_widths rounds: the narrow members' widths
+UNIFORM = ["channel_allocation=uniform", "channel_floor=0.4"]
+SLIM_DST = ["method=dst", "structure=channel", *CHANNELS, SLIM_SPARSITY]
+SLIM_EDST = ["method=edst", "structure=channel", *CHANNELS, SLIM_SPARSITY]
 METHODS = {  # name -> (label, recipe, overrides), as ood.METHODS
     "single_dense": OOD_METHODS["single_dense"],
     "dense_ensemble": OOD_METHODS["dense_ensemble"],
     "edst_ensemble": ("unstructured EDST", EDST_RECIPE, ["method=edst"]),
-    "slim_dst": ("slim DST", DST_RECIPE, ["method=dst", "structure=channel", *CHANNELS, SLIM_SPARSITY]),
-    "slim_edst": ("slim EDST", EDST_RECIPE, ["method=edst", "structure=channel", *CHANNELS, SLIM_SPARSITY]),
+    "slim_dst": ("slim DST", DST_RECIPE, [*SLIM_DST, *UNIFORM]),
+    "slim_edst": ("slim EDST", EDST_RECIPE, [*SLIM_EDST, *UNIFORM]),
+    "slim_dst_global": ("slim DST, global allocation", DST_RECIPE, SLIM_DST),
+    "slim_edst_global": ("slim EDST, global allocation", EDST_RECIPE, SLIM_EDST),
     "narrow_dense_ensemble": ("narrow dense ensemble", DST_RECIPE, ["method=narrow_dense_ensemble", *CHANNELS]),
 }
-SLIM = ("slim_dst", "slim_edst")
+SLIM = ("slim_dst", "slim_edst")  # the candidates: seed 0 of both ranks them, the first trains at every seed
+GLOBAL = ("slim_dst_global", "slim_edst_global")
 BASELINE = "single_dense"
 NARROW = "narrow_dense_ensemble"
 CHECKPOINT_STEPS = 100  # about 1.6 epochs of 8,000 images at batch 128
@@ -146,8 +158,9 @@ def measure_latency(
 ) -> dict[str, Any] | None:
     """Median ms per call of each run's fp32 and int8 graph, and ratios to the single dense fp32 graph (cached).
 
-    The cache is keyed by the runs, their weights' modification times and the thread count. With
-    ``cached_only`` (a report while workers load the cores) nothing is timed: the cache or None.
+    ``names`` starts with the single dense run. The cache is keyed by the runs, their weights'
+    modification times and the thread count. With ``cached_only`` (a report while workers load the
+    cores) nothing is timed: the cache, if it timed a subset of ``names`` on the same weights, or None.
     """
     cache = out / LATENCY_NAME
     settings = {
@@ -160,6 +173,8 @@ def measure_latency(
     if cache.exists():
         stored = json.loads(cache.read_text())
         if stored.get("settings") == settings:
+            return stored
+        if cached_only and _times_subset(stored.get("settings", {}), settings):
             return stored
     if cached_only:
         return None
@@ -196,6 +211,13 @@ def measure_latency(
     result = {"settings": settings, "runs": rows, "load_average": os.getloadavg()}
     write_text_atomic(cache, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _times_subset(stored: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """Whether a cache's settings equal ``settings`` except that they time fewer of its runs."""
+    runs = stored.get("runs", {})
+    same = {k: v for k, v in stored.items() if k != "runs"} == {k: v for k, v in settings.items() if k != "runs"}
+    return same and bool(runs) and all(settings["runs"].get(n) == t for n, t in runs.items())
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -293,7 +315,7 @@ def report(
     """Analyse every run, aggregate per method, check the targets, write the tables.
 
     ``pending`` names the runs of the plan not evaluated yet (``--stage report`` while workers run): their
-    methods show what is there, and latency (None) waits for every seed-0 run.
+    methods show what is there, and latency (None, or fewer runs) what was timed.
     """
     started = time.time()
     draws = shared_draws(next(iter(groups.values())))
@@ -313,10 +335,12 @@ def report(
         "methods": {m: summarise(rows) for m, rows in methods.items()},
         "claims_vs_single_dense": {m: claims(rows, methods[BASELINE]) for m, rows in methods.items() if m != BASELINE},
         "versus_narrow": {
-            m: versus_narrow(*paired(runs, m, NARROW)) for m in SLIM if m in methods and NARROW in methods
+            m: versus_narrow(*paired(runs, m, NARROW)) for m in (*SLIM, *GLOBAL) if m in methods and NARROW in methods
         },
         "latency": latency,
-        "latency_targets": {m: latency_checks(latency, f"{m}_s0") for m in SLIM} if latency else {},
+        "latency_targets": {
+            m: latency_checks(latency, f"{m}_s0") for m in (*SLIM, *GLOBAL) if latency and f"{m}_s0" in latency["runs"]
+        },
     }
     for line in write_results(out, results, render(results), results_md, "slim-cpu"):
         print("wrote", line)
@@ -329,7 +353,9 @@ def paired(runs: dict[str, dict[str, Any]], method: str, other: str) -> tuple[li
 
 
 def _ratio(latency: dict[str, Any] | None, name: str, precision: str, batch: int) -> str:
-    return f"{latency['runs'][name][precision][str(batch)]['ratio']:.2f}x" if latency else "-"
+    if latency is None or name not in latency["runs"]:
+        return "-"
+    return f"{latency['runs'][name][precision][str(batch)]['ratio']:.2f}x"
 
 
 def _auroc_cell(block: dict[str, Any]) -> str:
@@ -406,7 +432,7 @@ def render(results: dict[str, Any]) -> str:
         met = ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in checks.items())
         lines.append(f"- latency targets, {METHODS[method][0]}: {met}")
     if not results["latency_targets"]:
-        lines.append("- latency: not measured yet (`slim.py` times it once seed 0 is in and no worker trains)")
+        lines.append("- latency: not measured yet (`slim.py` times it at the end; `--stage report --time` before)")
     best = results["best_slim_on_validation"]
     best = METHODS[best][0] if best else "not ranked yet (both slim seed-0 runs needed)"
     lines.append(f"- slim method ranked first on the validation OOD suite (trained at every seed): {best}")
@@ -474,6 +500,11 @@ def main() -> None:
         default="all",
         help="train: a worker, no report; report: what is evaluated so far, training nothing",
     )
+    parser.add_argument(
+        "--time",
+        action="store_true",
+        help="with --stage report: time the seed-0 runs evaluated so far (on idle cores: pause the workers)",
+    )
     parser.add_argument("--all-seeds", action="store_true", help="seeds 1 and 2 of every method, not only three")
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads of the latency runs")
     parser.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"), help="'' to leave it alone")
@@ -496,11 +527,9 @@ def main() -> None:
     chosen = [specs[name] for name in evaluated]
     groups = {spec.load().seed: worker.group(spec.name) for spec in chosen}
     logits = {spec.name: worker.logits(spec.name) for spec in chosen}
-    first = [f"{m}_s0" for m in METHODS]
-    busy = args.stage == "report"  # workers may be training: time nothing, use a finished run's cache
-    latency = (
-        None if set(first) - set(evaluated) else measure_latency(out, first, groups[0], args.threads, cached_only=busy)
-    )
+    first = [f"{m}_s0" for m in METHODS if f"{m}_s0" in evaluated]  # the single dense run is one of them
+    busy = args.stage == "report" and not args.time  # workers may be training: time nothing, use the cache
+    latency = measure_latency(out, first, groups[0], args.threads, cached_only=busy)
     report(chosen, groups, logits, latency, out, best_slim, args.results_md, pending)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -58,12 +59,15 @@ def test_the_grid_is_the_ood_benchmark_on_wrn16_4_with_the_slim_methods(slim: Mo
     dense, edst = recipes["single_dense_s0"], recipes["slim_edst_s0"]
     assert (edst.explore_epochs + 3 * edst.refine_epochs) / dense.epochs == pytest.approx(1.8)  # equal epochs rule
     assert recipes["slim_dst_s0"].epochs == dense.epochs
-    for name in ("slim_dst_s0", "slim_edst_s0"):
+    for name in ("slim_dst_s0", "slim_edst_s0", "slim_dst_global_s0", "slim_edst_global_s0"):
         assert (recipes[name].structure, recipes[name].channel_sparsity, recipes[name].sparsity) == (
             "channel",
             0.6,
             0.5,
         )
+    allocation = {name: (r.channel_allocation, r.channel_floor) for name, r in recipes.items() if "slim" in name}
+    assert allocation["slim_dst_s1"] == allocation["slim_edst_s0"] == ("uniform", 0.4)  # the narrow members' widths
+    assert allocation["slim_dst_global_s0"] == allocation["slim_edst_global_s2"] == ("global", 0.25)  # Chase's
     narrow = recipes["narrow_dense_ensemble_s0"]
     assert (narrow.method, narrow.channel_sparsity, narrow.num_members) == ("narrow_dense_ensemble", 0.6, 3)
     assert (recipes["edst_ensemble_s0"].structure, recipes["edst_ensemble_s0"].sparsity) == ("unstructured", 0.8)
@@ -88,6 +92,8 @@ def test_the_cpu_budget_trains_three_seeds_of_dense_narrow_and_the_best_slim_met
         "narrow_dense_ensemble": 3,
         "edst_ensemble": 1,
         "dense_ensemble": 1,
+        "slim_dst_global": 1,
+        "slim_edst_global": 1,
     }
     everything = slim.work_order("slim_dst", all_seeds=True)
     assert len(everything) == len(set(everything)) == 3 * len(slim.METHODS)
@@ -179,7 +185,7 @@ def test_workers_share_the_grid_and_train_each_run_once(
     assert best == "slim_edst" and order == slim.work_order("slim_edst", all_seeds=False)
     unranked = [name for name in slim.work_order(None, all_seeds=False) if name != "slim_dst_s0"]
     assert fake_grid == [*unranked, "slim_edst_s1", "slim_edst_s2"]  # all it could take first, then the ranked runs
-    assert slim.Worker(specs, tmp_path, all_seeds=False).run(poll_s=0) == (best, order) and len(fake_grid) == 11
+    assert slim.Worker(specs, tmp_path, all_seeds=False).run(poll_s=0) == (best, order) and len(fake_grid) == 13
 
 
 def test_slim_is_paired_with_narrow_seed_by_seed(slim: ModuleType) -> None:
@@ -253,7 +259,8 @@ def test_the_report_shows_every_method_and_says_which_make_no_claim(slim: Module
     }
     text = slim.render(results)
     assert all(label in text for label, _, _ in slim.METHODS.values())
-    assert text.count("fewer than 3 seeds: no claim") == 3 + 1  # unranked slim EDST, both ensembles; EDST vs narrow
+    # unranked slim EDST, both ensembles, both global-allocation runs; slim EDST vs narrow
+    assert text.count("fewer than 3 seeds: no claim") == 5 + 1
     assert "| slim DST | tie | tie | tie |" in text
     assert "latency targets, slim DST: fp32 <= 0.8x at batch 1: met" in text
 
@@ -292,3 +299,44 @@ def test_the_report_runs_on_a_partial_grid(slim: ModuleType, tmp_path: Path, mon
     assert "**In progress**: 1 runs of the plan not evaluated yet: slim_edst_s0." in text
     assert "| slim DST | 2 | 0.9250 |" in text  # both of its seeds, averaged
     assert "| narrow dense ensemble | 0 | not run yet |" in text and "latency: not measured yet" in text
+
+
+def test_a_report_shows_the_latency_of_the_runs_timed_so_far(slim: ModuleType) -> None:
+    methods = {m: seeds(0.9, 0.3, 0.02, DENSE, count=1) for m in ("single_dense", "slim_dst", "dense_ensemble")}
+    timings = latency({"single_dense_s0": {"fp32": 1.0, "int8": 0.4}, "slim_dst_s0": {"fp32": 0.6, "int8": 0.38}})
+    results = {
+        "methods": {m: slim.summarise(rows) for m, rows in methods.items()},
+        "claims_vs_single_dense": {},
+        "versus_narrow": {},
+        "latency": timings,
+        "latency_targets": {"slim_dst": slim.latency_checks(timings, "slim_dst_s0")},
+        "best_slim_on_validation": None,
+        "pending": ["dense_ensemble_s1"],
+    }
+    text = slim.render(results)
+    assert "| slim DST | 1 | 0.9000 |" in text and "| 0.60x | 0.60x | 0.38x | 0.38x |" in text
+    assert text.split("| dense ensemble | 1 |")[1].split("\n")[0].endswith("| - | - | - | - |")
+    assert "latency targets, slim DST: fp32 <= 0.8x at batch 1: met" in text and "slim EDST:" not in text
+
+
+def test_a_busy_report_reuses_a_latency_cache_of_fewer_runs_on_the_same_weights(
+    slim: ModuleType, tmp_path: Path
+) -> None:
+    for name in ("single_dense_s0", "slim_dst_s0", "narrow_dense_ensemble_s0"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"weights")
+    names = ["single_dense_s0", "slim_dst_s0"]
+    settings = {
+        "runs": {n: (tmp_path / n / "model.safetensors").stat().st_mtime_ns for n in names},
+        "threads": 1,
+        "batch_sizes": list(slim.BATCH_SIZES),
+        "calibration_images": slim.CALIBRATION_IMAGES,
+        "timing": slim.TIMING,
+    }
+    cache = {"settings": settings, **latency({n: {"fp32": 0.6, "int8": 0.4} for n in names})}
+    (tmp_path / slim.LATENCY_NAME).write_text(json.dumps(cache))
+    more = [*names, "narrow_dense_ensemble_s0"]
+    assert slim.measure_latency(tmp_path, more, None, cached_only=True) == cache
+    assert slim.measure_latency(tmp_path, more, None, threads=2, cached_only=True) is None
+    os.utime(tmp_path / "slim_dst_s0" / "model.safetensors", ns=(1, 1))  # retrained: its timing is stale
+    assert slim.measure_latency(tmp_path, more, None, cached_only=True) is None
