@@ -220,6 +220,12 @@ def _times_subset(stored: dict[str, Any], settings: dict[str, Any]) -> bool:
     return same and bool(runs) and all(settings["runs"].get(n) == t for n, t in runs.items())
 
 
+def nonzero_params(folder: Path) -> float:
+    """The ensemble's nonzero parameters over one dense model's, from the run's ``train_summary.json``."""
+    costs = json.loads((folder / "train_summary.json").read_text())["costs"]
+    return float(costs["params_nonzero_ensemble_vs_dense_member"])
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Seed means (and per-seed values) of one method's runs, entropy AUROC by kind with its interval."""
     test = {k: [r["test"][k] for r in rows] for k in ("accuracy", "nll", "ece")}
@@ -228,6 +234,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         **{k: float(np.mean(v)) for k, v in test.items()},
         "per_seed": test,
         "training_flops_vs_single_dense": float(np.mean([r["training_flops_vs_single_dense"] for r in rows])),
+        "nonzero_params_vs_dense": float(np.mean([r["nonzero_params_vs_dense"] for r in rows])),
         "kinds": {},
     }
     for kind in KINDS:
@@ -323,6 +330,7 @@ def report(
     for spec in specs:
         runs[spec.name] = analyse(logits[spec.name], groups[spec.load().seed], draws)
         runs[spec.name]["training_flops"] = training_flops(out / spec.name)
+        runs[spec.name]["nonzero_params_vs_dense"] = nonzero_params(out / spec.name)
     base_flops = np.mean([runs[f"{BASELINE}_s{s}"]["training_flops"] for s in SEEDS if f"{BASELINE}_s{s}" in runs])
     for run in runs.values():
         run["training_flops_vs_single_dense"] = run["training_flops"] / base_flops
@@ -366,7 +374,17 @@ def _auroc_cell(block: dict[str, Any]) -> str:
 def render(results: dict[str, Any]) -> str:
     """The Markdown of the ``slim-cpu`` section."""
     summary, latency = results["methods"], results["latency"]
-    header = ["method", "seeds", "acc", "NLL (cal)", "ECE (cal)", *KINDS, "disagreement test → far", "train FLOPs x"]
+    header = [
+        "method",
+        "seeds",
+        "acc",
+        "NLL (cal)",
+        "ECE (cal)",
+        *KINDS,
+        "disagreement test → far",
+        "train FLOPs x",
+        "nonzero params x",
+    ]
     header += [f"{p} b{b}" for p in TARGETS for b in BATCH_SIZES]
     rows = []
     for method, (label, _, _) in METHODS.items():
@@ -387,6 +405,7 @@ def render(results: dict[str, Any]) -> str:
                 *auroc,
                 diversity,
                 f"{s['training_flops_vs_single_dense']:.2f}",
+                f"{s['nonzero_params_vs_dense']:.2f}",
                 *timing,
             ]
         )

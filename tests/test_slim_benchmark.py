@@ -40,6 +40,7 @@ def fake_run(accuracy: float, nll: float, ece: float, auroc: dict[str, float], s
         "sets": sets,
         "draws": draws,
         "training_flops_vs_single_dense": 1.0,
+        "nonzero_params_vs_dense": 0.36,
     }
 
 
@@ -291,6 +292,7 @@ def test_the_report_runs_on_a_partial_grid(slim: ModuleType, tmp_path: Path, mon
     monkeypatch.setattr(slim, "shared_draws", lambda group: None)
     monkeypatch.setattr(slim, "analyse", lambda logits, group, draws: fake_run(logits["acc"], 0.3, 0.02, DENSE, 0))
     monkeypatch.setattr(slim, "training_flops", lambda folder: 1.0)
+    monkeypatch.setattr(slim, "nonzero_params", lambda folder: 0.36)
     groups = {0: None, 20: None}
     logits = {name: {"acc": acc} for name, acc in present.items()}
     results_md = tmp_path / "RESULTS.md"
@@ -314,7 +316,7 @@ def test_a_report_shows_the_latency_of_the_runs_timed_so_far(slim: ModuleType) -
         "pending": ["dense_ensemble_s1"],
     }
     text = slim.render(results)
-    assert "| slim DST | 1 | 0.9000 |" in text and "| 0.60x | 0.60x | 0.38x | 0.38x |" in text
+    assert "| slim DST | 1 | 0.9000 |" in text and "| 1.00 | 0.36 | 0.60x | 0.60x | 0.38x | 0.38x |" in text
     assert text.split("| dense ensemble | 1 |")[1].split("\n")[0].endswith("| - | - | - | - |")
     assert "latency targets, slim DST: fp32 <= 0.8x at batch 1: met" in text and "slim EDST:" not in text
 
